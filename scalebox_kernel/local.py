@@ -1,0 +1,105 @@
+"""Finding scalebox-local, and starting it when nobody has: the runtime file in Jupyter's runtime directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_runtime_dir
+
+from .errors import ServerUnavailable
+
+RUNTIME_FILE_NAME = "scalebox-local.json"
+
+
+@dataclass(frozen=True)
+class LocalServerInfo:
+    """What a running scalebox-local tells the other doors about itself."""
+
+    url: str  # base URL of the control plane, without /v1
+    api_key: str
+    certfile: str | None
+    pid: int
+    data_dir: str
+
+    def __repr__(self) -> str:  # never show the key
+        return f"LocalServerInfo(url={self.url!r}, pid={self.pid}, certfile={self.certfile!r})"
+
+
+def runtime_file() -> Path:
+    return Path(jupyter_runtime_dir()) / RUNTIME_FILE_NAME
+
+
+def write_runtime_info(info: LocalServerInfo) -> Path:
+    path = runtime_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(info), f)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_runtime_info(pid: int) -> None:
+    """Remove the runtime file if it still describes the server with this pid."""
+    info = read_runtime_info(check_alive=False)
+    if info and info.pid == pid:
+        runtime_file().unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_runtime_info(check_alive: bool = True) -> LocalServerInfo | None:
+    try:
+        data = json.loads(runtime_file().read_text())
+        info = LocalServerInfo(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    if check_alive and not _alive(info.pid):
+        return None
+    return info
+
+
+def ensure_local_server(data_dir: str | None = None, wait: float = 30.0) -> LocalServerInfo:
+    """The running scalebox-local, started in the background (detached, loopback only) if there is none."""
+    info = read_runtime_info()
+    if info:
+        return info
+    log_dir = Path(data_dir or Path(jupyter_runtime_dir()))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "scalebox_kernel", "serve", "--ip", "127.0.0.1", "--port", "0"]
+    if data_dir:
+        argv += ["--data-dir", data_dir]
+    with open(log_dir / "scalebox-local.log", "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True
+        )
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        info = read_runtime_info()
+        if info:
+            return info
+        if proc.poll() is not None:
+            # Another process may have won the race to start it; it then wrote the file.
+            info = read_runtime_info()
+            if info:
+                return info
+            raise ServerUnavailable(
+                f"scalebox-local exited with code {proc.returncode} while starting; see {log_dir / 'scalebox-local.log'}"
+            )
+        time.sleep(0.1)
+    raise ServerUnavailable(f"scalebox-local did not start within {wait:.0f} s; see {log_dir / 'scalebox-local.log'}")

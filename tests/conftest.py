@@ -1,0 +1,163 @@
+"""Shared fixtures: a real scalebox-local started as a subprocess on loopback, with isolated Jupyter paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Nothing from the user's environment may steer the tests to another server or leak a real key.
+for _name in list(os.environ):
+    if _name.startswith(("SCALEBOX_", "SBX_")) or _name in ("SSL_CERT_FILE", "JUPYTER_RUNTIME_DIR", "JUPYTER_PATH"):
+        del os.environ[_name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_jupyter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Jupyter's runtime, data and config dirs in a temporary folder for the whole session."""
+    root = tmp_path_factory.mktemp("jupyter")
+    saved = dict(os.environ)
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(root / "runtime")
+    os.environ["JUPYTER_DATA_DIR"] = str(root / "data")
+    os.environ["JUPYTER_CONFIG_DIR"] = str(root / "config")
+    os.environ["IPYTHONDIR"] = str(root / "ipython")
+    os.environ["SCALEBOX_DATA_DIR"] = str(root / "scalebox-default")
+    os.environ["SCALEBOX_LOCAL_AUTOSTART"] = "0"  # tests start their servers explicitly
+    os.environ.setdefault("MPLBACKEND", "agg")
+    yield root
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@dataclass
+class LocalServer:
+    """A running scalebox-local: where it listens, its key, its certificate, and how to stop or restart it."""
+
+    url: str
+    api_key: str
+    certfile: str | None
+    data_dir: Path
+    runtime_dir: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def verify(self) -> str | bool:
+        return self.certfile or False
+
+    def client(self) -> httpx.Client:
+        """A plain HTTP client for the control plane with the key set (for protocol-level tests)."""
+        return httpx.Client(base_url=self.url, headers={"X-API-KEY": self.api_key}, verify=self.certfile or True)
+
+    def env(self) -> dict[str, str]:
+        """Environment that points our client (and kernels started by tests) at this server."""
+        env = {"SCALEBOX_API_URL": self.url, "SCALEBOX_API_KEY": self.api_key}
+        if self.certfile:
+            env["SCALEBOX_CA_FILE"] = self.certfile
+        return env
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def start_local_server(
+    data_dir: Path, *, tls: bool = False, api_key: str | None = None, extra: list[str] | None = None
+) -> LocalServer:
+    """Start `jupyter scalebox serve` on a free loopback port and wait until it answers."""
+    runtime_dir = data_dir / "runtime"
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    api_key = api_key or "test-" + secrets.token_hex(16)
+    argv = [sys.executable, "-m", "scalebox_kernel", "serve", "--ip", "127.0.0.1", "--port", "0"]
+    argv += ["--data-dir", str(data_dir), "--api-key", api_key]
+    if tls:
+        argv.append("--tls")
+    argv += extra or []
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime_dir))
+    log = data_dir / "server.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    runtime_file = runtime_dir / "scalebox-local.json"
+    deadline = time.monotonic() + 60
+    info = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"scalebox-local exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            info = json.loads(runtime_file.read_text())
+            if info.get("pid") == proc.pid:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError(f"scalebox-local did not start:\n{log.read_text(errors='replace')}")
+    assert info is not None
+    server = LocalServer(
+        url=info["url"],
+        api_key=api_key,
+        certfile=info.get("certfile"),
+        data_dir=data_dir,
+        runtime_dir=runtime_dir,
+        process=proc,
+        log=log,
+        argv=argv,
+    )
+    with server.client() as http:
+        for _ in range(100):
+            try:
+                if http.get("/v1/scalebox-regions").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    return server
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LocalServer]]:
+    """Start extra servers (own data dir each); all are stopped at the end of the session."""
+    started: list[LocalServer] = []
+
+    def factory(*, tls: bool = False, data_dir: Path | None = None, **kwargs: object) -> LocalServer:
+        server = start_local_server(data_dir or tmp_path_factory.mktemp("scalebox"), tls=tls, **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_server(server_factory: Callable[..., LocalServer]) -> LocalServer:
+    """scalebox-local over plain HTTP, shared by the session."""
+    return server_factory(tls=False)
+
+
+@pytest.fixture(scope="session")
+def local_server_tls(server_factory: Callable[..., LocalServer]) -> LocalServer:
+    """scalebox-local over HTTPS with its self-signed certificate, shared by the session."""
+    return server_factory(tls=True)

@@ -74,32 +74,61 @@ def read_runtime_info(check_alive: bool = True) -> LocalServerInfo | None:
     return info
 
 
-def ensure_local_server(data_dir: str | None = None, wait: float = 30.0) -> LocalServerInfo:
+def spawn_local_server(
+    *,
+    data_dir: str | Path | None = None,
+    runtime_dir: str | Path | None = None,
+    api_key: str | None = None,
+    tls: bool = False,
+    extra_args: list[str] | None = None,
+    log_path: str | Path | None = None,
+    detach: bool = False,
+    wait: float = 60.0,
+) -> tuple[subprocess.Popen[bytes], LocalServerInfo]:
+    """Start `jupyter scalebox serve` on a free loopback port; return the process once its runtime file says
+    it is up. `runtime_dir` overrides Jupyter's runtime directory for that server (tests, benchmarks)."""
+    runtime = Path(runtime_dir) if runtime_dir else Path(jupyter_runtime_dir())
+    runtime.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "scalebox_kernel", "serve", "--ip", "127.0.0.1", "--port", "0"]
+    if data_dir:
+        argv += ["--data-dir", str(data_dir)]
+    if api_key:
+        argv += ["--api-key", api_key]
+    if tls:
+        argv.append("--tls")
+    argv += extra_args or []
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime))
+    log = Path(log_path) if log_path else runtime / "scalebox-local.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=detach
+        )
+    path = runtime / RUNTIME_FILE_NAME
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            info = LocalServerInfo(**json.loads(path.read_text()))
+            if info.pid == proc.pid:
+                return proc, info
+        except (OSError, ValueError, TypeError):
+            pass
+        if proc.poll() is not None:
+            raise ServerUnavailable(f"scalebox-local exited with code {proc.returncode} while starting; see {log}")
+        time.sleep(0.05)
+    proc.kill()
+    raise ServerUnavailable(f"scalebox-local did not start within {wait:.0f} s; see {log}")
+
+
+def ensure_local_server(data_dir: str | None = None, wait: float = 60.0) -> LocalServerInfo:
     """The running scalebox-local, started in the background (detached, loopback only) if there is none."""
     info = read_runtime_info()
     if info:
         return info
-    log_dir = Path(data_dir or Path(jupyter_runtime_dir()))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "scalebox_kernel", "serve", "--ip", "127.0.0.1", "--port", "0"]
-    if data_dir:
-        argv += ["--data-dir", data_dir]
-    with open(log_dir / "scalebox-local.log", "ab") as log:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True
-        )
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        info = read_runtime_info()
-        if info:
-            return info
-        if proc.poll() is not None:
-            # Another process may have won the race to start it; it then wrote the file.
-            info = read_runtime_info()
-            if info:
-                return info
-            raise ServerUnavailable(
-                f"scalebox-local exited with code {proc.returncode} while starting; see {log_dir / 'scalebox-local.log'}"
-            )
-        time.sleep(0.1)
-    raise ServerUnavailable(f"scalebox-local did not start within {wait:.0f} s; see {log_dir / 'scalebox-local.log'}")
+    try:
+        _, info = spawn_local_server(data_dir=data_dir, detach=True, wait=wait)
+    except ServerUnavailable:
+        # Another process may have won the race to start it; it then wrote the runtime file.
+        info = read_runtime_info()  # type: ignore[assignment]
+        if info is None:
+            raise
+    return info

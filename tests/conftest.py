@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from scalebox_kernel.local import spawn_local_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,44 +86,21 @@ def start_local_server(
     data_dir: Path, *, tls: bool = False, api_key: str | None = None, extra: list[str] | None = None
 ) -> LocalServer:
     """Start `jupyter scalebox serve` on a free loopback port and wait until it answers."""
-    runtime_dir = data_dir / "runtime"
-    runtime_dir.mkdir(parents=True, exist_ok=True)
     api_key = api_key or "test-" + secrets.token_hex(16)
-    argv = [sys.executable, "-m", "scalebox_kernel", "serve", "--ip", "127.0.0.1", "--port", "0"]
-    argv += ["--data-dir", str(data_dir), "--api-key", api_key]
-    if tls:
-        argv.append("--tls")
-    argv += extra or []
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime_dir))
+    runtime_dir = data_dir / "runtime"
     log = data_dir / "server.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    runtime_file = runtime_dir / "scalebox-local.json"
-    deadline = time.monotonic() + 60
-    info = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"scalebox-local exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            info = json.loads(runtime_file.read_text())
-            if info.get("pid") == proc.pid:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError(f"scalebox-local did not start:\n{log.read_text(errors='replace')}")
-    assert info is not None
+    proc, info = spawn_local_server(
+        data_dir=data_dir, runtime_dir=runtime_dir, api_key=api_key, tls=tls, extra_args=extra, log_path=log
+    )
     server = LocalServer(
-        url=info["url"],
+        url=info.url,
         api_key=api_key,
-        certfile=info.get("certfile"),
+        certfile=info.certfile,
         data_dir=data_dir,
         runtime_dir=runtime_dir,
         process=proc,
         log=log,
-        argv=argv,
+        argv=proc.args if isinstance(proc.args, list) else [],
     )
     with server.client() as http:
         for _ in range(100):

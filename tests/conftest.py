@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -60,7 +61,8 @@ class LocalServer:
 
     def client(self) -> httpx.Client:
         """A plain HTTP client for the control plane with the key set (for protocol-level tests)."""
-        return httpx.Client(base_url=self.url, headers={"X-API-KEY": self.api_key}, verify=self.certfile or True)
+        verify = ssl.create_default_context(cafile=self.certfile) if self.certfile else True  # str is deprecated
+        return httpx.Client(base_url=self.url, headers={"X-API-KEY": self.api_key}, verify=verify)
 
     def env(self) -> dict[str, str]:
         """Environment that points our client (and kernels started by tests) at this server."""

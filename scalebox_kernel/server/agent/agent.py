@@ -1,0 +1,161 @@
+"""SandboxAgent: everything that runs inside one sandbox (code contexts, commands, files, watchers).
+
+Without isolation (until issue 6) kernels and commands run on the host, with their cwd, HOME and TMPDIR inside
+the sandbox's tree and an environment built from scratch, so nothing of the server's own environment (its API
+key, say) reaches sandbox code. The launch goes through one place per kind (runtimes, ProcessManager), which is
+where a bwrap/cgroup wrapper will slot in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ...protocol.connect import ConnectError
+from ..settings import ServerSettings
+from . import transfer
+from .execution import Contexts
+from .filesystem import Filesystem
+from .paths import HOME, SANDBOX_DIRS, SandboxPaths
+from .process import ProcessManager
+from .runtimes import RuntimeRegistry, default_registry
+from .watch import Watchers
+
+#: Variables of the server's environment that sandbox code gets (nothing that could carry a secret).
+PASSTHROUGH_ENV = (
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "TZ",
+    "USER",
+    "LOGNAME",
+    "JAVA_HOME",
+)
+
+# /etc/profile resets PATH in login shells (the SDKs run commands with `bash -l -c`); this keeps the
+# interpreter that runs the kernels (python, pip) first, as in a real sandbox image.
+_PROFILE = """\
+# Written by scalebox-local: login shells keep the sandbox's Python first on PATH.
+export PATH="{bin_dir}:$PATH"
+if [ -n "$BASH_VERSION" ] && [ -f "$HOME/.bashrc" ]; then . "$HOME/.bashrc"; fi
+"""
+
+
+class SandboxAgent:
+    """Everything that runs inside one sandbox: code contexts (kernels), processes, file watchers."""
+
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        root: Path,
+        envs: dict[str, str],
+        settings: ServerSettings,
+        registry: RuntimeRegistry | None = None,
+    ) -> None:
+        self.sandbox_id = sandbox_id
+        self.root = Path(root)
+        self.envs = dict(envs)
+        self.settings = settings
+        self.paths = SandboxPaths(self.root)
+        self.files = Filesystem(self.paths)
+        self.watchers = Watchers(self.paths)
+        self.processes = ProcessManager(self._command_cwd, self.sandbox_env)
+        # Beside the root, never inside it: kernel connection files (their keys) and upload staging.
+        self.private_dir = self.root.parent
+        self.contexts = Contexts(
+            registry=registry or default_registry(),
+            paths=self.paths,
+            settings=settings,
+            runtime_dir=self.private_dir / "runtime",
+            env=self.sandbox_env,
+        )
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def start(self) -> None:
+        """Make the sandbox's tree and start the default Python kernel in the background."""
+        await asyncio.to_thread(self._make_tree)
+        self.contexts.warm_default("python")
+
+    def _make_tree(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        for directory in SANDBOX_DIRS:
+            (self.root / directory.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root / "tmp", 0o1777)
+        profile = self.root / HOME.lstrip("/") / ".profile"
+        if not profile.exists():
+            profile.write_text(_PROFILE.format(bin_dir=os.path.dirname(sys.executable)))
+
+    async def pause(self) -> None:
+        """Stop (SIGSTOP) every kernel's and command's process group; memory and state stay."""
+        self.contexts.pause()
+        self.processes.pause()
+
+    async def resume(self) -> None:
+        self.contexts.resume()
+        self.processes.resume()
+
+    async def shutdown(self) -> None:
+        """Kill kernels, commands and watchers; the files stay (the server deletes the tree on kill)."""
+        await self.watchers.close()
+        await asyncio.gather(self.contexts.shutdown(), self.processes.shutdown())
+
+    def mark_state_lost(self, reason: str) -> None:
+        self.contexts.mark_state_lost(reason)
+
+    @property
+    def is_busy(self) -> bool:
+        return self.contexts.busy or self.processes.busy()
+
+    def isolation(self) -> dict[str, Any]:
+        return {
+            "mode": "none",
+            "missing": ["namespaces", "network", "cgroups", "uid", "freezer"],
+            "note": "kernels and commands run on the host as the server's user; only the file APIs are confined "
+            "to the sandbox's directory",
+        }
+
+    # ------------------------------------------------------------------ environment
+
+    def sandbox_env(self) -> dict[str, str]:
+        """The environment of the sandbox's kernels and commands (before per-call additions)."""
+        env = {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
+        bin_dir = os.path.dirname(sys.executable)
+        path = env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+        if path.split(os.pathsep)[0] != bin_dir:
+            path = bin_dir + os.pathsep + path
+        env["PATH"] = path
+        env.setdefault("LANG", "C.UTF-8")
+        env["HOME"] = str(self.root / HOME.lstrip("/"))
+        env["TMPDIR"] = str(self.root / "tmp")
+        env["SHELL"] = "/bin/bash"
+        env.update(self.envs)
+        return env
+
+    def _command_cwd(self, cwd: str) -> Path:
+        sandbox_cwd = self.paths.normalize(cwd or HOME)
+        host = self.paths.to_host(sandbox_cwd)
+        if not host.is_dir():
+            raise ConnectError("invalid_argument", f"cwd {sandbox_cwd} is not a directory in this sandbox")
+        return host
+
+    # ------------------------------------------------------------------ plain HTTP
+
+    async def upload(self, request: Request) -> Response:
+        """POST /upload: multipart `file` + `path`."""
+        return await transfer.upload(request, self.paths, self.private_dir / "uploads", self.settings.max_upload_bytes)
+
+    async def download(self, request: Request, path: str) -> Response:
+        """GET /download/<path>: the raw bytes."""
+        return await transfer.download(request, path, self.paths)

@@ -1,0 +1,190 @@
+"""ContextService and ExecutionService: code contexts of one sandbox, each one real Jupyter kernel.
+
+An empty `context_id` means the default context of the request's language (empty language: python); a given
+`context_id` wins and brings its own language. After a server restart the kernels are gone: the first cell of
+each language (or of a context id from before) says so on stderr before it runs in a fresh kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ...protocol import pb
+from ...protocol.connect import ConnectError
+from ..settings import ServerSettings
+from .kernels import Kernel
+from .paths import HOME, SandboxPaths
+from .runtimes import LANGUAGES, KernelLaunch, LaunchContext, Runtime, RuntimeRegistry
+
+_CONTEXT_ID = re.compile(r"^(?P<language>[a-z]+)-[0-9a-f]{16}$")
+
+
+@dataclass
+class CodeContext:
+    """One context: an id, a language, a working directory and the kernel behind them."""
+
+    id: str
+    runtime: Runtime
+    cwd: str
+    created_at: Timestamp
+    kernel: Kernel
+
+    def message(self) -> pb.Context:
+        return pb.Context(id=self.id, language=self.runtime.name, cwd=self.cwd, created_at=self.created_at)
+
+
+class Contexts:
+    """The contexts of one sandbox and the two services that use them."""
+
+    def __init__(
+        self,
+        *,
+        registry: RuntimeRegistry,
+        paths: SandboxPaths,
+        settings: ServerSettings,
+        runtime_dir: Path,
+        env: Callable[[], dict[str, str]],
+    ) -> None:
+        self.registry = registry
+        self._paths = paths
+        self._settings = settings
+        self._runtime_dir = runtime_dir
+        self._env = env
+        self._contexts: dict[str, CodeContext] = {}
+        self._created: set[str] = set()  # every context id this server made (destroyed ones stay destroyed)
+        self._defaults: dict[str, str] = {}  # language -> id of its default context
+        self._lost_reason: str | None = None
+        self._lost_languages: set[str] = set()  # languages whose next default context must announce the loss
+        self._paused = False
+
+    # ------------------------------------------------------------------ lookup and lifetime
+
+    def create(self, language: str, cwd: str = "", *, context_id: str | None = None) -> CodeContext:
+        """A new context (its kernel starts in the background at once)."""
+        runtime = self.registry.resolve(language)
+        sandbox_cwd = self._paths.normalize(cwd or HOME)
+        host_cwd = self._paths.to_host(sandbox_cwd)
+        if not host_cwd.is_dir():
+            raise ConnectError("invalid_argument", f"cwd {sandbox_cwd} is not a directory in this sandbox")
+        context_id = context_id or f"{runtime.name}-{secrets.token_hex(8)}"
+        home = self._paths.to_host(HOME)
+
+        def launch() -> KernelLaunch:
+            return runtime.kernel_launch(LaunchContext(settings=self._settings, home=home, env=self._env()))
+
+        kernel = Kernel(
+            runtime,
+            launch,
+            cwd=host_cwd,
+            runtime_dir=self._runtime_dir,
+            name=context_id,
+            start_timeout=self._settings.kernel_start_timeout,
+        )
+        if self._paused:
+            kernel.pause()
+        created = Timestamp()
+        created.GetCurrentTime()
+        context = CodeContext(id=context_id, runtime=runtime, cwd=sandbox_cwd, created_at=created, kernel=kernel)
+        self._contexts[context_id] = context
+        self._created.add(context_id)
+        kernel.warm()
+        return context
+
+    def default(self, language: str) -> CodeContext:
+        """The default context of a language, created on first use."""
+        runtime = self.registry.resolve(language)
+        context = self._contexts.get(self._defaults.get(runtime.name, ""))
+        if context is None:
+            context = self.create(runtime.name)
+            self._defaults[runtime.name] = context.id
+            if runtime.name in self._lost_languages:
+                self._lost_languages.discard(runtime.name)
+                context.kernel.notice = self._lost_notice(runtime)
+        return context
+
+    def find(self, context_id: str) -> CodeContext:
+        context = self._contexts.get(context_id)
+        if context is not None:
+            return context
+        match = _CONTEXT_ID.match(context_id)
+        if self._lost_reason and match and match["language"] in LANGUAGES and context_id not in self._created:
+            # A context from before the restart: it comes back empty, and says so.
+            context = self.create(match["language"], context_id=context_id)
+            context.kernel.notice = self._lost_notice(context.runtime)
+            return context
+        raise ConnectError("not_found", f"context {context_id} not found")
+
+    async def destroy(self, context_id: str) -> None:
+        context = self._contexts.pop(context_id, None)
+        if context is None:
+            raise ConnectError("not_found", f"context {context_id} not found")
+        for language, default_id in list(self._defaults.items()):
+            if default_id == context_id:
+                del self._defaults[language]
+        await context.kernel.shutdown()
+
+    def warm_default(self, language: str = "python") -> None:
+        """Create the default context of a language now, so its kernel is ready before the first cell."""
+        with contextlib.suppress(ConnectError):
+            self.default(language)
+
+    def mark_state_lost(self, reason: str) -> None:
+        self._lost_reason = reason
+        self._lost_languages = set(LANGUAGES)
+        for context in self._contexts.values():
+            context.kernel.notice = self._lost_notice(context.runtime)
+            self._lost_languages.discard(context.runtime.name)
+
+    def _lost_notice(self, runtime: Runtime) -> str:
+        return (
+            f"scalebox-local: the {runtime.name} kernel of this sandbox was restarted ({self._lost_reason}); "
+            "variables from earlier cells are gone.\n"
+        )
+
+    def pause(self) -> None:
+        self._paused = True
+        for context in self._contexts.values():
+            context.kernel.pause()
+
+    def resume(self) -> None:
+        self._paused = False
+        for context in self._contexts.values():
+            context.kernel.resume()
+
+    async def shutdown(self) -> None:
+        contexts = list(self._contexts.values())
+        self._contexts.clear()
+        self._defaults.clear()
+        for context in contexts:
+            await context.kernel.shutdown()
+
+    @property
+    def busy(self) -> bool:
+        return any(context.kernel.busy for context in self._contexts.values())
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def create_context(self, request: pb.CreateContextRequest) -> pb.Context:
+        return self.create(request.language, request.cwd).message()
+
+    async def destroy_context(self, request: pb.DestroyContextRequest) -> pb.DestroyContextResponse:
+        await self.destroy(request.context_id)
+        return pb.DestroyContextResponse(success=True)
+
+    async def execute(
+        self, request: pb.ExecuteRequest, *, json_in_extra: bool, keepalive: float
+    ) -> AsyncIterator[pb.ExecuteResponse]:
+        context = self.find(request.context_id) if request.context_id else self.default(request.language)
+        events = context.kernel.execute(
+            request.code, dict(request.env_vars), json_in_extra=json_in_extra, keepalive=keepalive
+        )
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event

@@ -1,0 +1,60 @@
+"""Sandbox paths <-> host paths: a sandbox's `/` is its root directory on the host, and nothing may leave it.
+
+Absolute sandbox paths are taken relative to the root, relative ones against `/home/user`; `..` cannot climb
+above `/`. Symlinks (in any component, the last one included) are followed the way the host would follow them,
+and a path that ends up outside the root is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+from ...protocol.connect import ConnectError
+
+HOME = "/home/user"
+#: Directories every sandbox has (the default cwd, the Session API's workspace, scratch space).
+SANDBOX_DIRS = (HOME, "/workspace", "/tmp")
+
+
+class SandboxPaths:
+    """Maps the paths a client names to host paths under one sandbox's root, refusing escapes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.realpath(root))
+
+    def normalize(self, path: str) -> str:
+        """The absolute, normalised sandbox path for what a client sent (no symlinks resolved)."""
+        if not path:
+            raise ConnectError("invalid_argument", "path must not be empty")
+        if "\x00" in path:
+            raise ConnectError("invalid_argument", "path must not contain NUL bytes")
+        joined = path if path.startswith("/") else posixpath.join(HOME, path)
+        normal = posixpath.normpath(joined)
+        # normpath keeps a leading "//" (POSIX allows it to be special); a sandbox has no such thing.
+        return "/" + normal.lstrip("/")
+
+    def to_host(self, path: str, *, follow: bool = True) -> Path:
+        """The host path for a sandbox path, after checking that it (or, with follow=False, its parent) stays
+        inside the root once symlinks are followed. The returned path itself is not resolved, so that callers
+        act on the name the client gave (a symlink stays a symlink)."""
+        sandbox_path = self.normalize(path)
+        host = self.root / sandbox_path.lstrip("/") if sandbox_path != "/" else self.root
+        check = host if follow or host == self.root else host.parent
+        if not self.contains(Path(os.path.realpath(check))):
+            raise ConnectError("permission_denied", f"path {sandbox_path} is outside the sandbox")
+        return host
+
+    def contains(self, host: Path) -> bool:
+        """Whether an already resolved host path is the root or below it."""
+        return host == self.root or host.is_relative_to(self.root)
+
+    def resolves_inside(self, host: Path) -> bool:
+        """Whether a host path, with every symlink followed, stays inside the root."""
+        return self.contains(Path(os.path.realpath(host)))
+
+    def to_sandbox(self, host: Path) -> str:
+        """The sandbox path of a host path below the root (for EntryInfo.path and messages)."""
+        relative = Path(host).relative_to(self.root)
+        return "/" + relative.as_posix() if relative.parts else "/"

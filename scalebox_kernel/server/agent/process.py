@@ -1,0 +1,331 @@
+"""The Process service: commands (pipes or a PTY) in their own session, output fanned out to attached streams.
+
+A command outlives the stream that started it: a client that disconnects (or a background `commands.run`)
+leaves it running, and `Connect` re-attaches. The stream ends when the command itself exits, even when a
+background child still holds its output open (that output is drained and dropped, as the SDKs expect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import pty
+import signal
+import struct
+import termios
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from ...protocol import pb
+from ...protocol.connect import ConnectError
+
+#: Seconds a finished command stays findable by Connect (which then reports how it ended).
+FINISHED_TTL = 60.0
+#: Seconds to wait for the rest of a command's output after it exited.
+OUTPUT_GRACE = 0.2
+READ_SIZE = 64 * 1024
+
+_SIGNALS = {pb.SIGNAL_SIGTERM: signal.SIGTERM, pb.SIGNAL_SIGKILL: signal.SIGKILL}
+
+
+def _end_event(returncode: int) -> pb.ProcessEvent.EndEvent:
+    """Exit code, `exited` and status text the way the Go agent reports them (`exit status 1`, `signal: killed`)."""
+    if returncode >= 0:
+        return pb.ProcessEvent.EndEvent(exit_code=returncode, exited=True, status=f"exit status {returncode}")
+    name = signal.strsignal(-returncode) or f"signal {-returncode}"
+    return pb.ProcessEvent.EndEvent(exit_code=-1, exited=False, status=f"signal: {name.lower()}")
+
+
+class Command:
+    """One started command: its config, its output readers, and the queues of the streams attached to it."""
+
+    def __init__(self, config: pb.ProcessConfig, tag: str | None, master_fd: int | None) -> None:
+        self.config = config
+        self.tag = tag
+        self.master_fd = master_fd
+        self.process: asyncio.subprocess.Process | None = None
+        self.pid = 0
+        self.subscribers: set[asyncio.Queue[pb.ProcessEvent]] = set()
+        self.end: pb.ProcessEvent | None = None
+        self.finished_at = 0.0
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def subscribe(self) -> asyncio.Queue[pb.ProcessEvent]:
+        queue: asyncio.Queue[pb.ProcessEvent] = asyncio.Queue()
+        if self.end is not None:
+            queue.put_nowait(self.end)
+        else:
+            self.subscribers.add(queue)
+        return queue
+
+    def publish(self, event: pb.ProcessEvent) -> None:
+        for queue in self.subscribers:
+            queue.put_nowait(event)
+
+    def info(self) -> pb.ProcessInfo:
+        info = pb.ProcessInfo(config=self.config, pid=self.pid)
+        if self.tag is not None:
+            info.tag = self.tag
+        return info
+
+    def signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signum)  # started with setsid: the group id is the pid
+
+
+async def _read_pipe(stream: asyncio.StreamReader, emit: Callable[[bytes], None]) -> None:
+    while chunk := await stream.read(READ_SIZE):
+        emit(chunk)
+
+
+async def _read_pty(master_fd: int, emit: Callable[[bytes], None]) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(master_fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: every holder of the terminal's slave side is gone
+            chunk = b""
+        if chunk:
+            emit(chunk)
+        elif not done.done():
+            done.set_result(None)
+
+    loop.add_reader(master_fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(master_fd)
+
+
+class ProcessManager:
+    """Every command of one sandbox: Start, Connect, List, SendInput, SendSignal, Update; pause and shutdown."""
+
+    def __init__(self, resolve_cwd: Callable[[str], Path], env: Callable[[], dict[str, str]]) -> None:
+        self._resolve_cwd = resolve_cwd
+        self._env = env
+        self._commands: dict[int, Command] = {}
+        self._paused = False
+
+    @property
+    def running(self) -> list[Command]:
+        return [command for command in self._commands.values() if command.end is None]
+
+    async def start(self, request: pb.StartRequest, keepalive: float) -> AsyncIterator[pb.StartResponse]:
+        command = await self._spawn(request)
+        queue = command.subscribe()
+        yield pb.StartResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=command.pid)))
+        async for event in self._follow(command, queue, keepalive):
+            yield pb.StartResponse(event=event)
+
+    async def connect(self, request: pb.ConnectRequest, keepalive: float) -> AsyncIterator[pb.ConnectResponse]:
+        command = self._select(request.process, finished_too=True)
+        queue = command.subscribe()
+        yield pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=command.pid)))
+        async for event in self._follow(command, queue, keepalive):
+            yield pb.ConnectResponse(event=event)
+
+    async def _follow(
+        self, command: Command, queue: asyncio.Queue[pb.ProcessEvent], keepalive: float
+    ) -> AsyncIterator[pb.ProcessEvent]:
+        """Events for one attached stream until the command ends; leaving early leaves the command running."""
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), keepalive)
+                except TimeoutError:
+                    yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
+                    continue
+                yield event
+                if event.HasField("end"):
+                    return
+        finally:
+            command.subscribers.discard(queue)
+
+    async def _spawn(self, request: pb.StartRequest) -> Command:
+        config = request.process
+        if not config.cmd:
+            raise ConnectError("invalid_argument", "process.cmd must name the program to run")
+        cwd = self._resolve_cwd(config.cwd if config.HasField("cwd") and config.cwd else "")
+        env = self._env()
+        env.update(config.envs)
+        use_pty = request.HasField("pty")
+        if use_pty:
+            env.setdefault("TERM", "xterm-256color")
+        command = Command(config, request.tag if request.HasField("tag") else None, None)
+        argv = [config.cmd, *config.args]
+        try:
+            if use_pty:
+                command.process = await self._spawn_pty(command, argv, env, cwd, request.pty.size)
+            else:
+                command.process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise ConnectError("invalid_argument", f"cannot start {config.cmd}: {reason}") from None
+        command.pid = command.process.pid
+        self._commands[command.pid] = command
+        if self._paused:
+            command.signal_group(signal.SIGSTOP)
+        command.tasks.append(asyncio.create_task(self._supervise(command), name=f"scalebox command {command.pid}"))
+        return command
+
+    async def _spawn_pty(
+        self, command: Command, argv: list[str], env: dict[str, str], cwd: Path, size: pb.PTY.Size
+    ) -> asyncio.subprocess.Process:
+        master, slave = pty.openpty()
+        try:
+            _set_size(master, size)
+            os.set_blocking(master, False)
+
+            def become_session_leader() -> None:  # runs in the child: the terminal becomes its controlling tty
+                os.setsid()
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, preexec_fn=become_session_leader
+            )
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        command.master_fd = master
+        return process
+
+    async def _supervise(self, command: Command) -> None:
+        """Read output until the command exits, then tell every attached stream how it ended."""
+        process = command.process
+        assert process is not None
+
+        def emitter(kind: str) -> Callable[[bytes], None]:
+            def emit(chunk: bytes) -> None:
+                if command.end is None:
+                    command.publish(pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(**{kind: chunk})))
+
+            return emit
+
+        if command.master_fd is not None:
+            readers = [asyncio.create_task(_read_pty(command.master_fd, emitter("pty")))]
+        else:
+            assert process.stdout is not None and process.stderr is not None
+            readers = [
+                asyncio.create_task(_read_pipe(process.stdout, emitter("stdout"))),
+                asyncio.create_task(_read_pipe(process.stderr, emitter("stderr"))),
+            ]
+        returncode = await process.wait()
+        # A background child may keep the output open for long after; send what is there, then end.
+        await asyncio.wait(readers, timeout=OUTPUT_GRACE)
+        command.end = pb.ProcessEvent(end=_end_event(returncode))
+        command.finished_at = time.monotonic()
+        command.publish(command.end)
+        command.subscribers.clear()
+        await asyncio.gather(*readers, return_exceptions=True)  # keep draining so writers never block
+        if command.master_fd is not None:
+            os.close(command.master_fd)
+            command.master_fd = None
+
+    def _select(self, selector: pb.ProcessSelector, *, finished_too: bool = False) -> Command:
+        self._forget_finished()
+        which = selector.WhichOneof("selector")
+        if which == "tag":
+            for candidate in self._commands.values():
+                if candidate.tag == selector.tag and (finished_too or candidate.end is None):
+                    return candidate
+            raise ConnectError("not_found", f"process with tag {selector.tag!r} not found")
+        command = self._commands.get(selector.pid)
+        if command is None or (command.end is not None and not finished_too):
+            raise ConnectError("not_found", f"process with pid {selector.pid} not found")
+        return command
+
+    def _forget_finished(self) -> None:
+        cutoff = time.monotonic() - FINISHED_TTL
+        for pid, command in list(self._commands.items()):
+            if command.end is not None and command.finished_at < cutoff:
+                del self._commands[pid]
+
+    def list(self) -> pb.ListResponse:
+        self._forget_finished()
+        return pb.ListResponse(processes=[command.info() for command in self.running])
+
+    async def send_input(self, request: pb.SendInputRequest) -> pb.SendInputResponse:
+        command = self._select(request.process)
+        which = request.input.WhichOneof("input")
+        data = request.input.stdin if which == "stdin" else request.input.pty
+        if command.master_fd is not None:
+            os.write(command.master_fd, data)
+        else:
+            stdin = command.process.stdin if command.process else None
+            if stdin is None or stdin.is_closing():
+                raise ConnectError("failed_precondition", f"process with pid {command.pid} has closed its stdin")
+            stdin.write(data)
+            with contextlib.suppress(ConnectionError):
+                await stdin.drain()
+        return pb.SendInputResponse()
+
+    def send_signal(self, request: pb.SendSignalRequest) -> pb.SendSignalResponse:
+        command = self._select(request.process)
+        signum = _SIGNALS.get(request.signal)
+        if signum is None:
+            raise ConnectError("invalid_argument", "signal must be SIGNAL_SIGTERM or SIGNAL_SIGKILL")
+        command.signal_group(signum)
+        if self._paused:
+            command.signal_group(signal.SIGCONT)  # a stopped process only dies once it runs again
+        return pb.SendSignalResponse()
+
+    def update(self, request: pb.UpdateRequest) -> pb.UpdateResponse:
+        command = self._select(request.process)
+        if request.HasField("pty"):
+            if command.master_fd is None:
+                raise ConnectError("invalid_argument", f"process with pid {command.pid} has no terminal to resize")
+            _set_size(command.master_fd, request.pty.size)
+        return pb.UpdateResponse()
+
+    def pause(self) -> None:
+        """SIGSTOP every command's process group (background children of finished commands included)."""
+        self._paused = True
+        for command in self._commands.values():
+            command.signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._paused = False
+        for command in self._commands.values():
+            command.signal_group(signal.SIGCONT)
+
+    async def shutdown(self) -> None:
+        """Kill every command's process group and stop reading their output."""
+        for command in self._commands.values():
+            command.signal_group(signal.SIGKILL)
+            command.signal_group(signal.SIGCONT)
+        tasks = [task for command in self._commands.values() for task in command.tasks]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+        for command in self._commands.values():
+            if command.master_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(command.master_fd)
+                command.master_fd = None
+        self._commands.clear()
+
+    def busy(self) -> bool:
+        return bool(self.running)
+
+
+def _set_size(master_fd: int, size: pb.PTY.Size) -> None:
+    rows, cols = size.rows or 24, size.cols or 80
+    fcntl.ioctl(master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

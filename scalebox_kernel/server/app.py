@@ -1,0 +1,223 @@
+"""scalebox-local's ASGI app, and `jupyter scalebox serve`, which runs it with uvicorn on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from jupyter_core.application import JupyterApp
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from traitlets import Bool, Integer, Unicode, default
+
+from .. import __version__
+from ..local import LocalServerInfo, remove_runtime_info, runtime_file, write_runtime_info
+from .bodies import error_response
+from .rest import ControlPlane
+from .rpc import AgentPlane
+from .sandboxes import SandboxManager
+from .settings import ServerSettings
+from .tls import ensure_self_signed
+
+log = logging.getLogger("scalebox_kernel.server")
+
+
+def create_app(settings: ServerSettings, manager: SandboxManager, api_key: str) -> Starlette:
+    """The whole server: control plane under /v1, every sandbox's agent under /sbx/<id>, and /health."""
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
+        if exc.status_code == 405:
+            return error_response(405, f"method {request.method} is not allowed on {request.url.path}")
+        return error_response(exc.status_code, str(exc.detail))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    routes = [Route("/health", health, methods=["GET", "HEAD"])]
+    routes += ControlPlane(manager, api_key).routes()
+    routes += AgentPlane(manager, settings).routes()
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, 500: internal_error})
+
+
+def _is_loopback(ip: str) -> bool:
+    if ip == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(ip: str) -> str:
+    """How clients on this machine reach a server bound to `ip`."""
+    if ip in ("", "0.0.0.0", "localhost"):
+        return "127.0.0.1"
+    if ip == "::":
+        return "[::1]"
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def _bind(ip: str, port: int) -> socket.socket:
+    host = "127.0.0.1" if ip == "localhost" else ip
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(False)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus re-raising SIGTERM/SIGINT after shutdown: we still have kernels to stop then."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+class ServeApp(JupyterApp):
+    """`jupyter scalebox serve`: scalebox-local, the embedded sandbox server, on loopback."""
+
+    name = "jupyter-scalebox-serve"
+    version = __version__
+    description = "Start scalebox-local, an embedded sandbox server speaking the Scalebox wire protocol."
+    classes = [ServerSettings]
+
+    aliases = {
+        "ip": "ServeApp.ip",
+        "port": "ServeApp.port",
+        "api-key": "ServeApp.api_key",
+        "certfile": "ServeApp.certfile",
+        "keyfile": "ServeApp.keyfile",
+        "data-dir": "ServerSettings.data_dir",
+        "log-level": "Application.log_level",
+    }
+    flags = {
+        "tls": ({"ServeApp": {"tls": True}}, "Serve HTTPS with a self-signed certificate made in the data dir."),
+    }
+
+    ip = Unicode("127.0.0.1", config=True, help="Address to listen on (loopback unless an API key is given).")
+    port = Integer(0, config=True, help="Port to listen on; 0 picks a free one.")
+    api_key = Unicode(
+        "", config=True, help="API key clients must send as X-API-KEY; generated when empty (see the runtime file)."
+    )
+    certfile = Unicode("", config=True, help="PEM certificate for HTTPS.")
+    keyfile = Unicode("", config=True, help="PEM private key for HTTPS.")
+    tls = Bool(False, config=True, help="Serve HTTPS with a self-signed certificate (made once in the data dir).")
+
+    @default("config_file_name")
+    def _default_config_file_name(self) -> str:
+        return "jupyter_scalebox_config"
+
+    def start(self) -> None:
+        super().start()
+        if not _is_loopback(self.ip) and not self.api_key:
+            self.log.critical(
+                "Refusing to listen on %s without --api-key: anyone who can reach that address could run code "
+                "here. Pass --api-key KEY (and use --tls or --certfile/--keyfile), or listen on 127.0.0.1.",
+                self.ip,
+            )
+            self.exit(2)
+        if bool(self.certfile) != bool(self.keyfile):
+            self.log.critical("--certfile and --keyfile go together; pass both, or --tls for a self-signed pair.")
+            self.exit(2)
+        _setup_logging()
+        try:
+            asyncio.run(self._serve())
+        except OSError as exc:
+            self.log.critical("scalebox-local could not start: %s", exc)
+            self.exit(1)
+
+    async def _serve(self) -> None:
+        settings = ServerSettings(parent=self)
+        data = settings.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        os.chmod(data, 0o700)
+        api_key = self.api_key or secrets.token_urlsafe(32)
+        certfile, keyfile = self.certfile, self.keyfile
+        if self.tls and not certfile:
+            cert, key = ensure_self_signed(data / "tls")
+            certfile, keyfile = str(cert), str(key)
+        sock = _bind(self.ip, self.port)
+        port = sock.getsockname()[1]
+        host = _url_host(self.ip)
+        url = f"{'https' if certfile else 'http'}://{host}:{port}"
+        manager = SandboxManager(settings, public_host=settings.public_host or f"{host}:{port}")
+        isolation = manager.isolation()
+        await manager.start()
+        config = uvicorn.Config(
+            create_app(settings, manager, api_key),
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=certfile or None,
+            ssl_keyfile=keyfile or None,
+            timeout_graceful_shutdown=3,
+            lifespan="off",
+            http="h11",
+            ws="none",
+            loop="asyncio",
+            server_header=False,
+        )
+        server = _Server(config)
+        pid = os.getpid()
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            while not server.started and not task.done():
+                await asyncio.sleep(0.02)
+            if server.started:
+                write_runtime_info(LocalServerInfo(url, api_key, certfile or None, pid, str(data)))
+                self._announce(url, data, isolation)
+            await task
+        finally:
+            remove_runtime_info(pid)
+            await manager.close()
+            log.info("scalebox-local stopped")
+
+    def _announce(self, url: str, data: Path, isolation: dict[str, Any]) -> None:
+        mode = isolation.get("mode", "none")
+        missing = isolation.get("missing") or []
+        protections = f"isolation: {mode}" + (f" (missing: {', '.join(missing)})" if missing else "")
+        print(f"scalebox-local {__version__} serving at {url}", flush=True)
+        print(f"  data dir: {data}", flush=True)
+        print(f"  {protections}", flush=True)
+        print(f"  API key and URL for clients: {runtime_file()}", flush=True)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("scalebox_kernel")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[scalebox-local %(levelname)s] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

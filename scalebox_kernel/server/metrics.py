@@ -1,0 +1,94 @@
+"""Measured resource use of one sandbox: its processes (read from /proc) and the size of its file tree."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .store import SandboxRecord, iso
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _proc_stat(pid: str) -> tuple[int, int, int] | None:
+    """(ppid, cpu ticks, rss pages) of a process, or None when it is gone or unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()  # the command name may contain spaces and parentheses
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[21])
+
+
+def _inside(pid: str, root: str) -> bool:
+    """Whether a process works in the sandbox's tree: its cwd or its HOME is below `root`."""
+    try:
+        if os.readlink(f"/proc/{pid}/cwd").startswith(root):
+            return True
+    except OSError:
+        pass
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"HOME={root}".encode() in environ
+
+
+def sandbox_processes(root: Path) -> dict[str, tuple[int, int]]:
+    """pid -> (cpu ticks, rss pages) for every process of the sandbox and all their descendants."""
+    prefix = str(root)
+    table: dict[str, tuple[int, int, int]] = {}
+    if not Path("/proc").is_dir():
+        return {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(entry)
+            if stat:
+                table[entry] = stat
+    members = {pid for pid in table if _inside(pid, prefix)}
+    changed = True
+    while changed:  # children of members are members (a command's subprocesses may chdir elsewhere)
+        changed = False
+        for pid, (ppid, _, _) in table.items():
+            if pid not in members and str(ppid) in members:
+                members.add(pid)
+                changed = True
+    return {pid: (table[pid][1], table[pid][2]) for pid in members}
+
+
+def tree_size(root: Path) -> int:
+    """Bytes the sandbox's files take on disk."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+async def measure(record: SandboxRecord, root: Path, interval: float = 0.2) -> dict[str, Any]:
+    """One metrics sample, in the shape both SDKs read (PROTOCOL.md 1.9)."""
+    first = await asyncio.to_thread(sandbox_processes, root)
+    start = time.monotonic()
+    await asyncio.sleep(interval)
+    second = await asyncio.to_thread(sandbox_processes, root)
+    elapsed = time.monotonic() - start
+    ticks = sum(cpu - first[pid][0] for pid, (cpu, _) in second.items() if pid in first)
+    cpu_pct = 100.0 * ticks / _CLOCK_TICKS / elapsed / max(record.cpu_count, 1)
+    disk_used = await asyncio.to_thread(tree_size, root) if root.exists() else 0
+    disk_total = shutil.disk_usage(root if root.exists() else root.anchor).total
+    return {
+        "cpu_count": record.cpu_count,
+        "cpu_used_pct": round(min(cpu_pct, 100.0), 2),
+        "mem_total": record.memory_mb * 1024 * 1024,
+        "mem_used": sum(rss for _, rss in second.values()) * _PAGE_SIZE,
+        "disk_total": disk_total,
+        "disk_used": disk_used,
+        "timestamp": iso(time.time()),
+    }

@@ -1,0 +1,303 @@
+"""The control plane under /v1 (PROTOCOL.md sections 1 and 8.2): sandboxes, timeouts, pause, metrics, regions."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .bodies import BodyTooLarge, error_response, read_limited
+from .sandboxes import BadRequest, Conflict, CreateSpec, SandboxError, SandboxManager
+from .store import PAUSED, RUNNING, STATES, SandboxRecord, iso
+
+ENVD_VERSION = "1.0.0"
+REGIONS = [{"id": "local", "name": "scalebox-local"}]
+#: Control-plane bodies are small JSON objects; anything bigger is a mistake.
+MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _ok(data: Any, status: int = 200, **extra: Any) -> JSONResponse:
+    return JSONResponse({"success": True, "data": data, **extra}, status)
+
+
+# ---- request parsing --------------------------------------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; an empty body is `{}` (connect and pause are sent without one)."""
+    raw = await read_limited(request, MAX_BODY_BYTES)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer, not {json.dumps(value)}")
+    return value
+
+
+def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false, not {json.dumps(value)}")
+    return value
+
+
+def _str_map(body: dict[str, Any], name: str) -> dict[str, str]:
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{name} must be an object of strings, not {json.dumps(value)}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise BadRequest(f"{name}.{key} must be a string, not {json.dumps(item)}")
+    return dict(value)
+
+
+def parse_create(body: dict[str, Any], default_timeout: int) -> CreateSpec:
+    template = body.get("template")
+    if template is None or template == "":
+        template = "base"
+    if not isinstance(template, str) or len(template) > 128:
+        raise BadRequest("template must be a string of at most 128 characters")
+    if body.get("object_storage"):
+        raise BadRequest("object_storage mounts are not supported by scalebox-local")
+    if body.get("net_proxy_country"):
+        raise BadRequest("net_proxy_country is not supported by scalebox-local")
+    locality = body.get("locality")
+    if isinstance(locality, dict) and locality.get("force") and locality.get("region") not in (None, "local"):
+        raise Conflict(f"region {locality.get('region')!r} is not available; the only region is 'local'")
+    timeout = _int(body, "timeout", default_timeout)
+    assert timeout is not None
+    return CreateSpec(
+        template=template,
+        timeout=timeout,
+        metadata=_str_map(body, "metadata"),
+        envs=_str_map(body, "env_vars"),
+        auto_pause=_bool(body, "auto_pause", False),
+        allow_internet_access=_bool(body, "allow_internet_access", True),
+        secure=_bool(body, "secure", False),
+        cpu_count=_int(body, "cpu_count", None),
+        memory_mb=_int(body, "memory_mb", None),
+    )
+
+
+def _query_int(request: Request, *names: str, default: int, minimum: int) -> int:
+    for name in names:
+        raw = request.query_params.get(name)
+        if raw is not None and raw != "":
+            if not raw.isdigit() or int(raw) < minimum:
+                raise BadRequest(f"query parameter {name} must be an integer >= {minimum}, not {raw!r}")
+            return int(raw)
+    return default
+
+
+# ---- the control plane ------------------------------------------------------------------------------------------
+
+
+class ControlPlane:
+    """Handlers of /v1/...; each checks X-API-KEY first."""
+
+    def __init__(self, manager: SandboxManager, api_key: str) -> None:
+        self.manager = manager
+        self._api_key = api_key.encode()
+
+    def routes(self) -> list[Route]:
+        guard = self._guard
+        return [
+            Route("/v1/sandboxes", guard(self.create), methods=["POST"]),
+            Route("/v1/sandboxes", guard(self.list), methods=["GET"]),
+            Route("/v1/sandboxes/{sandbox_id}", guard(self.get), methods=["GET"]),
+            Route("/v1/sandboxes/{sandbox_id}", guard(self.kill), methods=["DELETE"]),
+            Route("/v1/sandboxes/{sandbox_id}/timeout", guard(self.set_timeout), methods=["POST", "PUT"]),
+            Route("/v1/sandboxes/{sandbox_id}/connect", guard(self.connect), methods=["POST"]),
+            Route("/v1/sandboxes/{sandbox_id}/resume", guard(self.connect), methods=["POST"]),
+            Route("/v1/sandboxes/{sandbox_id}/pause", guard(self.pause), methods=["POST"]),
+            Route("/v1/sandboxes/{sandbox_id}/metrics", guard(self.metrics), methods=["GET"]),
+            Route("/v1/sandboxes/{sandbox_id}/status", guard(self.status), methods=["GET"]),
+            Route("/v1/scalebox-regions", guard(self.regions), methods=["GET"]),
+        ]
+
+    def _guard(self, handler: Handler) -> Handler:
+        """Authenticate by X-API-KEY (the `Authorization: Bearer root` the Python SDK adds is ignored) and turn
+        errors into JSON error bodies."""
+
+        async def guarded(request: Request) -> Response:
+            given = request.headers.get("x-api-key")
+            if not given:
+                return error_response(401, "missing X-API-KEY header; pass the scalebox-local API key")
+            if not hmac.compare_digest(given.encode(), self._api_key):
+                return error_response(401, "invalid API key")
+            try:
+                return await handler(request)
+            except SandboxError as exc:
+                return error_response(exc.status, exc.message, exc.code)
+            except BodyTooLarge as exc:
+                return error_response(413, str(exc))
+
+        return guarded
+
+    # ---- serialisation --------------------------------------------------------------------------------------------
+
+    def _isolation(self, record: SandboxRecord) -> dict[str, Any]:
+        try:
+            return self.manager.agent(record.sandbox_id).isolation()
+        except SandboxError:
+            return self.manager.isolation()
+
+    def sandbox_data(self, record: SandboxRecord) -> dict[str, Any]:
+        """`data` of create, connect and get-info (PROTOCOL.md 1.6), snake_case plus the camelCase Python reads."""
+        now = time.time()
+        return {
+            "sandbox_id": record.sandbox_id,
+            "template_id": record.template,
+            "name": record.template,
+            "alias": record.template,
+            "sandbox_domain": self.manager.domain(record.sandbox_id),
+            "envd_access_token": record.token,
+            "envdVersion": ENVD_VERSION,
+            "clientID": "scalebox-local",
+            "status": record.state,
+            "reason": record.reason,
+            "created_at": iso(record.created_at),
+            "started_at": iso(record.created_at),
+            "paused_at": iso(record.paused_at),
+            "cpu_count": record.cpu_count,
+            "memory_mb": record.memory_mb,
+            "timeout": record.timeout,
+            "end_at": iso(record.end_at),
+            "timeout_at": iso(record.end_at),
+            "uptime": int(now - record.created_at),
+            "metadata": dict(record.metadata),
+            "env_vars": dict(record.envs),
+            "auto_pause": record.auto_pause,
+            "allow_internet_access": record.allow_internet_access,
+            "secure": record.secure,
+            "isolation": self._isolation(record),
+        }
+
+    def list_item(self, record: SandboxRecord) -> dict[str, Any]:
+        return {
+            "sandbox_id": record.sandbox_id,
+            "template_id": record.template,
+            "name": record.template,
+            "status": record.state,
+            "cpu_count": record.cpu_count,
+            "memory_mb": record.memory_mb,
+            "created_at": iso(record.created_at),
+            "started_at": iso(record.created_at),
+            "end_at": iso(record.end_at),
+            "timeout": record.timeout,
+            "uptime": int(time.time() - record.created_at),
+            "metadata": dict(record.metadata),
+            "sandbox_domain": self.manager.domain(record.sandbox_id),
+        }
+
+    # ---- handlers -------------------------------------------------------------------------------------------------
+
+    async def create(self, request: Request) -> Response:
+        spec = parse_create(await _json_body(request), self.manager.settings.default_timeout)
+        record = await self.manager.create(spec)
+        return _ok(self.sandbox_data(record), 201)
+
+    async def get(self, request: Request) -> Response:
+        record = self.manager.get(request.path_params["sandbox_id"])
+        data = self.sandbox_data(record)
+        # The Python SDK reads metadata, alias and envdVersion of get-info from the top level (PROTOCOL.md 1.6).
+        return _ok(data, metadata=data["metadata"], alias=data["alias"], envdVersion=ENVD_VERSION)
+
+    async def list(self, request: Request) -> Response:
+        raw_status = request.query_params.get("status", "")
+        states = {s.strip().lower() for s in raw_status.split(",") if s.strip()} or {RUNNING, PAUSED}
+        unknown = states - set(STATES)
+        if unknown:
+            raise BadRequest(f"unknown status {sorted(unknown)[0]!r}; use running, paused or terminated")
+        metadata = dict(parse_qsl(request.query_params.get("metadata", ""), keep_blank_values=True))
+        limit = _query_int(request, "limit", "page_size", default=DEFAULT_PAGE_SIZE, minimum=1)
+        limit = min(limit, MAX_PAGE_SIZE)
+        page = _query_int(request, "page", default=1, minimum=1)
+        offset = _query_int(request, "offset", "skip", default=(page - 1) * limit, minimum=0)
+        page = offset // limit + 1
+        records = self.manager.list(states, metadata)
+        items = [self.list_item(r) for r in records[offset : offset + limit]]
+        total = len(records)
+        pagination = {
+            "page": page,
+            "limit": limit,
+            "total": total,
+            "total_pages": math.ceil(total / limit),
+            "offset": offset,
+        }
+        return _ok({"sandboxes": items, "pagination": pagination}, total=total)
+
+    async def kill(self, request: Request) -> Response:
+        sandbox_id = request.path_params["sandbox_id"]
+        await self.manager.kill(sandbox_id)
+        data = {"sandbox_id": sandbox_id, "status": "terminated", "note": "its files were deleted"}
+        return _ok(data, message=f"sandbox {sandbox_id} killed")
+
+    async def set_timeout(self, request: Request) -> Response:
+        body = await _json_body(request)
+        timeout = _int(body, "timeout", None)
+        if timeout is None:
+            raise BadRequest('timeout is required: send {"timeout": <seconds>}')
+        record = self.manager.set_timeout(request.path_params["sandbox_id"], timeout)
+        data = {
+            "timeout": record.timeout,
+            "timeout_at": iso(record.end_at),
+            "used_lifetime": int(time.time() - record.created_at),
+            "remaining_time": int(record.remaining()),
+        }
+        return _ok(data, message="timeout updated")
+
+    async def connect(self, request: Request) -> Response:
+        body = await _json_body(request)
+        record = await self.manager.connect(request.path_params["sandbox_id"], _int(body, "timeout", None))
+        return _ok(self.sandbox_data(record))
+
+    async def pause(self, request: Request) -> Response:
+        await _json_body(request)  # `{"is_async": true}` is accepted; pausing is quick anyway
+        record = await self.manager.pause(request.path_params["sandbox_id"])
+        return _ok({"sandbox_id": record.sandbox_id, "status": record.state}, message="sandbox paused")
+
+    async def metrics(self, request: Request) -> Response:
+        sample = await self.manager.measure(request.path_params["sandbox_id"])
+        # JS reads one sample from `data`, Python a list from `data.metrics` (PROTOCOL.md 1.9): send both.
+        return _ok({**sample, "metrics": [sample]})
+
+    async def status(self, request: Request) -> Response:
+        record = self.manager.get(request.path_params["sandbox_id"])
+        data = {"sandbox_id": record.sandbox_id, "status": record.state, "reason": record.reason}
+        return _ok(data)
+
+    async def regions(self, request: Request) -> Response:
+        return _ok({"scalebox_regions": REGIONS})

@@ -1,0 +1,245 @@
+"""The agent plane under /sbx/<id>/: Connect dispatch to the sandbox's agent (PROTOCOL.md 2.2 and 8.2), plus
+/health, /upload and /download.
+
+Codec by Content-Type and replies in kind with exact Content-Types; unary errors are JSON with the mapped HTTP
+status; stream errors travel in the end-of-stream frame inside HTTP 200; nothing is ever compressed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf.message import Message
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from ..protocol import connect
+from ..protocol.connect import Codec, ConnectError
+from .agent import RPCS, CallInfo, SandboxAgent
+from .bodies import BodyTooLarge, error_response, read_limited
+from .sandboxes import SandboxError, SandboxManager, SandboxNotFound, SandboxPaused
+from .settings import ServerSettings
+
+log = logging.getLogger("scalebox_kernel.server")
+
+#: The Python SDK polls and stops file watchers without any headers (PROTOCOL.md 2.3).
+LENIENT_METHODS = {"sandboxagent.Filesystem/GetWatcherEvents", "sandboxagent.Filesystem/RemoveWatcher"}
+_QUEUE_FRAMES = 16
+
+
+def _unary_error(error: ConnectError, status: int | None = None) -> Response:
+    return JSONResponse(error.to_dict(), status or error.http_status)
+
+
+def _stream_error(codec: Codec, error: ConnectError) -> Response:
+    return Response(connect.end_stream(error), media_type=codec.stream_content_type)
+
+
+class _RpcStream(StreamingResponse):
+    """A streaming reply whose frames come from the handler running in its own task.
+
+    The handler is decoupled from the response so that a client disconnect cancels it exactly once (a plain
+    asyncio cancel it can react to, e.g. by interrupting a kernel), rather than under anyio's cancel scope,
+    which would cancel every await of its clean-up too.
+    """
+
+    def __init__(self, frames: AsyncIterator[Message], codec: Codec, method: str, tasks: set[asyncio.Task[Any]]):
+        self._queue: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue(maxsize=_QUEUE_FRAMES)
+        self._frames = frames
+        self._codec = codec
+        self._method = method
+        self._tasks = tasks
+        self._producer: asyncio.Task[None] | None = None
+        super().__init__(self._body(), media_type=codec.stream_content_type)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._producer = asyncio.create_task(self._produce(), name=f"rpc {self._method}")
+        self._tasks.add(self._producer)
+        self._producer.add_done_callback(self._tasks.discard)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._producer.done():  # the client went away: stop the handler (interrupts a cell)
+                self._producer.cancel()
+
+    async def _produce(self) -> None:
+        error: ConnectError | None = None
+        try:
+            async for message in self._frames:
+                await self._queue.put((connect.envelope(self._codec.encode(message)), False))
+        except ConnectError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("%s failed", self._method)
+            error = ConnectError("internal", f"{self._method} failed: {type(exc).__name__}: {exc}")
+        finally:
+            aclose = getattr(self._frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await self._queue.put((connect.end_stream(error), True))
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        while True:
+            frame, last = await self._queue.get()
+            yield frame
+            if last:
+                return
+
+
+class AgentPlane:
+    """Routes of one server for every sandbox: `/sbx/{sandbox_id}/...`."""
+
+    def __init__(self, manager: SandboxManager, settings: ServerSettings) -> None:
+        self.manager = manager
+        self.settings = settings
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/sbx/{sandbox_id}/health", self.health, methods=["GET", "HEAD"]),
+            Route("/sbx/{sandbox_id}/upload", self.upload, methods=["POST"]),
+            Route("/sbx/{sandbox_id}/download/{path:path}", self.download, methods=["GET"]),
+            Route("/sbx/{sandbox_id}/{service}/{method}", self.call, methods=["POST"]),
+        ]
+
+    # ---- authentication -------------------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request, lenient: bool = False) -> str:
+        """The sandbox id, once its X-Access-Token checks out; raises SandboxError or ConnectError."""
+        sandbox_id = request.path_params["sandbox_id"]
+        self.manager.get(sandbox_id)  # unknown / expired first: there is no token to compare with
+        token = self.manager.token_of(sandbox_id) or ""
+        given = request.headers.get("x-access-token")
+        if given is None and lenient:
+            return sandbox_id
+        if not given:
+            raise ConnectError("unauthenticated", "missing X-Access-Token header (the sandbox's envd_access_token)")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ConnectError("unauthenticated", f"invalid access token for sandbox {sandbox_id}")
+        return sandbox_id
+
+    # ---- plain HTTP endpoints -------------------------------------------------------------------------------------
+
+    async def _file_endpoint_agent(self, request: Request) -> SandboxAgent | Response:
+        """The agent for /health, /upload, /download, or the error response (502 = sandbox not running)."""
+        try:
+            sandbox_id = self._authorize(request)
+            return self.manager.agent(sandbox_id)
+        except ConnectError as exc:
+            return error_response(exc.http_status, exc.message)
+        except SandboxError as exc:
+            return error_response(502, exc.message)
+
+    async def health(self, request: Request) -> Response:
+        agent = await self._file_endpoint_agent(request)
+        return agent if isinstance(agent, Response) else Response(status_code=204)
+
+    async def upload(self, request: Request) -> Response:
+        agent = await self._file_endpoint_agent(request)
+        return agent if isinstance(agent, Response) else await agent.upload(request)
+
+    async def download(self, request: Request) -> Response:
+        agent = await self._file_endpoint_agent(request)
+        if isinstance(agent, Response):
+            return agent
+        return await agent.download(request, request.path_params["path"])
+
+    # ---- Connect --------------------------------------------------------------------------------------------------
+
+    async def call(self, request: Request) -> Response:
+        key = f"{request.path_params['service']}/{request.path_params['method']}"
+        negotiated = connect.codec_for(request.headers.get("content-type"))
+        if negotiated is None:
+            content_type = request.headers.get("content-type", "")
+            message = (
+                f"unsupported Content-Type {content_type!r}; use application/proto, application/json, "
+                "application/connect+proto or application/connect+json"
+            )
+            return JSONResponse({"code": "unimplemented", "message": message}, 415)
+        codec, streaming = negotiated
+        reply_error = (lambda e: _stream_error(codec, e)) if streaming else _unary_error
+        try:
+            sandbox_id = self._authorize(request, lenient=key in LENIENT_METHODS)
+            rpc = RPCS.get(key)
+            if rpc is None:
+                raise ConnectError("unimplemented", f"{key} is not implemented by scalebox-local")
+            if rpc.streaming != streaming:
+                kind = "a server-streaming" if rpc.streaming else "a unary"
+                wanted = codec.stream_content_type if rpc.streaming else codec.unary_content_type
+                raise ConnectError("invalid_argument", f"{key} is {kind} RPC; send it with Content-Type {wanted}")
+            agent = self.manager.agent(sandbox_id)
+            message = await self._read_message(request, codec, rpc.request_type, streaming)
+        except SandboxError as exc:
+            code = exc.connect_code if isinstance(exc, SandboxNotFound | SandboxPaused) else "failed_precondition"
+            return reply_error(ConnectError(code, exc.message))
+        except BodyTooLarge as exc:
+            error = ConnectError("resource_exhausted", str(exc))
+            return _stream_error(codec, error) if streaming else _unary_error(error, 413)
+        except ConnectError as exc:
+            return reply_error(exc)
+        info = self._call_info(request, codec)
+        if streaming:
+            return _RpcStream(self._open_stream(rpc.handler, agent, message, info), codec, key, self._tasks)
+        try:
+            pending: Any = rpc.handler(agent, message, info)
+            result: Message = await pending if inspect.isawaitable(pending) else pending
+        except ConnectError as exc:
+            return _unary_error(exc)
+        except Exception as exc:
+            log.exception("%s failed", key)
+            return _unary_error(ConnectError("internal", f"{key} failed: {type(exc).__name__}: {exc}"))
+        return Response(codec.encode(result), media_type=codec.unary_content_type)
+
+    @staticmethod
+    async def _open_stream(
+        handler: Any, agent: SandboxAgent, message: Message, info: CallInfo
+    ) -> AsyncIterator[Message]:
+        """The handler's messages, whether it is an async generator or a coroutine returning one."""
+        stream = handler(agent, message, info)
+        if inspect.isawaitable(stream):
+            stream = await stream
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _read_message(self, request: Request, codec: Codec, request_type: type[Message], streaming: bool) -> Any:
+        limit = self.settings.max_request_bytes
+        if not streaming:
+            return codec.decode(await read_limited(request, limit), request_type)
+        body = await read_limited(request, limit + connect.PREFIX_SIZE)
+        reader = connect.EnvelopeReader(max_message_bytes=limit)
+        frames = list(reader.feed(body))
+        if reader.pending:
+            raise ConnectError("invalid_argument", f"truncated envelope: {reader.pending} bytes of a frame are missing")
+        data = [payload for flags, payload in frames if not flags & connect.FLAG_END_STREAM]
+        if len(data) != 1 or len(frames) != 1:
+            raise ConnectError(
+                "invalid_argument",
+                f"a server-streaming request must be exactly one enveloped message, got {len(frames)} frames",
+            )
+        return codec.decode(data[0], request_type)
+
+    def _call_info(self, request: Request, codec: Codec) -> CallInfo:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        raw_timeout = headers.get("connect-timeout-ms", "")
+        interval = self.settings.keepalive_interval
+        ping = headers.get("keepalive-ping-interval", "")
+        if ping.isdigit() and int(ping) > 0:
+            interval = min(interval, float(ping))
+        return CallInfo(
+            codec=codec,
+            headers=headers,
+            timeout_ms=int(raw_timeout) if raw_timeout.isdigit() else None,
+            keepalive_interval=interval,
+        )

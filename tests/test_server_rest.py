@@ -1,0 +1,368 @@
+"""scalebox-local's control plane (/v1) against a real server: shapes, status codes, timeouts, persistence."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+import wire
+from conftest import LocalServer
+from cryptography import x509
+
+from scalebox_kernel.protocol import pb
+from scalebox_kernel.server.metrics import sandbox_processes
+from scalebox_kernel.server.tls import ensure_self_signed
+
+PY_CREATE_BODY = {
+    "template": "code-interpreter",
+    "allow_internet_access": True,
+    "auto_pause": False,
+    "env_vars": {},
+    "metadata": {},
+    "secure": False,
+    "timeout": 300,
+    "object_storage": None,
+    "net_proxy_country": None,
+}
+
+
+@pytest.fixture(scope="module")
+def http(local_server: LocalServer) -> Iterator[httpx.Client]:
+    with local_server.client() as client:
+        yield client
+
+
+def create(http: httpx.Client, **fields: Any) -> dict[str, Any]:
+    r = http.post("/v1/sandboxes", json={**PY_CREATE_BODY, **fields})
+    assert r.status_code == 201, r.text
+    return r.json()["data"]
+
+
+def status_of(http: httpx.Client, sandbox_id: str) -> str:
+    r = http.get(f"/v1/sandboxes/{sandbox_id}")
+    assert r.status_code == 200, r.text
+    return r.json()["data"]["status"]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def assert_error(r: httpx.Response, status: int, *needles: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert isinstance(body["error"], str) and body["message"] == body["error"]
+    for needle in needles:
+        assert needle in body["error"], body
+    return body
+
+
+def test_regions_and_api_key(local_server: LocalServer, http: httpx.Client) -> None:
+    r = http.get("/v1/scalebox-regions")
+    assert r.status_code == 200
+    assert r.json() == {"success": True, "data": {"scalebox_regions": [{"id": "local", "name": "scalebox-local"}]}}
+    with httpx.Client(base_url=local_server.url) as anon:
+        assert_error(anon.get("/v1/scalebox-regions"), 401, "X-API-KEY")
+        assert_error(anon.get("/v1/sandboxes", headers={"X-API-KEY": "wrong"}), 401, "invalid API key")
+        # The Python SDK's instance calls add `Authorization: Bearer root`: never a substitute for the key.
+        assert_error(anon.get("/v1/sandboxes", headers={"Authorization": "Bearer root"}), 401)
+        ok = anon.get("/v1/sandboxes", headers={"Authorization": "Bearer root", "X-API-KEY": local_server.api_key})
+        assert ok.status_code == 200
+    assert_error(http.get("/v1/no-such-thing"), 404, "no such endpoint")
+    assert http.get("/health").status_code == 200
+
+
+def test_create_get_list_kill(local_server: LocalServer, http: httpx.Client) -> None:
+    tag = secrets.token_hex(4)
+    data = create(http, metadata={"tag": tag, "who": "a b=c&d"}, env_vars={"GREETING": "hi"})
+    sid = data["sandbox_id"]
+    assert data["template_id"] == "code-interpreter"
+    assert data["sandbox_domain"] == f"{local_server.url.split('://')[1]}/sbx/{sid}"
+    assert len(data["envd_access_token"]) >= 32
+    assert data["status"] == "running" and data["envdVersion"] and data["clientID"]
+    assert data["timeout"] == 300 and data["metadata"] == {"tag": tag, "who": "a b=c&d"}
+    assert data["env_vars"] == {"GREETING": "hi"}
+    assert data["cpu_count"] >= 1 and data["memory_mb"] >= 1
+    assert isinstance(data["isolation"], dict) and "mode" in data["isolation"]
+    created, end = datetime.fromisoformat(data["created_at"]), datetime.fromisoformat(data["end_at"])
+    assert 299 <= (end - created).total_seconds() <= 301
+    assert (local_server.data_dir / "sandboxes" / sid / "root").is_dir()
+
+    got = http.get(f"/v1/sandboxes/{sid}").json()
+    assert got["data"]["sandbox_id"] == sid and got["data"]["envd_access_token"] == data["envd_access_token"]
+    assert got["metadata"] == {"tag": tag, "who": "a b=c&d"}  # where the Python SDK reads it
+    assert got["data"]["status"] == "running" and isinstance(got["data"]["uptime"], int)
+
+    # The Python SDK url-encodes the metadata filter into one parameter.
+    listed = http.get("/v1/sandboxes", params={"status": "running", "metadata": urlencode({"who": "a b=c&d"})}).json()
+    assert [s["sandbox_id"] for s in listed["data"]["sandboxes"]] == [sid]
+    item = listed["data"]["sandboxes"][0]
+    assert {"sandbox_id", "template_id", "status", "cpu_count", "memory_mb", "started_at"} <= item.keys()
+    assert listed["data"]["pagination"]["total"] == 1
+    none = http.get("/v1/sandboxes", params={"metadata": urlencode({"tag": tag, "who": "x"})}).json()
+    assert none["data"]["sandboxes"] == []
+
+    r = http.delete(f"/v1/sandboxes/{sid}", params={"force": "true"})
+    assert r.status_code == 200 and r.json()["data"]["status"] == "terminated"
+    assert not (local_server.data_dir / "sandboxes" / sid).exists()
+    body = assert_error(http.get(f"/v1/sandboxes/{sid}"), 404, sid, "not found")
+    assert "expired" not in body["error"]
+    assert_error(http.delete(f"/v1/sandboxes/{sid}"), 404)
+    assert_error(http.get("/v1/sandboxes/sbx-unknown"), 404, "sandbox sbx-unknown not found")
+    running = http.get("/v1/sandboxes", params={"metadata": f"tag={tag}"}).json()["data"]["sandboxes"]
+    assert running == []
+    gone = http.get("/v1/sandboxes", params={"status": "terminated", "metadata": f"tag={tag}"}).json()
+    assert [s["status"] for s in gone["data"]["sandboxes"]] == ["terminated"]
+
+
+def test_pagination(http: httpx.Client) -> None:
+    tag = secrets.token_hex(4)
+    ids = [create(http, metadata={"page-tag": tag})["sandbox_id"] for _ in range(3)]
+    try:
+        meta = f"page-tag={tag}"
+
+        def page(**params: Any) -> dict[str, Any]:
+            r = http.get("/v1/sandboxes", params={"metadata": meta, **params})
+            assert r.status_code == 200, r.text
+            return r.json()["data"]
+
+        first = page(limit=2, page=1)
+        assert [s["sandbox_id"] for s in first["sandboxes"]] == ids[:2]
+        assert first["pagination"] == {"page": 1, "limit": 2, "total": 3, "total_pages": 2, "offset": 0}
+        second = page(page_size=2, page=2)
+        assert [s["sandbox_id"] for s in second["sandboxes"]] == ids[2:]
+        assert second["pagination"]["offset"] == 2 and second["pagination"]["page"] == 2
+        assert [s["sandbox_id"] for s in page(limit=1, offset=1)["sandboxes"]] == [ids[1]]
+        assert [s["sandbox_id"] for s in page(limit=1, skip=2)["sandboxes"]] == [ids[2]]
+        assert page(limit=5, page=3)["sandboxes"] == []
+        assert_error(http.get("/v1/sandboxes", params={"page": "0"}), 400, "page")
+        assert_error(http.get("/v1/sandboxes", params={"limit": "x"}), 400, "limit")
+        assert_error(http.get("/v1/sandboxes", params={"status": "sleeping"}), 400, "sleeping")
+    finally:
+        for sid in ids:
+            http.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_timeout_extends_shortens_and_expires(local_server: LocalServer, http: httpx.Client) -> None:
+    sid = create(http, timeout=2)["sandbox_id"]
+    r = http.post(f"/v1/sandboxes/{sid}/timeout", json={"timeout": 30})
+    assert r.status_code == 200 and r.json()["data"]["timeout"] == 30
+    time.sleep(2.5)
+    assert status_of(http, sid) == "running"  # extended past its first 2 s
+    r = http.put(f"/v1/sandboxes/{sid}/timeout", json={"timeout": 1})  # OpenAPI's PUT works too
+    assert r.status_code == 200
+    wait_for(lambda: http.get(f"/v1/sandboxes/{sid}").status_code == 404)
+    body = assert_error(http.get(f"/v1/sandboxes/{sid}"), 404, "expired at", "its state is gone")
+    assert body["code"] == "sandbox_expired"
+    assert not (local_server.data_dir / "sandboxes" / sid).exists()
+    assert_error(http.post(f"/v1/sandboxes/{sid}/timeout", json={"timeout": 10}), 404, "expired")
+    assert_error(http.post(f"/v1/sandboxes/{sid}/connect", json={"timeout": 10}), 404, "expired")
+
+
+def test_pause_connect_and_auto_pause(http: httpx.Client) -> None:
+    sid = create(http, timeout=60)["sandbox_id"]
+    try:
+        assert http.post(f"/v1/sandboxes/{sid}/pause").status_code == 200
+        assert status_of(http, sid) == "paused"
+        assert_error(http.post(f"/v1/sandboxes/{sid}/pause"), 409, "already paused")
+        # While paused the clock does not run out.
+        assert http.post(f"/v1/sandboxes/{sid}/timeout", json={"timeout": 1}).status_code == 200
+        time.sleep(1.5)
+        assert status_of(http, sid) == "paused"
+        r = http.post(f"/v1/sandboxes/{sid}/connect", json={"timeout": 120})
+        assert r.status_code == 200 and r.json()["data"]["status"] == "running"
+        assert r.json()["data"]["envd_access_token"] and r.json()["data"]["timeout"] == 120
+        # A running sandbox: a shorter timeout changes nothing, a longer one extends it; JS sends no body.
+        assert http.post(f"/v1/sandboxes/{sid}/connect", json={"timeout": 5}).json()["data"]["timeout"] == 120
+        assert http.post(f"/v1/sandboxes/{sid}/connect", json={"timeout": 200}).json()["data"]["timeout"] == 200
+        assert http.post(f"/v1/sandboxes/{sid}/connect").status_code == 200
+        assert http.post(f"/v1/sandboxes/{sid}/pause", json={"is_async": True}).status_code == 200
+        r = http.post(f"/v1/sandboxes/{sid}/resume")  # the deprecated alias of connect
+        assert r.status_code == 200 and r.json()["data"]["status"] == "running"
+    finally:
+        http.delete(f"/v1/sandboxes/{sid}")
+    assert_error(http.post("/v1/sandboxes/sbx-nope/pause"), 404)
+    assert_error(http.post("/v1/sandboxes/sbx-nope/connect", json={"timeout": 10}), 404)
+
+    auto = create(http, timeout=1, auto_pause=True)["sandbox_id"]
+    try:
+        wait_for(lambda: status_of(http, auto) == "paused")
+        r = http.post(f"/v1/sandboxes/{auto}/connect", json={"timeout": 30})
+        assert r.status_code == 200 and status_of(http, auto) == "running"
+    finally:
+        http.delete(f"/v1/sandboxes/{auto}")
+
+
+def test_metrics_are_measured(local_server: LocalServer, http: httpx.Client) -> None:
+    data = create(http)
+    sid = data["sandbox_id"]
+    try:
+        blob = local_server.data_dir / "sandboxes" / sid / "root" / "home" / "user" / "blob.bin"
+        blob.write_bytes(secrets.token_bytes(2 * 1024 * 1024))
+        base = wire.agent_base(local_server.url, data["sandbox_domain"])
+        code = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass\nprint('spun')"
+        with httpx.Client(timeout=60) as agent_http:
+            reply = wire.stream(
+                agent_http,
+                base,
+                "sandboxagent.ExecutionService/Execute",
+                pb.ExecuteRequest(code=code, language="python"),
+                pb.ExecuteResponse,
+                data["envd_access_token"],
+            )
+        assert reply.error is None and any(m.stdout.content == "spun\n" for m in reply.messages)
+        body = http.get(f"/v1/sandboxes/{sid}/metrics").json()["data"]
+        sample = body["metrics"][0]
+        for key in ("cpu_count", "cpu_used_pct", "disk_total", "disk_used", "mem_total", "mem_used", "timestamp"):
+            assert body[key] == sample[key]  # JS reads the flat fields, Python the list
+        assert sample["cpu_count"] == data["cpu_count"]
+        assert sample["mem_total"] == data["memory_mb"] * 1024 * 1024
+        assert sample["mem_used"] > 10 * 1024 * 1024  # the Python kernel that just ran
+        assert 2 * 1024 * 1024 <= sample["disk_used"] < sample["disk_total"]
+        assert 0 <= sample["cpu_used_pct"] <= 100
+        datetime.fromisoformat(sample["timestamp"])
+    finally:
+        http.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_bad_input_is_rejected_and_server_keeps_serving(local_server: LocalServer, http: httpx.Client) -> None:
+    json_headers = {"Content-Type": "application/json"}
+    assert_error(http.post("/v1/sandboxes", content=b"{not json", headers=json_headers), 400, "not valid JSON")
+    assert_error(http.post("/v1/sandboxes", json=[1, 2]), 400, "JSON object")
+    assert_error(http.post("/v1/sandboxes", json={"timeout": "long"}), 400, "timeout")
+    assert_error(http.post("/v1/sandboxes", json={"timeout": 0}), 400, "timeout")
+    assert_error(http.post("/v1/sandboxes", json={"timeout": 10**9}), 400, "timeout")
+    assert_error(http.post("/v1/sandboxes", json={"metadata": {"n": 1}}), 400, "metadata.n")
+    assert_error(http.post("/v1/sandboxes", json={"env_vars": "A=1"}), 400, "env_vars")
+    assert_error(http.post("/v1/sandboxes", json={"auto_pause": "yes"}), 400, "auto_pause")
+    assert_error(http.post("/v1/sandboxes", json={"template": 7}), 400, "template")
+    assert_error(http.post("/v1/sandboxes", json={"object_storage": [{"uri": "s3://b"}]}), 400, "object_storage")
+    big = b'{"metadata": {"k": "' + b"x" * (2 * 1024 * 1024) + b'"}}'
+    assert_error(http.post("/v1/sandboxes", content=big, headers=json_headers), 413, "larger than")
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(40):
+            yield b"x" * 65536
+
+    assert_error(http.post("/v1/sandboxes", content=chunks(), headers=json_headers), 413)  # chunked, no length
+
+    sid = create(http)["sandbox_id"]
+    try:
+        assert_error(http.post(f"/v1/sandboxes/{sid}/timeout", content=b"]", headers=json_headers), 400, "JSON")
+        assert_error(http.post(f"/v1/sandboxes/{sid}/timeout", json={}), 400, "timeout is required")
+        assert_error(http.post(f"/v1/sandboxes/{sid}/timeout", json={"timeout": -5}), 400, "timeout")
+        assert_error(http.post(f"/v1/sandboxes/{sid}/connect", json={"timeout": "soon"}), 400, "timeout")
+        assert status_of(http, sid) == "running"  # none of that changed anything
+    finally:
+        http.delete(f"/v1/sandboxes/{sid}")
+    assert_error(http.delete("/v1/sandboxes"), 405)
+    assert http.get("/v1/scalebox-regions").status_code == 200
+    assert local_server.process.poll() is None
+    assert local_server.api_key not in local_server.log_text()
+
+
+@pytest.mark.timeout(120)
+def test_sandboxes_survive_a_restart(server_factory: Callable[..., LocalServer], tmp_path: Path) -> None:
+    data_dir = tmp_path / "restart"
+    api_key = "restart-" + secrets.token_hex(8)
+    first = server_factory(data_dir=data_dir, api_key=api_key)
+    with first.client() as http:
+        kept = create(http, metadata={"role": "kept"})
+        paused = create(http, metadata={"role": "paused"})
+        short = create(http, timeout=3)
+        base = wire.agent_base(first.url, kept["sandbox_domain"])
+        r = http.post(
+            f"{base}/upload",
+            files={"file": ("/home/user/keep.txt", b"still here")},
+            data={"path": "/home/user/keep.txt"},
+            headers={"X-Access-Token": kept["envd_access_token"], "Authorization": "Bearer root"},
+        )
+        assert r.status_code < 300, r.text
+        assert http.post(f"/v1/sandboxes/{paused['sandbox_id']}/pause").status_code == 200
+    first.stop()
+    assert first.process.returncode == 0
+    for box in (kept, paused):  # SIGTERM stopped every kernel and command of every sandbox
+        assert sandbox_processes(data_dir / "sandboxes" / box["sandbox_id"] / "root") == {}
+    time.sleep(3)  # `short` runs out while the server is down
+
+    second = server_factory(data_dir=data_dir, api_key=api_key)
+    assert second.url != first.url or second.process.pid != first.process.pid
+    with second.client() as http:
+        listed = {s["sandbox_id"]: s["status"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
+        assert listed == {kept["sandbox_id"]: "running", paused["sandbox_id"]: "paused"}
+        again = http.get(f"/v1/sandboxes/{kept['sandbox_id']}").json()["data"]
+        assert again["envd_access_token"] == kept["envd_access_token"]
+        assert_error(http.get(f"/v1/sandboxes/{short['sandbox_id']}"), 404, "expired")
+        base = wire.agent_base(second.url, again["sandbox_domain"])
+        headers = {"X-Access-Token": kept["envd_access_token"], "Authorization": "Bearer root"}
+        r = http.get(f"{base}/download/home/user/keep.txt", headers=headers)
+        assert r.status_code == 200 and r.content == b"still here"
+        with httpx.Client(timeout=60) as agent_http:
+            reply = wire.stream(
+                agent_http,
+                base,
+                "sandboxagent.ExecutionService/Execute",
+                pb.ExecuteRequest(code="print('after restart')"),
+                pb.ExecuteResponse,
+                kept["envd_access_token"],
+            )
+        stderr = "".join(m.stderr.content for m in reply.messages)
+        assert "scalebox-local restarted" in stderr and "gone" in stderr
+        assert any(m.stdout.content == "after restart\n" for m in reply.messages)
+        r = http.post(f"/v1/sandboxes/{paused['sandbox_id']}/connect", json={"timeout": 60})
+        assert r.status_code == 200 and r.json()["data"]["status"] == "running"
+        for sid in (kept["sandbox_id"], paused["sandbox_id"]):
+            assert http.delete(f"/v1/sandboxes/{sid}").status_code == 200
+    second.stop()
+
+
+def test_serve_refuses_public_address_without_key_and_never_prints_generated_key(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "scalebox_kernel", "serve", "--port", "0", "--data-dir", str(tmp_path / "d")]
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
+    refused = subprocess.run([*base, "--ip", "0.0.0.0"], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--api-key" in refused.stderr
+    assert not (tmp_path / "runtime" / "scalebox-local.json").exists()
+
+    proc = subprocess.Popen([*base, "--ip", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        runtime = tmp_path / "runtime" / "scalebox-local.json"
+        wait_for(runtime.exists, timeout=60)
+        info = json.loads(runtime.read_text())
+        assert info["pid"] == proc.pid and info["url"].startswith("http://127.0.0.1:") and len(info["api_key"]) >= 32
+        assert oct(runtime.stat().st_mode & 0o777) == "0o600"
+        with httpx.Client(base_url=info["url"], headers={"X-API-KEY": info["api_key"]}) as client:
+            assert client.get("/v1/scalebox-regions").status_code == 200
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0
+    assert info["url"] in output and "isolation" in output and str(runtime) in output
+    assert info["api_key"] not in output
+    assert not runtime.exists()  # removed on shutdown
+
+
+def test_self_signed_certificate(tmp_path: Path) -> None:
+    cert_path, key_path = ensure_self_signed(tmp_path)
+    assert oct(key_path.stat().st_mode & 0o777) == "0o600"
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    loopback = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+    assert set(san.get_values_for_type(x509.IPAddress)) == loopback
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert ensure_self_signed(tmp_path) == (cert_path, key_path)
+    assert x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number == cert.serial_number  # reused

@@ -1,0 +1,83 @@
+"""Which server to talk to, with which key and which certificates: arguments, then config, then scalebox-local."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from ..config import DEFAULT_CLOUD_URL, ScaleboxConfig
+from ..errors import AuthenticationError, ServerUnavailable
+from ..local import ensure_local_server, read_runtime_info
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A resolved control-plane endpoint. `api_url` has no `/v1`; `verify` is what httpx should trust."""
+
+    api_url: str
+    api_key: str
+    verify: str | bool
+    request_timeout: float
+    local: bool = False
+
+    def __repr__(self) -> str:  # never show the key
+        return f"Connection(api_url={self.api_url!r}, local={self.local}, request_timeout={self.request_timeout})"
+
+    @property
+    def rest_url(self) -> str:
+        return self.api_url.rstrip("/") + "/v1"
+
+    @property
+    def is_loopback(self) -> bool:
+        host = urlsplit(self.api_url).hostname or ""
+        return host in ("127.0.0.1", "localhost", "::1")
+
+
+async def resolve_connection(
+    config: ScaleboxConfig | None = None,
+    *,
+    api_key: str | None = None,
+    api_url: str | None = None,
+    request_timeout: float | None = None,
+) -> tuple[ScaleboxConfig, Connection]:
+    """The config in effect and the endpoint it designates (starting scalebox-local if allowed and needed)."""
+    config = config if config is not None else ScaleboxConfig()
+    timeout = float(request_timeout if request_timeout is not None else config.request_timeout)
+    key = api_key or config.api_key
+    if key:
+        url = (api_url or config.api_url or DEFAULT_CLOUD_URL).rstrip("/")
+        verify: str | bool = config.ca_file or True
+        if not config.ca_file and url.startswith("https://127.0.0.1"):  # scalebox-local by URL: trust its cert
+            local = read_runtime_info()
+            if local is not None and local.url.rstrip("/") == url and local.certfile:
+                verify = local.certfile
+        return config, Connection(url, key, verify, timeout)
+    wanted = (api_url or config.api_url or "").rstrip("/")
+    info = read_runtime_info()
+    if wanted and (info is None or info.url.rstrip("/") != wanted):  # only scalebox-local can do without a key
+        raise AuthenticationError(
+            f"No API key is set for {wanted}. Set SCALEBOX_API_KEY (or pass api_key=...), or unset "
+            "SCALEBOX_API_URL / SBX_DOMAIN to use scalebox-local."
+        )
+    if info is None and config.local_autostart:
+        info = await asyncio.to_thread(ensure_local_server, config.data_dir)
+    if info is None:
+        raise ServerUnavailable(
+            "No Scalebox API key is set and scalebox-local is not running. Start it with `jupyter scalebox serve` "
+            "(or set SCALEBOX_LOCAL_AUTOSTART=1), or set SCALEBOX_API_KEY to use the Scalebox cloud."
+        )
+    return config, Connection(
+        info.url.rstrip("/"), info.api_key, config.ca_file or info.certfile or True, timeout, local=True
+    )
+
+
+def agent_url(connection: Connection, sandbox_domain: str) -> str:
+    """The sandbox agent's base URL: the control plane's scheme when on the same host:port, https otherwise."""
+    domain = sandbox_domain.strip().rstrip("/")
+    if domain.startswith(("http://", "https://")):
+        return domain
+    api = urlsplit(connection.api_url)
+    host_port = domain.split("/", 1)[0]
+    same_origin = host_port.lower() == api.netloc.lower()
+    return f"{api.scheme if same_origin else 'https'}://{domain}"

@@ -285,7 +285,8 @@ class Kernel:
             while not (idle and reply.done()):
                 if cell.abandoned.is_set() and interrupt_deadline is None:
                     interrupt_deadline = loop.time() + INTERRUPT_GRACE
-                    await self._interrupt()
+                    if await self._interrupt():
+                        return  # restarted instead: nothing of this cell is left to wait for
                 if interrupt_deadline is not None and self._paused:
                     interrupt_deadline = loop.time() + INTERRUPT_GRACE  # a stopped kernel cannot react yet
                 if interrupt_deadline is not None and loop.time() > interrupt_deadline:
@@ -295,10 +296,14 @@ class Kernel:
                     )
                     await self.restart()
                     return
-                try:
-                    msg = await kc.get_iopub_msg(timeout=POLL)
-                except queue.Empty:
+                if idle:  # only the reply is missing now: wait for it, not for more iopub
+                    await asyncio.wait({reply}, timeout=POLL)
                     msg = None
+                else:
+                    try:
+                        msg = await kc.get_iopub_msg(timeout=POLL)
+                    except queue.Empty:
+                        msg = None
                 if msg is not None and msg["parent_header"].get("msg_id") == msg_id:
                     if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
                         idle = True
@@ -324,17 +329,19 @@ class Kernel:
         finally:
             reply.cancel()
 
-    async def _interrupt(self) -> None:
+    async def _interrupt(self) -> bool:
+        """Interrupt the running cell; True if the kernel had to be restarted instead."""
         if self.runtime.interrupt_restarts:
             self.notice = (
                 f"scalebox-local: the {self.runtime.name} kernel cannot be interrupted, so it was restarted; "
                 "variables from earlier cells are gone.\n"
             )
             await self.restart()
-            return
+            return True
         assert self._km is not None
         with contextlib.suppress(Exception):
             await self._km.interrupt_kernel()
+        return False
 
     def _died(self) -> pb.ExecuteResponse:
         value = f"the {self.runtime.name} kernel died while running this cell (restarted; state was lost)"

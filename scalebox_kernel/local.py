@@ -128,7 +128,8 @@ def ensure_local_server(data_dir: str | None = None, wait: float = 60.0) -> Loca
         _, info = spawn_local_server(data_dir=data_dir, detach=True, wait=wait)
     except ServerUnavailable:
         # Another process may have won the race to start it; it then wrote the runtime file.
-        info = read_runtime_info()  # type: ignore[assignment]
-        if info is None:
+        running = read_runtime_info()
+        if running is None:
             raise
+        info = running
     return info

@@ -10,6 +10,13 @@ from grpc_tools import protoc
 here = Path(__file__).resolve().parent.parent / "scalebox_kernel" / "protocol"
 include = Path(protoc.__file__).parent / "_proto"
 code = protoc.main(
-    ["protoc", f"-I{here}", f"-I{include}", f"--python_out={here}", f"--pyi_out={here}", str(here / "sandboxagent.proto")]
+    [
+        "protoc",
+        f"-I{here}",
+        f"-I{include}",
+        f"--python_out={here}",
+        f"--pyi_out={here}",
+        str(here / "sandboxagent.proto"),
+    ]
 )
 sys.exit(code)

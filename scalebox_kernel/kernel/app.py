@@ -1,0 +1,24 @@
+"""The kernel process: ipykernel's application running ScaleboxKernel, with `--language` to pick the language."""
+
+from __future__ import annotations
+
+from ipykernel.kernelapp import IPKernelApp, kernel_aliases
+from traitlets import DottedObjectName, Type
+
+from ..config import ScaleboxConfig
+from .kernel import ScaleboxKernel
+
+
+class ScaleboxKernelApp(IPKernelApp):
+    name = "scalebox-kernel"
+    description = "A Jupyter kernel that runs every cell in a Scalebox sandbox."
+    kernel_class = Type(ScaleboxKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)  # type: ignore[assignment]
+    # The kernel's own stdout/stderr are not the user's output: leave them on the process's streams (the
+    # frontend's log) instead of publishing them into cells.
+    outstream_class = DottedObjectName(None, allow_none=True).tag(config=True)
+    classes = [*IPKernelApp.classes, ScaleboxKernel, ScaleboxConfig]
+    aliases = {**kernel_aliases, "language": "ScaleboxKernel.language"}
+
+
+def main() -> None:
+    ScaleboxKernelApp.launch_instance()

@@ -1,0 +1,356 @@
+"""ScaleboxKernel: a Jupyter kernel whose cells run in a Scalebox sandbox (a wrapper kernel on ipykernel's base).
+
+Threads: ipykernel 7 runs shell requests (execute, complete, ...) on the main thread's asyncio loop and control
+requests (interrupt, shutdown) on a separate control thread with its own loop. The sandbox session and its HTTP
+connections belong to the main loop, so control handlers hand work over with `call_soon_threadsafe` /
+`run_coroutine_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from typing import Any
+
+from ipykernel._version import kernel_protocol_version
+from ipykernel.kernelbase import Kernel
+from traitlets import Bool, Float, Unicode, default
+
+from .. import __version__
+from ..config import ScaleboxConfig
+from ..errors import SandboxNotFound, ScaleboxError, redact
+from ..session import SandboxSession
+from . import commands, introspect
+from .history import LocalHistory
+from .languages import get_language
+from .notebooks import notebook_key
+from .relay import CellRelay, split_traceback
+from .sandbox import NotebookSandbox
+
+#: VS Code runs hidden helper code (interpreter probe, Variables view) whose names start with this.
+VSCODE_PREFIX = "_VSCODE_"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class ScaleboxKernel(Kernel):
+    """Forwards every cell to a context in a Scalebox sandbox and relays what comes back."""
+
+    implementation = "scalebox_kernel"
+    implementation_version = __version__
+
+    language = Unicode("python", config=True, help="The sandbox language this kernel runs cells in.")
+    keep_sandbox = Bool(
+        config=True,
+        help="Keep the sandbox (and its state) when the kernel shuts down, so that reopening the notebook "
+        "re-attaches while the sandbox lives. `%scalebox keep` sets it for one kernel. Env: SCALEBOX_KEEP_SANDBOX.",
+    )
+
+    @default("keep_sandbox")
+    def _default_keep(self) -> bool:
+        return _truthy(os.environ.get("SCALEBOX_KEEP_SANDBOX"))
+
+    progress_delay = Float(
+        config=True, help="Seconds before opening a sandbox shows a progress line. Env: SCALEBOX_PROGRESS_DELAY."
+    )
+
+    @default("progress_delay")
+    def _default_progress_delay(self) -> float:
+        return float(os.environ.get("SCALEBOX_PROGRESS_DELAY") or 1.0)
+
+    introspection_timeout = Float(2.0, config=True, help="Seconds completion and inspection may wait for the sandbox.")
+    open_timeout = Float(90.0, config=True, help="Seconds opening a sandbox may take before the cell fails.")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lang = get_language(self.language)
+        self.language_info = dict(self.lang.language_info)
+        self.banner = f"{self.lang.display_name}: every cell runs in a Scalebox sandbox."
+        self.scalebox_config = ScaleboxConfig(parent=self)
+        self.history = LocalHistory()
+        parent = self.parent
+        connection_file = getattr(parent, "abs_connection_file", None) or getattr(parent, "connection_file", None)
+        self.sandbox = NotebookSandbox(
+            self.scalebox_config,
+            self.lang,
+            notebook_key(connection_file),
+            keep=self.keep_sandbox,
+            progress_delay=self.progress_delay,
+            open_timeout=self.open_timeout,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cell_task: asyncio.Task[dict[str, Any]] | None = None
+        self._interrupted = False
+        self.envs: dict[str, str] = {}  # `%scalebox env`: for the following cells and commands
+        self.paused = False  # `%scalebox pause`: completion and inspection must not resume the sandbox
+
+    # ------------------------------------------------------------------------------------------ identity
+
+    def secrets(self) -> list[str]:
+        return self.scalebox_config.secrets()
+
+    @property
+    def kernel_info(self) -> dict[str, Any]:
+        """Answered from local data at once (the sandbox is opened by the first cell, not by frontends' probes)."""
+        return {
+            "protocol_version": kernel_protocol_version,
+            "implementation": self.implementation,
+            "implementation_version": self.implementation_version,
+            "language_info": self.language_info,
+            "banner": self.banner,
+            "help_links": self.help_links,
+            "supported_features": [],
+        }
+
+    # ------------------------------------------------------------------------------------------ signals
+
+    def start(self) -> None:
+        super().start()
+        # A frontend may still send SIGINT (signal-mode interrupt): treat it as the interrupt message.
+        self._loop = self.io_loop.asyncio_loop  # type: ignore[attr-defined]
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            self._loop.add_signal_handler(signal.SIGINT, self._interrupt_cell)
+
+    def pre_handler_hook(self) -> None:
+        """ipykernel makes SIGINT raise KeyboardInterrupt during handlers; ours cancels the remote run instead."""
+
+    def post_handler_hook(self) -> None:
+        pass
+
+    async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        """Runs on the control thread: cancel the in-flight cell on the main loop (closing the Execute stream,
+        which the sandbox treats as an interrupt) and reply at once."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._interrupt_cell)
+        if self.session:
+            self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+
+    def _interrupt_cell(self) -> None:
+        task = self._cell_task
+        if task is not None and not task.done():
+            self._interrupted = True
+            task.cancel()
+
+    # ------------------------------------------------------------------------------------------ the sandbox
+
+    async def open_session(self, relay: CellRelay) -> SandboxSession:
+        """The notebook's sandbox session, opened (or re-attached) by the first cell that needs it."""
+        return await self.sandbox.open(relay)
+
+    async def run(self, code: str, relay: CellRelay, *, timeout: float | None = None) -> dict[str, Any]:
+        """Run `code` in the sandbox context, relaying its output; the execute_reply content."""
+        session = await self.open_session(relay)
+        limit = timeout or self.scalebox_config.execution_timeout or None
+        try:
+            execution = await self._run_code(session, code, relay, limit)
+        except SandboxNotFound:
+            # The sandbox expired or was killed since the last cell: open a new one (which says so) and, if
+            # nothing of this cell ran yet, run it there.
+            self.sandbox.lost()
+            if relay.published:
+                raise
+            session = await self.open_session(relay)
+            execution = await self._run_code(session, code, relay, limit)
+        if execution.error is not None:
+            err = execution.error
+            return {
+                "status": "error",
+                "execution_count": relay.execution_count,
+                "ename": err.name,
+                "evalue": err.value,
+                "traceback": split_traceback(err.traceback),
+            }
+        return {"status": "ok", "execution_count": relay.execution_count, "payload": [], "user_expressions": {}}
+
+    async def _run_code(self, session: SandboxSession, code: str, relay: CellRelay, limit: float | None) -> Any:
+        return await session.run_code(
+            code,
+            language=self.lang.wire,
+            envs=self.envs or None,
+            on_stdout=relay.on_stdout,
+            on_stderr=relay.on_stderr,
+            on_result=relay.on_result,
+            on_error=relay.on_error,
+            timeout=limit,
+        )
+
+    # ------------------------------------------------------------------------------------------ execute
+
+    async def do_execute(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict[str, Any] | None = None,
+        allow_stdin: bool = False,
+        *,
+        cell_meta: Any = None,
+        cell_id: Any = None,
+    ) -> dict[str, Any]:
+        self._loop = asyncio.get_running_loop()
+        if not silent and not store_history:
+            self.execution_count -= 1  # like IPython: only stored cells are counted
+        count = self.execution_count
+        relay = CellRelay(self, silent=silent, execution_count=count)
+        if code.lstrip().startswith(VSCODE_PREFIX) and (silent or not store_history) and not self.sandbox.session:
+            # VS Code's hidden helpers never open a sandbox; once one is open they run there like any code.
+            return {"status": "ok", "execution_count": count, "payload": [], "user_expressions": {}}
+
+        self._interrupted = False
+        self.paused = False  # any cell resumes a paused sandbox
+        task = asyncio.ensure_future(self._cell(code, relay))
+        self._cell_task = task
+        try:
+            reply = await task
+        except asyncio.CancelledError:
+            if not self._interrupted:
+                raise
+            reply = relay.error("KeyboardInterrupt", "", ["KeyboardInterrupt: the cell was interrupted."])
+        except ScaleboxError as exc:
+            message = redact(str(exc), self.secrets())
+            reply = relay.error(type(exc).__name__, message, [f"{type(exc).__name__}: {message}"])
+        except Exception as exc:
+            self.log.exception("Cell failed inside the Scalebox kernel")
+            message = redact(str(exc), self.secrets())
+            reply = relay.error(type(exc).__name__, message, [f"{type(exc).__name__}: {message}"])
+        finally:
+            self._cell_task = None
+            self._interrupted = False
+        if store_history and not silent:
+            self.history.add(count, code, relay.main_text)
+        if not silent:
+            self.sandbox.keep_alive_later()
+        return reply
+
+    async def _cell(self, code: str, relay: CellRelay) -> dict[str, Any]:
+        lines, rest = commands.split_cell(code)
+        for line in lines:
+            await commands.run(self, line, relay)
+        if not rest.strip():
+            return {"status": "ok", "execution_count": relay.execution_count, "payload": [], "user_expressions": {}}
+        problem = commands.misplaced(rest)
+        if problem:
+            return relay.error("UsageError", problem, [f"UsageError: {problem}"])
+        target = introspect.help_target(rest) if self.lang.key == "python" else None
+        if target is not None:
+            return await self._page(target, relay)
+        return await self.run(rest, relay)
+
+    async def _page(self, target: tuple[str, int], relay: CellRelay) -> dict[str, Any]:
+        """`name?` / `name??`: IPython would page the help; the protocol drops payloads, so ask and page here."""
+        name, detail = target
+        await self.open_session(relay)
+        helper = CellRelay(self, silent=True, execution_count=relay.execution_count)
+        await self.run(introspect.inspect_cell(name, detail), helper, timeout=30)
+        answer = introspect.parse_answer(helper.bundles) or {}
+        reply: dict[str, Any] = {"status": "ok", "execution_count": relay.execution_count, "user_expressions": {}}
+        if answer.get("found"):
+            reply["payload"] = [{"source": "page", "data": answer["data"], "start": 0}]
+        else:
+            reply["payload"] = []
+            relay.stream("stdout", f"Object `{name}` not found.\n")
+        return reply
+
+    # ------------------------------------------------------------------------------------------ introspection
+
+    async def _ask(self, helper_code: str) -> dict[str, Any] | None:
+        """Run a silent helper cell in the open sandbox within `introspection_timeout`; None if it cannot answer."""
+        session = self.sandbox.session
+        if session is None or self.paused or self.lang.key != "python":
+            return None
+        relay = CellRelay(self, silent=True, execution_count=self.execution_count)
+        try:
+            await asyncio.wait_for(
+                self._run_code(session, helper_code, relay, self.introspection_timeout + 1),
+                self.introspection_timeout,
+            )
+        except Exception as exc:  # TimeoutError included
+            self.log.debug("Sandbox introspection failed: %s", redact(str(exc), self.secrets()))
+            return None
+        return introspect.parse_answer(relay.bundles)
+
+    async def do_complete(self, code: str, cursor_pos: int | None) -> dict[str, Any]:
+        cursor_pos = len(code) if cursor_pos is None else cursor_pos
+        if self.lang.key != "python":
+            return introspect.empty_completions(cursor_pos)
+        answer = await self._ask(introspect.complete_cell(code, cursor_pos))
+        if answer is None:
+            return introspect.local_completions(code, cursor_pos)
+        return {
+            "matches": answer.get("matches", []),
+            "cursor_start": answer.get("cursor_start", cursor_pos),
+            "cursor_end": answer.get("cursor_end", cursor_pos),
+            "metadata": {"_jupyter_types_experimental": answer.get("types", [])},
+            "status": "ok",
+        }
+
+    async def do_inspect(
+        self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()
+    ) -> dict[str, Any]:
+        reply: dict[str, Any] = {"status": "ok", "found": False, "data": {}, "metadata": {}}
+        name = introspect.inspect_name(code, cursor_pos) if self.lang.key == "python" else ""
+        if not name:
+            return reply
+        answer = await self._ask(introspect.inspect_cell(name, detail_level, omit_sections or ()))
+        if answer and answer.get("found"):
+            reply.update(found=True, data=answer.get("data") or {})
+        return reply
+
+    async def do_is_complete(self, code: str) -> dict[str, Any]:
+        if self.lang.key != "python":
+            return {"status": "unknown"}
+        from IPython.core.inputtransformer2 import TransformerManager
+
+        status, indent = TransformerManager().check_complete(code)
+        reply: dict[str, Any] = {"status": status}
+        if status == "incomplete":
+            reply["indent"] = " " * (indent or 0)
+        return reply
+
+    async def do_history(
+        self,
+        hist_access_type: str,
+        output: bool,
+        raw: bool,
+        session: int | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+        n: int | None = None,
+        pattern: str | None = None,
+        unique: bool = False,
+    ) -> dict[str, Any]:
+        history = self.history.query(
+            hist_access_type,
+            output=output,
+            session=session,
+            start=start,
+            stop=stop,
+            n=n,
+            pattern=pattern,
+            unique=unique,
+        )
+        return {"status": "ok", "history": history}
+
+    # ------------------------------------------------------------------------------------------ shutdown
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
+        """Runs on the control thread: stop the running cell and close the sandbox session on the main loop, which
+        owns it. Restart: a fresh context in the same sandbox. Shutdown: kill the sandbox unless it is kept."""
+        loop = self._loop
+        try:
+            if loop is not None and loop.is_running():
+                future = asyncio.run_coroutine_threadsafe(self._close(restart), loop)
+                await asyncio.wait_for(asyncio.wrap_future(future), 20)
+            else:
+                await self.sandbox.close(restart)
+        except Exception as exc:
+            self.log.warning("Scalebox kernel shutdown: %s", redact(str(exc), self.secrets()))
+        return {"status": "ok", "restart": restart}
+
+    async def _close(self, restart: bool) -> None:
+        self._interrupt_cell()
+        await self.sandbox.close(restart)

@@ -1,0 +1,334 @@
+"""The Scalebox kernel driven through jupyter_client against a real scalebox-local: rich output, interrupt,
+restart, re-attach, expiry, shutdown, silent cells, introspection, %scalebox lines and the kernelspec installer."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from client_support import config_for
+from conftest import LocalServer
+from kernel_support import KernelRun, environ, install_kernelspecs, of_type, text_of
+
+from scalebox_kernel.client import Sandbox
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scalebox_env(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
+    with environ({"JUPYTER_PATH": str(jupyter_path), **local_server.env()}):
+        yield
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Iterator[KernelRun]:
+    """One Scalebox (Python) kernel shared by the tests that do not need a fresh one."""
+    run = KernelRun()
+    yield run
+    run.shutdown()
+
+
+def live_sandboxes(server: LocalServer) -> set[str]:
+    return {i.sandbox_id for i in Sandbox.list(config=config_for(server)) if i.state in ("running", "paused")}
+
+
+def test_installer_writes_and_removes_kernelspecs(tmp_path: Path) -> None:
+    prefix = tmp_path / "env"
+    argv = [sys.executable, "-m", "scalebox_kernel", "install", "--prefix", str(prefix)]
+    done = subprocess.run([*argv, "--language", "python", "--language", "bash"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    kernels = prefix / "share" / "jupyter" / "kernels"
+    assert sorted(p.name for p in kernels.iterdir()) == ["scalebox-bash", "scalebox-python"]
+    spec = json.loads((kernels / "scalebox-python" / "kernel.json").read_text())
+    assert spec["argv"][0] == sys.executable and Path(spec["argv"][0]).is_absolute()
+    assert spec["argv"][1:5] == ["-m", "scalebox_kernel.kernel", "-f", "{connection_file}"]
+    assert spec["display_name"] == "Scalebox (Python)" and spec["language"] == "python"
+    assert spec["interrupt_mode"] == "message"
+    assert {"logo-32x32.png", "logo-64x64.png", "logo-svg.svg"} <= {
+        p.name for p in (kernels / "scalebox-bash").iterdir()
+    }
+    assert json.loads((kernels / "scalebox-bash" / "kernel.json").read_text())["display_name"] == "Scalebox (Bash)"
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JUPYTER_PATH": str(prefix / "share" / "jupyter")},
+    )
+    assert {"scalebox-python", "scalebox-bash"} <= set(json.loads(listed.stdout)["kernelspecs"])
+
+    bad = subprocess.run([*argv, "--language", "cobol"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown language 'cobol'" in bad.stderr and "python" in bad.stderr
+
+    removed = subprocess.run([*argv, "--uninstall"], capture_output=True, text=True)
+    assert removed.returncode == 0 and "Removed scalebox-python" in removed.stdout
+    assert not any(kernels.iterdir())
+
+
+def test_kernel_info_is_local_and_the_sandbox_opens_lazily(local_server: LocalServer) -> None:
+    before = live_sandboxes(local_server)
+    run = KernelRun()
+    try:
+        info = run.request("kernel_info")
+        assert info["language_info"]["name"] == "python" and info["language_info"]["file_extension"] == ".py"
+        assert info["implementation"] == "scalebox_kernel"
+        assert live_sandboxes(local_server) == before, "kernel_info must not open a sandbox"
+        reply, _ = run.execute("1 + 1")
+        assert reply["content"]["status"] == "ok"
+        sandbox_id = run.sandbox_id()
+        assert sandbox_id in live_sandboxes(local_server) - before
+    finally:
+        run.shutdown()
+    assert sandbox_id not in live_sandboxes(local_server), "shutdown (not kept) must kill the sandbox"
+
+
+def test_output_is_relayed_in_order_with_the_kernels_count(kernel: KernelRun) -> None:
+    code = (
+        "import sys\nfrom IPython.display import HTML, display\n"
+        "print('one', flush=True)\ndisplay(HTML('<i>two</i>'))\nprint('three', file=sys.stderr, flush=True)\n40 + 2"
+    )
+    msg_id = kernel.kc.execute(code)
+    reply = kernel.reply(msg_id)
+    outputs = kernel.outputs(msg_id)
+    kinds = [(m["msg_type"], m["content"].get("name")) for m in outputs]
+    assert kinds == [("stream", "stdout"), ("display_data", None), ("stream", "stderr"), ("execute_result", None)]
+    assert outputs[1]["content"]["data"]["text/html"] == "<i>two</i>"
+    count = reply["content"]["execution_count"]
+    assert outputs[3]["content"] == {"execution_count": count, "data": {"text/plain": "42"}, "metadata": {}}
+    again, _ = kernel.execute("None")
+    assert again["content"]["execution_count"] == count + 1
+
+
+def test_matplotlib_plot_arrives_as_png(kernel: KernelRun) -> None:
+    reply, outputs = kernel.execute("import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nplt.show()")
+    assert reply["content"]["status"] == "ok"
+    images = [d["data"]["image/png"] for d in of_type(outputs, "display_data") if "image/png" in d["data"]]
+    assert len(images) == 1
+    assert base64.b64decode(images[0]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_html_and_full_bundles_arrive_intact(kernel: KernelRun) -> None:
+    reply, outputs = kernel.execute("from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))")
+    assert of_type(outputs, "display_data")[0]["data"]["text/html"] == "<b>bold</b>"
+    bundle = {
+        "text/plain": "plain",
+        "text/html": "<p>html</p>",
+        "text/markdown": "**md**",
+        "text/latex": "$x^2$",
+        "image/svg+xml": "<svg xmlns='http://www.w3.org/2000/svg'/>",
+        "image/png": base64.b64encode(b"\x89PNG fake").decode(),
+        "image/jpeg": base64.b64encode(b"\xff\xd8 fake").decode(),
+        "application/pdf": base64.b64encode(b"%PDF-1.4").decode(),
+        "application/json": {"a": [1, 2], "b": None},
+        "application/javascript": "console.log(1)",
+        "application/vnd.custom+json": {"k": "v"},
+        "text/x-custom": "custom",
+    }
+    reply, outputs = kernel.execute(f"display({bundle!r}, raw=True)")
+    assert reply["content"]["status"] == "ok"
+    assert of_type(outputs, "display_data")[0]["data"] == bundle
+
+
+def test_error_is_one_message_and_the_reply_matches(kernel: KernelRun) -> None:
+    reply, outputs = kernel.execute("def f():\n    return 1 / 0\nf()")
+    assert [m["msg_type"] for m in outputs] == ["error"]
+    error = outputs[0]["content"]
+    assert error["ename"] == "ZeroDivisionError" and error["evalue"] == "division by zero"
+    assert isinstance(error["traceback"], list) and all(isinstance(line, str) for line in error["traceback"])
+    assert len(error["traceback"]) > 3 and any("f()" in line for line in error["traceback"])
+    content = reply["content"]
+    assert content["status"] == "error"
+    assert (content["ename"], content["evalue"], content["traceback"]) == (
+        error["ename"],
+        error["evalue"],
+        error["traceback"],
+    )
+
+
+def test_interrupt_stops_the_cell_and_keeps_state(kernel: KernelRun) -> None:
+    kernel.execute("kept = 41")
+    msg_id = kernel.kc.execute("print('looping', flush=True)\nwhile True:\n    pass")
+    while True:  # wait until the loop really runs in the sandbox
+        msg = kernel.kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            break
+    time.sleep(0.3)
+    started = time.monotonic()
+    kernel.km.interrupt_kernel()  # interrupt_mode "message": an interrupt_request on the control channel
+    reply = kernel.reply(msg_id, timeout=30)
+    took = time.monotonic() - started
+    print(f"interrupt returned in {took:.3f} s")
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+    assert took < 5
+    assert of_type(kernel.outputs(msg_id), "error")[0]["ename"] == "KeyboardInterrupt"
+    reply, outputs = kernel.execute("kept + 1")
+    assert of_type(outputs, "execute_result")[0]["data"]["text/plain"] == "42"
+
+
+def test_silent_cells_show_nothing_and_do_not_count(kernel: KernelRun) -> None:
+    first, _ = kernel.execute("None")
+    count = first["content"]["execution_count"]
+    reply, outputs = kernel.execute("quiet = 5\nprint('not shown')\nquiet", silent=True)
+    assert reply["content"]["status"] == "ok" and outputs == []
+    reply, outputs = kernel.execute("quiet * 2")
+    assert reply["content"]["execution_count"] == count + 1
+    assert of_type(outputs, "execute_result")[0]["data"]["text/plain"] == "10"
+    # VS Code's hidden helpers run silently in the sandbox once it is open.
+    reply, outputs = kernel.execute("import sys as _VSCODE_sys", silent=True)
+    assert reply["content"]["status"] == "ok" and outputs == []
+
+
+def test_completion_inspection_history_in_the_sandbox(kernel: KernelRun) -> None:
+    kernel.execute("remote_only_variable = {'k': 1}")
+    done = kernel.request("complete", "remote_only_v")
+    assert done["status"] == "ok" and done["matches"] == ["remote_only_variable"]
+    assert (done["cursor_start"], done["cursor_end"]) == (0, len("remote_only_v"))
+    code = "remote_only_variable.ke"
+    done = kernel.request("complete", code)
+    completed = {code[: done["cursor_start"]] + match + code[done["cursor_end"] :] for match in done["matches"]}
+    assert "remote_only_variable.keys" in completed
+    found = kernel.request("inspect", "remote_only_variable", 20)
+    assert found["found"] is True and "dict" in found["data"]["text/plain"]
+    missing = kernel.request("inspect", "no_such_name_here", 17)
+    assert missing == {"status": "ok", "found": False, "data": {}, "metadata": {}}
+    history = kernel.request("history", hist_access_type="tail", n=1, output=False, raw=True)
+    assert history["history"][-1][2] == "remote_only_variable = {'k': 1}"
+    assert kernel.request("is_complete", "for i in range(3):") == {"status": "incomplete", "indent": "    "}
+
+
+def test_scalebox_lines_run_in_the_kernel(kernel: KernelRun, tmp_path: Path) -> None:
+    reply, outputs = kernel.execute("%scalebox help")
+    assert "%scalebox info" in text_of(outputs)
+    reply, outputs = kernel.execute("%scalebox timeout 10m\n%scalebox info\nprint('after')")
+    text = text_of(outputs)
+    assert "now lives 9m" in text or "now lives 10m" in text
+    assert "sandbox:" in text and text.endswith("after\n")
+    kernel.execute("%scalebox env GREETING=hello")
+    reply, outputs = kernel.execute("%scalebox run echo $GREETING from $PWD")
+    assert text_of(outputs).startswith("hello from /") and text_of(outputs).strip().endswith("/workspace")
+    local = tmp_path / "data.txt"
+    local.write_text("payload")
+    # The context's working directory is the sandbox's /workspace (the same path inside once it is isolated).
+    reply, outputs = kernel.execute(f"%scalebox upload {local} /workspace/data.txt\nprint(open('data.txt').read())")
+    assert text_of(outputs).endswith("payload\n")
+    reply, outputs = kernel.execute("%scalebox ls")
+    assert "data.txt" in text_of(outputs)
+    reply, outputs = kernel.execute("print(1)\n%scalebox info")
+    assert reply["content"]["status"] == "error" and "top of the cell" in reply["content"]["evalue"]
+    for line, expected in (("%scalebox frobnicate", "unknown %scalebox command"), ("%scalebox new", "one sandbox")):
+        reply, outputs = kernel.execute(line)
+        assert reply["content"]["status"] == "error" and expected in reply["content"]["evalue"]
+        assert [m["msg_type"] for m in outputs] == ["error"]
+    reply, _ = kernel.execute("1 + 1")
+    assert reply["content"]["status"] == "ok", "the kernel keeps working after bad commands"
+
+
+def test_restart_clears_state_in_the_same_sandbox(kernel: KernelRun) -> None:
+    kernel.execute("before_restart = 1")
+    sandbox_id = kernel.sandbox_id()
+    kernel.km.restart_kernel(now=False)
+    kernel.kc.wait_for_ready(timeout=60)
+    reply, _outputs = kernel.execute("before_restart")
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "NameError"
+    assert kernel.sandbox_id() == sandbox_id
+
+
+def test_reattach_keeps_state_across_kernel_processes(local_server: LocalServer) -> None:
+    env = {"JPY_SESSION_NAME": "/notebooks/reattach.ipynb"}
+    first = KernelRun(env=env)
+    reply, outputs = first.execute("%scalebox keep\nwidth = 7")
+    assert "will be kept" in text_of(outputs)
+    sandbox_id = first.sandbox_id()
+    first.shutdown()  # asked to keep: the sandbox lives on
+    assert sandbox_id in live_sandboxes(local_server)
+
+    second = KernelRun(env=env)  # reopening the notebook
+    reply, outputs = second.execute("width * 6")
+    assert reply["content"]["status"] == "ok"
+    assert of_type(outputs, "execute_result")[0]["data"]["text/plain"] == "42"
+    assert text_of(outputs, "stderr") == ""
+    assert second.sandbox_id() == sandbox_id
+    second.shutdown(now=True)  # the kernel process dies without a word
+
+    third = KernelRun(env=env)
+    _reply, outputs = third.execute("width")
+    assert of_type(outputs, "execute_result")[0]["data"]["text/plain"] == "7"
+    third.execute("%scalebox keep off")
+    third.shutdown()
+    assert sandbox_id not in live_sandboxes(local_server)
+
+
+def test_expired_or_killed_sandbox_is_announced(local_server: LocalServer) -> None:
+    run = KernelRun(env={"SCALEBOX_PROGRESS_DELAY": "0"})
+    try:
+        reply, outputs = run.execute("lost = 1")
+        # Opening took longer than the (zero) delay: a progress line was shown, then cleared, and nothing is left.
+        kinds = [m["msg_type"] for m in outputs]
+        assert kinds[0] == "display_data" and "Opening a sandbox" in outputs[0]["content"]["data"]["text/plain"]
+        assert outputs[0]["content"]["transient"]["display_id"]
+        assert "clear_output" in kinds
+        sandbox_id = run.sandbox_id()
+        reply, outputs = run.execute("%scalebox timeout 1s")  # the sandbox expires a second from now
+        assert reply["content"]["status"] == "ok", reply["content"]
+        deadline = time.monotonic() + 30
+        while sandbox_id in live_sandboxes(local_server) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        reply, outputs = run.execute("print('still here?', 'lost' in globals())")
+        assert reply["content"]["status"] == "ok"
+        notice = text_of(outputs, "stderr")
+        assert sandbox_id in notice and "expired" in notice and "gone" in notice
+        assert text_of(outputs).strip() == "still here? False"
+        assert outputs.index(next(m for m in outputs if m["content"].get("name") == "stderr")) < outputs.index(
+            next(m for m in outputs if m["content"].get("name") == "stdout")
+        ), "the notice comes before the cell's output"
+
+        replaced = run.sandbox_id()
+        run.execute("%scalebox timeout 5m")
+        Sandbox.kill_by_id(replaced, config=config_for(local_server))
+        _reply, outputs = run.execute("print('after kill')")
+        assert replaced in text_of(outputs, "stderr") and text_of(outputs) == "after kill\n"
+    finally:
+        run.shutdown()
+
+
+def test_unreachable_server_is_an_error_in_the_cell_not_a_hang() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the socket closes
+    secret = "sk-unreachable-secret-123456"
+    run = KernelRun(env={"SCALEBOX_API_URL": f"http://127.0.0.1:{port}", "SCALEBOX_API_KEY": secret})
+    try:
+        started = time.monotonic()
+        reply, outputs = run.execute("1 + 1", timeout=120)
+        took = time.monotonic() - started
+        print(f"unreachable server reported after {took:.1f} s")
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "ServerUnavailable"
+        assert took < 60
+        assert secret not in json.dumps([reply["content"], *[m["content"] for m in outputs]])
+        assert run.request("complete", "pri")["matches"] == ["print"]  # still answers, from the builtins
+        assert run.request("inspect", "print", 5)["found"] is False
+    finally:
+        run.shutdown()
+
+
+def test_a_language_the_sandbox_lacks_says_so_in_the_cell() -> None:
+    run = KernelRun("scalebox-r")
+    try:
+        info = run.request("kernel_info")
+        assert info["language_info"]["name"] == "R" and info["language_info"]["file_extension"] == ".r"
+        assert run.request("is_complete", "f <- function(")["status"] == "unknown"
+        reply, outputs = run.execute("1 + 1")
+        if reply["content"]["status"] == "error":  # until scalebox-local has an R runtime
+            assert "python" in reply["content"]["evalue"] and [m["msg_type"] for m in outputs] == ["error"]
+        else:
+            assert of_type(outputs, "execute_result") or of_type(outputs, "display_data")
+    finally:
+        run.shutdown()

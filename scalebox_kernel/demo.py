@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,8 @@ class DemoApp(JupyterApp):
         try:
             KernelSpecManager().get_kernel_spec("scalebox-python")
         except NoSuchKernel:
-            from .kernel.install import install_kernelspecs
-
-            install_kernelspecs(prefix=sys.prefix, languages=["python"])
-            print(f"Installed the 'scalebox-python' kernelspec into {sys.prefix}.")
+            subprocess.run([sys.executable, "-m", "scalebox_kernel", "install", "--sys-prefix"], check=True)
+            print(f"Installed the Scalebox kernelspecs into {sys.prefix}.")
 
 
 def _show_cell(index: int, cell: Any, out: Path) -> None:

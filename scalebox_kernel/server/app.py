@@ -79,7 +79,7 @@ def _url_host(ip: str) -> str:
 def _bind(ip: str, port: int) -> socket.socket:
     host = "127.0.0.1" if ip == "localhost" else ip
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio then sets TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.set_inheritable(False)

@@ -1,0 +1,250 @@
+"""`%%scalebox` (a cell in the sandbox), `%scalebox SUBCOMMAND` and `%autoscalebox`."""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import shlex
+from collections.abc import Coroutine
+from typing import Any, NoReturn, TypeVar
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from traitlets import Bool, Float
+
+from ..config import ScaleboxConfig
+from ..errors import ExecutionTimeout, SandboxExpired, ScaleboxError
+from ..session import SandboxSession, canonical_language
+from ..session._portal import call
+from ..session._progress import Tracker
+from ._commands import HELP, SubCommands
+from ._display import Relay, ScaleboxInterrupted, cell_error, from_execution_error, from_scalebox_error
+from ._sessions import NamedSession, Sessions
+from ._transfer import receive, send
+
+T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}\n{self.format_usage()}")
+
+
+def _cell_parser() -> _Parser:
+    parser = _Parser(prog="%%scalebox", add_help=False)
+    parser.add_argument("--language", "-l", default=None)
+    parser.add_argument("--session", "-s", default=None)
+    parser.add_argument("--timeout", "-t", type=float, default=None, help="seconds before the cell is interrupted")
+    parser.add_argument("--env", "-e", action="append", default=[], metavar="K=V")
+    parser.add_argument("-i", dest="inputs", action="extend", nargs="+", default=[], metavar="VAR")
+    parser.add_argument("-o", dest="outputs", action="extend", nargs="+", default=[], metavar="VAR")
+    return parser
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"expected KEY=VALUE, got {pair!r}")
+        env[key.strip()] = value
+    return env
+
+
+@magics_class
+class ScaleboxMagics(SubCommands, Magics):
+    """Run cells in Scalebox sandboxes and manage them: `%scalebox help` lists everything."""
+
+    max_transfer_mb = Float(50.0, config=True, help="Largest value (serialised, in MB) that -i/-o move.")
+    pickle_outputs = Bool(
+        True,
+        config=True,
+        help="Bring Python values back (-o) as pickles. Unpickling runs code, so this trusts the sandbox's code; "
+        "with False only JSON-able values come back.",
+    )
+    progress_delay = Float(0.5, config=True, help="Seconds a wait must last before a progress bar appears.")
+    use_widgets = Bool(
+        None, allow_none=True, config=True, help="Use ipywidgets for progress and status (default: in kernels)."
+    )
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.sessions = Sessions(ScaleboxConfig(config=shell.config if shell is not None else None))
+        self.auto_args: str | None = None  # set while %autoscalebox is on
+        atexit.register(self.at_exit)
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    @property
+    def widgets(self) -> bool:  # type: ignore[override]
+        if self.use_widgets is not None:
+            return bool(self.use_widgets)
+        if getattr(self.shell, "kernel", None) is None:
+            return False
+        try:
+            import ipywidgets  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    @property
+    def namespace(self) -> dict[str, Any]:
+        assert self.shell is not None
+        ns: dict[str, Any] = self.shell.user_ns
+        return ns
+
+    def secrets(self) -> list[str]:
+        """What must never be shown: the API key in effect (the client already redacts access tokens)."""
+        secrets = self.sessions.config.secrets()
+        for entry in self.sessions.named.values():
+            if entry.session is not None:
+                secrets.append(entry.session.sandbox.connection.api_key)
+        return secrets
+
+    def relay(self, *, show_main_result: bool = True) -> Relay:
+        return Relay(widgets=self.widgets, progress_delay=self.progress_delay, show_main_result=show_main_result)
+
+    def run(self, coro: Coroutine[Any, Any, T], relay: Relay | None = None) -> T:
+        """Run a coroutine on the portal, showing its output and progress here; errors become short messages."""
+        relay = relay or self.relay()
+        try:
+            return relay.run(coro)
+        except ScaleboxError as exc:
+            raise from_scalebox_error(exc, self.secrets()) from None
+
+    async def open_session(self, entry: NamedSession, relay: Relay, language: str | None = None) -> SandboxSession:
+        """The entry's session, opened on first use, with the context of `language` started (a kernel start is
+        a wait worth a progress bar); a notice (e.g. "the sandbox expired") goes to stderr."""
+        fresh = entry.session is None
+        session = await self.sessions.open(entry, relay.on_progress)
+        if fresh and session.notice:
+            relay.emit("stderr", session.notice + "\n")
+        if language is not None and not session.has_context(language):
+            tracker = Tracker(relay.on_progress)
+            await tracker.start("connecting", f"Starting the {language} kernel")
+            await session.context(language)
+            await tracker.finish()
+        return session
+
+    def at_exit(self) -> None:
+        """Kill the sandboxes this shell created (not those it attached to, nor those asked to be kept)."""
+        doomed = [e.session for e in self.sessions.named.values() if e.session is not None and not e.keep and e.created]
+        for session in doomed:
+            with contextlib.suppress(BaseException):
+                call(session.close(kill=True))
+
+    # ------------------------------------------------------------------------------------------ magics
+
+    @line_cell_magic
+    def scalebox(self, line: str, cell: str | None = None) -> Any:
+        """%%scalebox [--language L] [--session NAME] [--timeout S] [--env K=V ...] [-i VAR ...] [-o VAR ...]
+        runs the cell in a sandbox; %scalebox SUBCOMMAND manages sandboxes (%scalebox help)."""
+        if cell is None:
+            return self.subcommand(line)
+        return self.run_cell(line, cell)
+
+    @line_magic
+    def autoscalebox(self, line: str) -> None:
+        """%autoscalebox on [%%scalebox options] | off: route every following cell to the sandbox."""
+        words = line.strip().split(None, 1)
+        if not words or words[0] not in ("on", "off"):
+            raise UsageError("usage: %autoscalebox on [--session NAME] [--language L] ...  |  %autoscalebox off")
+        if words[0] == "off":
+            self.auto_args = None
+            print("Cells run locally again.")
+            return
+        args = words[1] if len(words) > 1 else ""
+        _cell_parser().parse_args(shlex.split(args))  # fail now, not on every cell
+        self.auto_args = args
+        print("Every cell now runs in the sandbox (lines starting with % still run here; %autoscalebox off to stop).")
+
+    def route_cell(self, lines: list[str]) -> list[str]:
+        """Input transformer: while %autoscalebox is on, a cell becomes a %%scalebox cell (magic lines excepted)."""
+        if self.auto_args is None:
+            return lines
+        first = next((line for line in lines if line.strip()), "")
+        if not first or first.lstrip().startswith("%"):
+            return lines
+        return [f"%%scalebox {self.auto_args}\n", *lines]
+
+    # ------------------------------------------------------------------------------------------ %%scalebox
+
+    def run_cell(self, line: str, cell: str) -> Any:
+        opts = _cell_parser().parse_args(shlex.split(line))
+        entry = self.sessions.entry(opts.session)
+        language = canonical_language(opts.language or entry.language)
+        names = [*opts.inputs, *opts.outputs]
+        bad = [n for n in names if not n.isidentifier()]
+        if bad:
+            raise UsageError(f"-i/-o take variable names, not {', '.join(bad)}")
+        missing = [n for n in opts.inputs if n not in self.namespace]
+        if missing:
+            raise UsageError(f"-i: no local variable named {', '.join(missing)}")
+        inputs = {name: self.namespace[name] for name in opts.inputs}
+        envs = {**entry.envs, **parse_env(opts.env)}
+        relay = self.relay(show_main_result=False)
+
+        async def job() -> tuple[Any, dict[str, Any]]:
+            session = await self.open_session(entry, relay, language)
+            for attempt in range(2):
+                try:
+                    for name, value in inputs.items():
+                        await send(session, name, value, language, limit_mb=self.max_transfer_mb, use_pickle=True)
+                    execution = await session.run_code(
+                        cell,
+                        language=language,
+                        envs=envs,
+                        on_stdout=relay.on_stdout,
+                        on_stderr=relay.on_stderr,
+                        on_result=relay.on_result,
+                        timeout=opts.timeout,
+                    )
+                    break
+                except SandboxExpired:
+                    if attempt:
+                        raise
+                    session = await self.sessions.reopen(entry, relay.on_progress)
+                    relay.emit("stderr", f"{session.notice}\n")
+            outputs = {}
+            if execution.error is None:
+                for name in opts.outputs:
+                    outputs[name] = await receive(
+                        session, name, language, limit_mb=self.max_transfer_mb, use_pickle=self.pickle_outputs
+                    )
+            return execution, outputs
+
+        try:
+            execution, outputs = relay.run(job())
+        except KeyboardInterrupt:
+            where = entry.session.session_id if entry.session else "the sandbox"
+            raise ScaleboxInterrupted(f"the cell was interrupted in {where}; its state is kept") from None
+        except ExecutionTimeout:
+            raise cell_error(
+                "ExecutionTimeout",
+                f"the cell ran longer than {opts.timeout:g} s and was interrupted; the sandbox keeps its state",
+            ) from None
+        except ScaleboxError as exc:
+            raise from_scalebox_error(exc, self.secrets()) from None
+        self.namespace.update(outputs)
+        if execution.error is not None:
+            raise from_execution_error(execution.error)
+        return relay.main_result
+
+    # ------------------------------------------------------------------------------------------ %scalebox
+
+    def subcommand(self, line: str) -> Any:
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if not words:
+            print(HELP)
+            return None
+        name, args = words[0].lower(), words[1:]
+        if name == "run":  # the command goes to the sandbox's shell as typed
+            args = [line.strip()[len(words[0]) :].strip()]
+        handler = getattr(self, f"cmd_{name.replace('-', '_')}", None)
+        if handler is None:
+            raise UsageError(f"unknown subcommand {name!r}; %scalebox help lists them")
+        return handler(args)

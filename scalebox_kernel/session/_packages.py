@@ -1,0 +1,135 @@
+"""Language names as sessions know them, and how each language installs packages into its sandbox only."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shlex
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CommandExitError, InvalidArgument, ScaleboxError
+
+if TYPE_CHECKING:
+    from ..client import Execution
+    from ._progress import Tracker
+
+_ALIASES = {
+    "python": "python",
+    "python3": "python",
+    "py": "python",
+    "r": "r",
+    "nodejs": "nodejs",
+    "javascript": "nodejs",
+    "node": "nodejs",
+    "js": "nodejs",
+    "typescript": "typescript",
+    "deno": "typescript",
+    "ts": "typescript",
+    "java": "java",
+    "ijava": "java",
+    "bash": "bash",
+    "sh": "bash",
+}
+
+
+def canonical(language: str | None) -> str:
+    """One name per runtime (`python3` -> `python`, `js` -> `nodejs`, ...); unknown names pass through lowercased,
+    so that the server can say which languages it has."""
+    name = (language or "python").strip().lower()
+    return _ALIASES.get(name, name)
+
+
+# Run once in a Python context: where this sandbox's own packages go (below the sandbox's home, which is the
+# kernel's home), made importable. Wrapped in a function so the user's namespace stays clean.
+PYTHON_PROBE = """\
+def __scalebox_packages():
+    import importlib, json, os, sys
+    target = os.path.expanduser("~/.local/lib/scalebox/python%d.%d" % sys.version_info[:2])
+    os.makedirs(target, exist_ok=True)
+    if target not in sys.path:
+        sys.path.insert(0, target)
+    importlib.invalidate_caches()
+    marker = os.path.expanduser("~/.scalebox/session.json")
+    print(json.dumps({"python": sys.executable, "target": target, "home": os.path.exists(marker)}))
+__scalebox_packages()
+del __scalebox_packages
+"""
+
+R_PROBE = """\
+local({
+  lib <- path.expand("~/.local/lib/scalebox/R")
+  dir.create(lib, recursive = TRUE, showWarnings = FALSE)
+  .libPaths(c(lib, .libPaths()))
+  cat(sprintf('{"target": "%s", "home": %s}\\n', lib, tolower(file.exists(path.expand("~/.scalebox/session.json")))))
+})
+"""
+
+
+def install_command(language: str, packages: list[str], probe: dict[str, object]) -> str:
+    """The shell command that installs `packages` for `language` into the sandbox (never system-wide)."""
+    quoted = " ".join(shlex.quote(p) for p in packages)
+    if language == "python":
+        target = shlex.quote(str(probe["target"]))
+        return (
+            f"{shlex.quote(str(probe['python']))} -m pip install --quiet --disable-pip-version-check "
+            f"--no-warn-script-location --upgrade --target {target} {quoted}"
+        )
+    if language in ("nodejs", "typescript"):
+        # npm installs into the working directory's node_modules, which Node and Deno resolve from the cwd.
+        return f"npm install --no-audit --no-fund --loglevel=error {quoted}"
+    if language == "r":
+        names = ", ".join(json.dumps(p) for p in packages)
+        script = (
+            f"install.packages(c({names}), lib = {json.dumps(str(probe['target']))}, "
+            'repos = "https://cloud.r-project.org", quiet = TRUE)'
+        )
+        return f"Rscript -e {shlex.quote(script)}"
+    raise InvalidArgument(
+        f"Cannot install packages for {language!r}: sessions install packages for python (pip), "
+        "nodejs and typescript (npm) and r (install.packages)."
+    )
+
+
+def parse_probe(execution: Execution) -> dict[str, Any]:
+    """What a probe printed: where packages go, and whether the kernel's home is the sandbox's."""
+    if execution.error is not None:
+        raise ScaleboxError(f"Could not prepare the package directory: {execution.error.name}: {execution.error.value}")
+    try:
+        probe: dict[str, Any] = json.loads("".join(execution.logs.stdout).strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise ScaleboxError("Could not prepare the package directory: the sandbox gave no answer") from None
+    if not probe.get("home"):
+        raise ScaleboxError(
+            "Cannot install packages into this sandbox only: its kernel's home directory is not the sandbox's "
+            "/home/user."
+        )
+    return probe
+
+
+async def run_install(
+    run: Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]],
+    command: str,
+    wanted: list[str],
+    on_output: Callable[[str], Any] | None,
+    tracker: Tracker,
+) -> None:
+    """Run the install command, reporting progress (30%, +5 per output chunk up to 90%, as the seed SDK does)."""
+    percent = 30.0
+
+    async def output(message: Any) -> None:
+        nonlocal percent
+        text = str(message)
+        if on_output is not None:
+            outcome = on_output(text)
+            if inspect.isawaitable(outcome):
+                await outcome
+        percent = min(90.0, percent + 5)
+        await tracker.update(percent, f"Installing {', '.join(wanted)}", {"output": text[:100]})
+
+    await tracker.update(percent)
+    try:
+        await run(command, output)
+    except CommandExitError as exc:
+        detail = (exc.stderr or exc.stdout).strip()[-2000:]
+        raise ScaleboxError(f"Installing {' '.join(wanted)} failed (exit code {exc.exit_code}):\n{detail}") from None

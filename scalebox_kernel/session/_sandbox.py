@@ -1,0 +1,437 @@
+"""SandboxSession: one sandbox and what we know about it, created lazily, re-attached by id, resumed when paused."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import posixpath
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from ..client import AsyncSandbox, Context, Execution, SandboxInfo
+from ..config import ScaleboxConfig
+from ..errors import (
+    CommandExitError,
+    ExecutionTimeout,
+    InvalidArgument,
+    NotFound,
+    SandboxExpired,
+    SandboxNotFound,
+    ScaleboxError,
+)
+from ._packages import PYTHON_PROBE, R_PROBE, canonical, install_command, parse_probe, run_install
+from ._progress import ProgressCallback, Tracker
+from ._state import STATE_DIR, SessionState, content_hash, load_state, save_state
+
+#: Metadata key put on every sandbox a session creates, so that `Session.list()` finds them from any process.
+SESSION_METADATA_KEY = "scalebox_session"
+WORKSPACE = "/workspace"
+#: A session's sandbox is renewed when less than this many seconds remain (the seed SDK's 120 s).
+RENEW_BELOW_S = 120
+INSTALL_TIMEOUT_S = 900
+
+
+class Attach(str, Enum):  # noqa: UP042 (the contract names a str Enum)
+    """How `SandboxSession.open` came by its sandbox."""
+
+    CREATED = "created"  # a new sandbox (no id given)
+    ATTACHED = "attached"  # the sandbox with that id was running
+    RESUMED = "resumed"  # it was paused and has been resumed (state kept)
+    REPLACED = "replaced"  # the id was unknown/expired/killed: a NEW sandbox was created; state was lost
+
+
+class SandboxSession:
+    """One sandbox and what we know about it: its code contexts per language, packages, uploaded files."""
+
+    def __init__(
+        self,
+        sandbox: AsyncSandbox,
+        attach: Attach,
+        state: SessionState,
+        config: ScaleboxConfig,
+        *,
+        timeout: int,
+        notice: str | None = None,
+    ) -> None:
+        self.sandbox = sandbox
+        self.session_id: str = sandbox.sandbox_id
+        self.attach = attach
+        self.notice = notice
+        self.state = state
+        self.config = config
+        self.timeout = timeout
+        self._contexts: dict[str, Context] = {}
+        self._probes: dict[str, dict[str, Any]] = {}
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"SandboxSession({self.session_id!r}, attach={self.attach.value})"
+
+    # ------------------------------------------------------------------------------------------ opening
+
+    @classmethod
+    async def open(
+        cls,
+        session_id: str | None = None,
+        *,
+        config: ScaleboxConfig | None = None,
+        timeout: int | None = None,
+        metadata: dict[str, str] | None = None,
+        envs: dict[str, str] | None = None,
+        replace_missing: bool = True,
+        on_progress: ProgressCallback | None = None,
+    ) -> SandboxSession:
+        """A new sandbox (no id), or the one with `session_id` (resumed if paused; replaced by a new one when it
+        is gone, unless `replace_missing=False`, which raises SandboxNotFound/SandboxExpired instead)."""
+        tracker = Tracker(on_progress)
+        await tracker.start("connecting")
+        session = await cls._open(
+            session_id,
+            config=config or ScaleboxConfig(),
+            timeout=timeout,
+            metadata=metadata,
+            envs=envs,
+            replace_missing=replace_missing,
+            tracker=tracker,
+        )
+        await tracker.finish({"session_id": session.session_id, "attach": session.attach.value})
+        return session
+
+    @classmethod
+    async def _open(
+        cls,
+        session_id: str | None,
+        *,
+        config: ScaleboxConfig,
+        timeout: int | None,
+        metadata: dict[str, str] | None,
+        envs: dict[str, str] | None,
+        replace_missing: bool,
+        tracker: Tracker,
+    ) -> SandboxSession:
+        lifetime = int(timeout or config.sandbox_timeout)
+        if session_id:
+            try:
+                return await cls._attach(session_id, config=config, timeout=timeout, tracker=tracker)
+            except SandboxNotFound as exc:
+                if not replace_missing:
+                    raise
+                session = await cls._create(
+                    config=config, timeout=lifetime, metadata=metadata, envs=envs, tracker=tracker
+                )
+                session.attach = Attach.REPLACED
+                gone = "expired" if isinstance(exc, SandboxExpired) else "no longer exists"
+                session.notice = (
+                    f"Sandbox {session_id} {gone}; created sandbox {session.session_id}. "
+                    "Variables, files and packages from before are gone."
+                )
+                return session
+        return await cls._create(config=config, timeout=lifetime, metadata=metadata, envs=envs, tracker=tracker)
+
+    @classmethod
+    async def _create(
+        cls,
+        *,
+        config: ScaleboxConfig,
+        timeout: int,
+        metadata: dict[str, str] | None,
+        envs: dict[str, str] | None,
+        tracker: Tracker,
+    ) -> SandboxSession:
+        await tracker.update(20, "Creating sandbox")
+        sandbox = await AsyncSandbox.create(
+            config.template,
+            timeout=timeout,
+            metadata={**(metadata or {}), SESSION_METADATA_KEY: "1"},
+            envs=envs,
+            config=config,
+        )
+        await tracker.update(60, f"Created sandbox {sandbox.sandbox_id}", {"session_id": sandbox.sandbox_id})
+        state = SessionState()
+        try:
+            await sandbox.files.make_dir(STATE_DIR)
+            await save_state(sandbox, state)
+        except BaseException:
+            await sandbox.kill()
+            raise
+        await tracker.update(80, "Sandbox ready")
+        return cls(sandbox, Attach.CREATED, state, config, timeout=timeout)
+
+    @classmethod
+    async def _attach(
+        cls, session_id: str, *, config: ScaleboxConfig, timeout: int | None, tracker: Tracker
+    ) -> SandboxSession:
+        await tracker.update(30, f"Looking up session {session_id}")
+        before = await _state_of(session_id, config)
+        await tracker.update(60, "Resuming paused sandbox" if before == "paused" else "Connecting")
+        sandbox = await AsyncSandbox.connect(session_id, timeout=timeout, config=config)
+        attach = Attach.RESUMED if before == "paused" else Attach.ATTACHED
+        await tracker.update(80, "Reading session state")
+        state = await load_state(sandbox) or SessionState()
+        session = cls(sandbox, attach, state, config, timeout=int(timeout or config.sandbox_timeout))
+        await session._renew_if_ending()
+        return session
+
+    async def _renew_if_ending(self, info: SandboxInfo | None = None) -> None:
+        """Give the sandbox its full lifetime again when it is about to run out (as the seed SDK does)."""
+        info = info or await self.sandbox.get_info()
+        if info.end_at is None:
+            return
+        remaining = (info.end_at - datetime.now(UTC)).total_seconds()
+        if 0 < remaining < RENEW_BELOW_S:
+            await self.sandbox.set_timeout(self.timeout)
+
+    # ------------------------------------------------------------------------------------------ contexts
+
+    async def context(self, language: str = "python", *, cwd: str = WORKSPACE) -> Context:
+        """The code context for `language` (one kernel), created on first use (in `cwd`) and remembered in the
+        sandbox, so that every process attached to this session shares its variables."""
+        lang = canonical(language)
+        context = self._contexts.get(lang)
+        if context is not None:
+            return context
+        async with self._lock:
+            if lang in self._contexts:
+                return self._contexts[lang]
+            known = self.state.contexts.get(lang)
+            if known:
+                context = Context(id=known, language=lang, cwd=cwd)
+            else:
+                context = await self._call(lambda: self.sandbox.create_code_context(lang, cwd=cwd))
+                new_id = context.id
+                await self._update_state(lambda s: s.contexts.__setitem__(lang, new_id))
+            self._contexts[lang] = context
+            if self.state.packages.get(lang) and lang in ("python", "r"):
+                await self._probe(lang, context)
+            return context
+
+    def has_context(self, language: str = "python") -> bool:
+        """Whether this process already holds the context of `language` (so using it starts nothing)."""
+        return canonical(language) in self._contexts
+
+    async def restart(self, language: str = "python") -> None:
+        """Destroy the context of `language`: its state is gone, and the next run gets a fresh one."""
+        lang = canonical(language)
+        context_id = self._contexts.pop(lang, None) or self.state.contexts.get(lang)
+        self._probes.pop(lang, None)
+        if isinstance(context_id, Context):
+            context_id = context_id.id
+        if context_id:
+            with contextlib.suppress(NotFound):
+                await self.sandbox.destroy_context(context_id)
+        await self._update_state(lambda s: s.contexts.pop(lang, None))
+
+    # ------------------------------------------------------------------------------------------ running code
+
+    async def run_code(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        envs: dict[str, str] | None = None,
+        on_stdout: Callable[..., Any] | None = None,
+        on_stderr: Callable[..., Any] | None = None,
+        on_result: Callable[..., Any] | None = None,
+        on_error: Callable[..., Any] | None = None,
+        timeout: float | None = None,
+    ) -> Execution:
+        """Run `code` in this session's context for `language`, streaming output to the callbacks. A paused
+        sandbox is resumed (and the run retried once); a vanished one raises SandboxExpired."""
+        lang = canonical(language)
+        for attempt in range(2):
+            context = await self.context(lang)
+            try:
+                return await self._call(
+                    lambda context=context: self.sandbox.run_code(  # type: ignore[misc]
+                        code,
+                        context=context,
+                        envs=envs,
+                        on_stdout=on_stdout,
+                        on_stderr=on_stderr,
+                        on_result=on_result,
+                        on_error=on_error,
+                        timeout=timeout,
+                    )
+                )
+            except NotFound as exc:
+                if isinstance(exc, SandboxNotFound) or attempt:
+                    raise
+                # The context was destroyed elsewhere (another process restarted it): start a fresh one.
+                self._contexts.pop(lang, None)
+                await self._update_state(lambda s: s.contexts.pop(lang, None))
+        raise AssertionError("unreachable")
+
+    async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        """Await `make()`; when the sandbox turns out paused, resume it and try once more; when it is gone, raise
+        SandboxExpired with a sentence the user can act on."""
+        try:
+            return await make()
+        except (ExecutionTimeout, InvalidArgument, CommandExitError):
+            raise
+        except SandboxNotFound as exc:
+            raise self._gone(exc) from None
+        except ScaleboxError as exc:
+            if isinstance(exc, NotFound):
+                raise
+            try:
+                info = await self.sandbox.get_info()
+            except SandboxNotFound as gone:
+                raise self._gone(gone) from None
+            if info.state == "paused":
+                await self.sandbox.resume(self.timeout)
+                return await make()
+            if info.state == "terminated":
+                raise self._gone(exc) from None
+            raise
+
+    def _gone(self, exc: ScaleboxError) -> SandboxExpired:
+        how = "expired" if isinstance(exc, SandboxExpired) else "is gone (killed or expired)"
+        return SandboxExpired(
+            f"Sandbox {self.session_id} {how}; its variables and files are lost. Open a new session to go on."
+        )
+
+    # ------------------------------------------------------------------------------------------ packages and files
+
+    async def install(
+        self,
+        packages: list[str],
+        language: str = "python",
+        on_output: Callable[[str], Any] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[str]:
+        """Install the packages this session does not have yet, with the language's own tool, into this sandbox
+        only; returns what was installed."""
+        lang = canonical(language)
+        done = set(self.state.packages.get(lang, []))
+        wanted = list(dict.fromkeys(p.strip() for p in packages if p.strip() and p.strip() not in done))
+        if not wanted:
+            return []
+        tracker = Tracker(on_progress)
+        await tracker.start("installing", f"Installing {', '.join(wanted)}", {"totalPackages": len(wanted)})
+        await self._install(lang, wanted, on_output, tracker)
+        await tracker.finish({"packagesInstalled": len(wanted), "totalPackages": len(wanted)})
+        return wanted
+
+    async def _install(
+        self, lang: str, wanted: list[str], on_output: Callable[[str], Any] | None, tracker: Tracker
+    ) -> None:
+        probe = await self._probe(lang, await self.context(lang)) if lang in ("python", "r") else {}
+        await run_install(
+            lambda command, on_out: self._call(
+                lambda: self.sandbox.commands.run(
+                    command, cwd=WORKSPACE, on_stdout=on_out, on_stderr=on_out, timeout=INSTALL_TIMEOUT_S
+                )
+            ),
+            install_command(lang, wanted, probe),
+            wanted,
+            on_output,
+            tracker,
+        )
+        if lang in ("python", "r"):
+            await self._probe(lang, await self.context(lang), force=True)  # new modules become importable
+
+        def record(state: SessionState) -> None:
+            have = state.packages.setdefault(lang, [])
+            have.extend(p for p in wanted if p not in have)
+
+        await self._update_state(record)
+
+    async def _probe(self, lang: str, context: Context, *, force: bool = False) -> dict[str, Any]:
+        """Make the sandbox's own package directory importable in the context and say where it is."""
+        if lang in self._probes and not force:
+            return self._probes[lang]
+        code = PYTHON_PROBE if lang == "python" else R_PROBE
+        self._probes[lang] = parse_probe(await self._call(lambda: self.sandbox.run_code(code, context=context)))
+        return self._probes[lang]
+
+    async def upload(
+        self, files: Mapping[str, str | bytes], cwd: str = WORKSPACE, on_progress: ProgressCallback | None = None
+    ) -> list[str]:
+        """Write files into the sandbox (relative paths against `cwd`), skipping those already there with the same
+        content; returns the paths written."""
+        tracker = Tracker(on_progress)
+        await tracker.start("uploading", details={"totalFiles": len(files)})
+        uploaded = await self._upload(files, cwd, tracker)
+        await tracker.finish({"filesUploaded": len(uploaded), "totalFiles": len(files)})
+        return uploaded
+
+    async def _upload(self, files: Mapping[str, str | bytes], cwd: str, tracker: Tracker) -> list[str]:
+        uploaded: list[str] = []
+        written: dict[str, dict[str, Any]] = {}
+        sent = 0
+        for index, (path, data) in enumerate(files.items(), 1):
+            full = resolve(path, cwd)
+            digest = content_hash(data)
+            if self.state.files.get(full, {}).get("sha256") != digest:
+                await self._call(lambda full=full, data=data: self.sandbox.files.write(full, data))  # type: ignore[misc]
+                size = len(data.encode() if isinstance(data, str) else data)
+                sent += size
+                written[full] = {"sha256": digest, "size": size}
+                uploaded.append(full)
+            await tracker.update(
+                index * 100 / len(files),
+                f"Checked {index}/{len(files)} files, uploaded {len(uploaded)} ({sent} bytes)",
+                {"filesUploaded": len(uploaded), "totalFiles": len(files), "bytesTransferred": sent},
+            )
+        if written:
+            await self._update_state(lambda s: s.files.update(written))
+        return uploaded
+
+    async def download(self, paths: list[str], cwd: str = WORKSPACE) -> dict[str, bytes]:
+        """The contents of files in the sandbox, keyed by the paths as given (relative ones against `cwd`)."""
+        out: dict[str, bytes] = {}
+        for path in paths:
+            data = await self._call(lambda path=path: self.sandbox.files.read(resolve(path, cwd), format="bytes"))  # type: ignore[misc]
+            out[path] = data if isinstance(data, bytes) else str(data).encode()
+        return out
+
+    async def _update_state(self, change: Callable[[SessionState], Any]) -> None:
+        """Apply `change` to the freshest stored state (another process may have written since) and store it."""
+        fresh = await self._call(lambda: load_state(self.sandbox)) or self.state
+        change(fresh)
+        await self._call(lambda: save_state(self.sandbox, fresh))
+        self.state = fresh
+
+    # ------------------------------------------------------------------------------------------ lifetime
+
+    async def pause(self) -> None:
+        await self.sandbox.pause()
+
+    async def resume(self) -> None:
+        await self.sandbox.resume(self.timeout)
+
+    async def keep_alive(self, timeout: int) -> SandboxInfo:
+        """Let the sandbox live `timeout` seconds from now; returns the updated info."""
+        await self._call(lambda: self.sandbox.set_timeout(int(timeout)))
+        self.timeout = int(timeout)
+        info: SandboxInfo = await self.sandbox.get_info()
+        return info
+
+    async def info(self) -> SandboxInfo:
+        info: SandboxInfo = await self.sandbox.get_info()
+        return info
+
+    async def close(self, kill: bool = True) -> None:
+        """Kill the sandbox (its contexts die with it); with kill=False only let go of it, leaving its contexts
+        alive so that a later `open(session_id)` finds its state."""
+        try:
+            if kill:
+                with contextlib.suppress(SandboxNotFound):
+                    await self.sandbox.kill()
+        finally:
+            self._contexts.clear()
+            await self.sandbox.close()
+
+
+def resolve(path: str, cwd: str = WORKSPACE) -> str:
+    return posixpath.normpath(path if path.startswith("/") else posixpath.join(cwd, path))
+
+
+async def _state_of(session_id: str, config: ScaleboxConfig) -> str | None:
+    """ "running", "paused" or None (unknown) for a sandbox id, before connecting to it."""
+    for info in await AsyncSandbox.list(state=["paused"], config=config):
+        if info.sandbox_id == session_id:
+            return "paused"
+    return "running"

@@ -140,3 +140,11 @@ def local_server(server_factory: Callable[..., LocalServer]) -> LocalServer:
 def local_server_tls(server_factory: Callable[..., LocalServer]) -> LocalServer:
     """scalebox-local over HTTPS with its self-signed certificate, shared by the session."""
     return server_factory(tls=True)
+
+
+@pytest.fixture(scope="module")
+def http(local_server: LocalServer) -> Iterator[httpx.Client]:
+    """A control-plane HTTP client for `local_server`, with the API key set."""
+    with local_server.client() as client:
+        client.timeout = httpx.Timeout(60)
+        yield client

@@ -21,13 +21,6 @@ SECRET = "host-secret-7f3a9c"
 
 
 @pytest.fixture(scope="module")
-def http(local_server: LocalServer) -> Iterator[httpx.Client]:
-    with local_server.client() as client:
-        client.timeout = httpx.Timeout(60)
-        yield client
-
-
-@pytest.fixture(scope="module")
 def box(local_server: LocalServer, http: httpx.Client) -> Iterator[Box]:
     sandbox = Box(local_server, http)
     yield sandbox

@@ -20,13 +20,6 @@ P = "sandboxagent.Process/"
 
 
 @pytest.fixture(scope="module")
-def http(local_server: LocalServer) -> Iterator[httpx.Client]:
-    with local_server.client() as client:
-        client.timeout = httpx.Timeout(60)
-        yield client
-
-
-@pytest.fixture(scope="module")
 def box(local_server: LocalServer, http: httpx.Client) -> Iterator[Box]:
     sandbox = Box(local_server, http, env_vars={"SANDBOX_VAR": "from-create"})
     yield sandbox

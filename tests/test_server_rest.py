@@ -38,12 +38,6 @@ PY_CREATE_BODY = {
 }
 
 
-@pytest.fixture(scope="module")
-def http(local_server: LocalServer) -> Iterator[httpx.Client]:
-    with local_server.client() as client:
-        yield client
-
-
 def create(http: httpx.Client, **fields: Any) -> dict[str, Any]:
     r = http.post("/v1/sandboxes", json={**PY_CREATE_BODY, **fields})
     assert r.status_code == 201, r.text

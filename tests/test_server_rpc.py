@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import wire
+from agent_support import Box
 from conftest import LocalServer
 
 from scalebox_kernel.protocol import connect, pb
@@ -17,25 +18,6 @@ from scalebox_kernel.server.metrics import sandbox_processes
 
 STAT = "sandboxagent.Filesystem/Stat"
 EXECUTE = "sandboxagent.ExecutionService/Execute"
-
-
-class Box:
-    """One sandbox of the test server: its id, token and agent base URL."""
-
-    def __init__(self, server: LocalServer, http: httpx.Client, **fields: Any) -> None:
-        r = http.post("/v1/sandboxes", json={"template": "code-interpreter", **fields})
-        assert r.status_code == 201, r.text
-        data = r.json()["data"]
-        self.id: str = data["sandbox_id"]
-        self.token: str = data["envd_access_token"]
-        self.base = wire.agent_base(server.url, data["sandbox_domain"])
-
-
-@pytest.fixture(scope="module")
-def http(local_server: LocalServer) -> Iterator[httpx.Client]:
-    with local_server.client() as client:
-        client.timeout = httpx.Timeout(60)
-        yield client
 
 
 @pytest.fixture(scope="module")

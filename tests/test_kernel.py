@@ -1,11 +1,13 @@
 """The Scalebox kernel driven through jupyter_client against a real scalebox-local: rich output, interrupt,
-restart, re-attach, expiry, shutdown, silent cells, introspection, %scalebox lines and the kernelspec installer."""
+restart, re-attach, expiry, shutdown, silent cells, introspection, %scalebox lines (named sessions, the status
+widget), %%scalebox cells and the kernelspec installer."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,8 +19,10 @@ import pytest
 from client_support import config_for
 from conftest import LocalServer
 from kernel_support import KernelRun, environ, install_kernelspecs, of_type, text_of
+from test_magics import click, panel_parts, wait_for
 
 from scalebox_kernel.client import Sandbox
+from scalebox_kernel.session import Session
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -223,12 +227,106 @@ def test_scalebox_lines_run_in_the_kernel(kernel: KernelRun, tmp_path: Path) -> 
     assert "data.txt" in text_of(outputs)
     reply, outputs = kernel.execute("print(1)\n%scalebox info")
     assert reply["content"]["status"] == "error" and "top of the cell" in reply["content"]["evalue"]
-    for line, expected in (("%scalebox frobnicate", "unknown %scalebox command"), ("%scalebox new", "one sandbox")):
+    for line, expected in (
+        ("%scalebox frobnicate", "unknown subcommand 'frobnicate'"),
+        ("%scalebox timeout soon", "not a duration"),
+        ("%scalebox new --frob", "unrecognized arguments: --frob"),
+        ("%scalebox use nope", "no session named 'nope'"),
+    ):
         reply, outputs = kernel.execute(line)
         assert reply["content"]["status"] == "error" and expected in reply["content"]["evalue"]
-        assert [m["msg_type"] for m in outputs] == ["error"]
+        assert reply["content"]["ename"] == "UsageError" and [m["msg_type"] for m in outputs] == ["error"]
     reply, _ = kernel.execute("1 + 1")
     assert reply["content"]["status"] == "ok", "the kernel keeps working after bad commands"
+
+
+def test_named_sessions_use_list_and_close(kernel: KernelRun, local_server: LocalServer) -> None:
+    kernel.execute("notebook_var = 'notebook'")
+    notebook_id = kernel.sandbox_id()
+    reply, outputs = kernel.execute("%scalebox new side")
+    assert reply["content"]["status"] == "ok" and "Session side: sandbox" in text_of(outputs)
+    side_id = kernel.sandbox_id()  # `info` describes the current session: now side's sandbox
+    assert side_id != notebook_id and side_id in live_sandboxes(local_server)
+    _, outputs = kernel.execute("side_var = 'side'\nprint('notebook_var' in globals())")
+    assert text_of(outputs) == "False\n"
+    listing = text_of(kernel.execute("%scalebox list")[1])
+    assert f"* side         {side_id}" in listing and f"  default      {notebook_id}" in listing
+    _, outputs = kernel.execute("%scalebox use default\nprint(notebook_var)")
+    assert text_of(outputs).endswith("notebook\n")
+    _, outputs = kernel.execute(f"%scalebox use {side_id}\nprint(side_var)")  # by sandbox id, too
+    assert text_of(outputs) == f"Using session side ({side_id}).\nside\n"
+
+    # Attach by id to a sandbox someone else made: cells run there; closing with --keep only lets go of it.
+    elsewhere = str(Session.run("made = 'elsewhere'", keep_alive=True).session_id)
+    _, outputs = kernel.execute(f"%scalebox use {elsewhere} --as other\nprint(made)")
+    assert text_of(outputs) == f"Using session other: sandbox {elsewhere} (attached).\nelsewhere\n"
+    _, outputs = kernel.execute("%scalebox close other --keep")
+    assert "forgotten" in text_of(outputs) and "current session is now default" in text_of(outputs)
+    assert Session.get(elsewhere).status == "running"
+    Session.close(elsewhere)
+
+    _, outputs = kernel.execute("%scalebox close side\nprint(notebook_var)")
+    assert text_of(outputs) == f"Session side closed: sandbox {side_id}.\nnotebook\n"
+    assert side_id not in live_sandboxes(local_server)
+
+    # Closing the notebook's own sandbox kills it; the next cell opens a fresh one and says so.
+    _, outputs = kernel.execute("%scalebox close")
+    assert f"Session default closed: sandbox {notebook_id}." in text_of(outputs)
+    assert notebook_id not in live_sandboxes(local_server)
+    reply, outputs = kernel.execute("print('notebook_var' in globals())")
+    assert reply["content"]["status"] == "ok" and text_of(outputs) == "False\n"
+    fresh = kernel.sandbox_id()
+    assert fresh != notebook_id and notebook_id in text_of(outputs, "stderr") and fresh in text_of(outputs, "stderr")
+
+
+def test_scalebox_cells_run_other_languages_and_sessions(kernel: KernelRun) -> None:
+    kernel.execute("shared = 21")
+    reply, outputs = kernel.execute(
+        "%%scalebox --language python --env EXTRA=yes\nimport os\nshared * 2, os.environ['EXTRA']"
+    )
+    assert reply["content"]["status"] == "ok"
+    assert of_type(outputs, "execute_result")[0]["data"]["text/plain"] == "(42, 'yes')"  # the same context
+    reply, outputs = kernel.execute("%%scalebox --language bash\necho from bash in $PWD")
+    if reply["content"]["status"] == "ok":
+        assert text_of(outputs).strip().startswith("from bash in /") and text_of(outputs).strip().endswith("workspace")
+    else:  # until scalebox-local has a Bash runtime: the server's clear error, in the cell
+        assert "bash" in reply["content"]["evalue"] and "not available" in reply["content"]["evalue"]
+    reply, outputs = kernel.execute("%%scalebox --session aside\nprint('shared' in globals())")
+    assert reply["content"]["status"] == "ok" and text_of(outputs) == "False\n"
+    kernel.execute("%scalebox close aside")
+    for cell, expected in (
+        ("%%scalebox -i shared\n1", "-i/-o move values"),
+        ("%%scalebox --frob\n1", "unrecognized arguments: --frob"),
+        ("x = 1\n%%scalebox\n1", "first line of the cell"),
+    ):
+        reply, outputs = kernel.execute(cell)
+        assert reply["content"]["ename"] == "UsageError" and expected in reply["content"]["evalue"]
+    assert text_of(kernel.execute("print(shared)")[1]) == "21\n"
+
+
+def test_status_panel_is_a_widget_with_working_buttons(kernel: KernelRun) -> None:
+    kernel.execute("kept_by_panel = 'kept'")
+    sid = kernel.sandbox_id()
+    reply, outputs = kernel.execute("%scalebox status")
+    assert reply["content"]["status"] == "ok"
+    views = [d for d in of_type(outputs, "display_data") if "application/vnd.jupyter.widget-view+json" in d["data"]]
+    assert len(views) == 1
+    buttons, labels = panel_parts(outputs)
+    assert sid in labels and "running" in labels and "time left" in labels
+    sandbox = Sandbox.connect(sid)
+    click(kernel, buttons["Pause"])
+    assert wait_for(lambda: sandbox.get_info().state == "paused")
+    assert kernel.request("complete", "kept_by_p")["matches"] == [], "completion must not resume a paused sandbox"
+    click(kernel, buttons["Resume"])
+    assert wait_for(lambda: sandbox.get_info().state == "running")
+    before = sandbox.get_info().end_at
+    click(kernel, buttons["Extend"])
+    assert wait_for(lambda: (sandbox.get_info().end_at or before) > before)  # type: ignore[operator]
+    assert text_of(kernel.execute("print(kept_by_panel)")[1]) == "kept\n"
+    click(kernel, buttons["Kill"])
+    assert wait_for(lambda: sid not in {info.sandbox_id for info in Sandbox.list()})
+    _, outputs = kernel.execute("print('kept_by_panel' in globals())")
+    assert text_of(outputs) == "False\n" and sid in text_of(outputs, "stderr")
 
 
 def test_restart_clears_state_in_the_same_sandbox(kernel: KernelRun) -> None:
@@ -285,6 +383,7 @@ def test_expired_or_killed_sandbox_is_announced(local_server: LocalServer) -> No
         assert reply["content"]["status"] == "ok"
         notice = text_of(outputs, "stderr")
         assert sandbox_id in notice and "expired" in notice and "gone" in notice
+        assert re.search(r"expired at \d\d:\d\d:\d\d;", notice), "the notice says when it expired"
         assert text_of(outputs).strip() == "still here? False"
         assert outputs.index(next(m for m in outputs if m["content"].get("name") == "stderr")) < outputs.index(
             next(m for m in outputs if m["content"].get("name") == "stdout")

@@ -130,7 +130,7 @@ def test_named_sessions_side_by_side(shell: InteractiveShell) -> None:
     everywhere = ok(shell, "%scalebox list --all").stdout
     assert sandbox_id("left") in everywhere and sandbox_id("third") in everywhere
     # Attach by id to a session someone else made (another notebook, a script).
-    elsewhere = Session.run("side = 'elsewhere'", keep_alive=True).session_id
+    elsewhere = str(Session.run("side = 'elsewhere'", keep_alive=True).session_id)
     assert f"sandbox {elsewhere} (attached)" in ok(shell, f"%scalebox use {elsewhere} --as again").stdout
     assert ok(shell, "%%scalebox\nprint(side)").stdout == "elsewhere\n"
     assert "Using session left" in ok(shell, f"%scalebox use {sandbox_id('left')}").stdout
@@ -161,6 +161,12 @@ def test_pause_resume_timeout_info_and_status(shell: InteractiveShell) -> None:
     assert ends is not None and (ends - before).total_seconds() > 7000
     status = ok(shell, "%scalebox status").stdout  # no kernel here: the text fallback
     assert sandbox_id() in status and "state: running" in status and "time left" in status
+    assert "kept at exit: no" in status
+    assert "will be kept when this shell exits" in ok(shell, "%scalebox keep").stdout
+    assert "kept at exit: yes" in ok(shell, "%scalebox info").stdout
+    assert "will be killed" in ok(shell, "%scalebox keep off").stdout
+    assert "fresh python context" in ok(shell, "%scalebox restart").stdout
+    assert ok(shell, "%%scalebox\nprint('counter' in globals())").stdout == "False\n"
     result, captured = run(shell, "%scalebox timeout soon")
     assert not result.success and "not a duration" in captured.stderr
 
@@ -226,9 +232,9 @@ def test_autoscalebox_routes_cells_until_off(shell: InteractiveShell) -> None:
 
 def test_help_usage_errors_and_secrets(shell: InteractiveShell, server_env: LocalServer) -> None:
     text = ok(shell, "%scalebox help").stdout
-    for sub in ("new", "use", "list", "info", "close", "pause", "resume", "timeout", "upload", "download", "ls"):
+    for sub in ("new", "use", "list", "info", "close", "keep", "pause", "resume", "timeout", "restart", "upload", "ls"):
         assert f"%scalebox {sub}" in text
-    for sub in ("pip install", "env", "run", "status", "help", "%autoscalebox", "%%scalebox"):
+    for sub in ("download", "pip install", "env", "run", "status", "help", "%autoscalebox", "%%scalebox"):
         assert sub in text
     result, captured = run(shell, "%scalebox frobnicate")
     assert not result.success and "unknown subcommand" in captured.stderr
@@ -355,13 +361,25 @@ def test_kernel_round_trip_widgets_and_progress(kernel: KernelRun, tmp_path: Pat
     assert "Installed" in "".join(c["text"] for c in by_type(outputs, "stream"))
 
 
-def _click(kernel: KernelRun, comm_id: str) -> None:
+def click(kernel: KernelRun, comm_id: str) -> None:
     """What a frontend sends when a Button is clicked."""
     content = {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}}
     kernel.kc.shell_channel.send(kernel.kc.session.msg("comm_msg", content))
 
 
-def _wait_for(check: Any, timeout: float = 20) -> bool:
+def panel_parts(outputs: list[dict[str, Any]]) -> tuple[dict[str, str], str]:
+    """The status panel's buttons (label -> comm id) and the text of its labels, from a cell's comm_open messages."""
+    opened = [m["content"] for m in outputs if m["msg_type"] == "comm_open"]
+    buttons = {
+        c["data"]["state"]["description"]: c["comm_id"]
+        for c in opened
+        if c["data"]["state"].get("_model_name") == "ButtonModel"
+    }
+    assert set(buttons) == {"Pause", "Resume", "Extend", "Kill", "Refresh"}
+    return buttons, " ".join(str(c["data"]["state"].get("value", "")) for c in opened)
+
+
+def wait_for(check: Any, timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -374,27 +392,20 @@ def test_kernel_status_panel_buttons(kernel: KernelRun) -> None:
     reply, _ = kernel.execute("%%scalebox --session panel\nclicks = 'kept'")
     assert reply["content"]["status"] == "ok"
     _, outputs = kernel.execute("%scalebox status panel")
-    opened = [m["content"] for m in outputs if m["msg_type"] == "comm_open"]
-    buttons = {
-        c["data"]["state"]["description"]: c["comm_id"]
-        for c in opened
-        if c["data"]["state"].get("_model_name") == "ButtonModel"
-    }
-    assert set(buttons) == {"Pause", "Resume", "Extend", "Kill", "Refresh"}
-    labels = " ".join(str(c["data"]["state"].get("value", "")) for c in opened)
+    buttons, labels = panel_parts(outputs)
     magics_here = "get_ipython().magics_manager.registry['ScaleboxMagics']"
     _, outputs = kernel.execute(f"{magics_here}.sessions.named['panel'].session.session_id")
     sid = by_type(outputs, "execute_result")[0]["data"]["text/plain"].strip("'")
     assert sid in labels and "running" in labels and "time left" in labels
     sandbox = Sandbox.connect(sid)
-    _click(kernel, buttons["Pause"])
-    assert _wait_for(lambda: sandbox.get_info().state == "paused")
-    _click(kernel, buttons["Resume"])
-    assert _wait_for(lambda: sandbox.get_info().state == "running")
+    click(kernel, buttons["Pause"])
+    assert wait_for(lambda: sandbox.get_info().state == "paused")
+    click(kernel, buttons["Resume"])
+    assert wait_for(lambda: sandbox.get_info().state == "running")
     before = sandbox.get_info().end_at
-    _click(kernel, buttons["Extend"])
-    assert _wait_for(lambda: (sandbox.get_info().end_at or before) > before)  # type: ignore[operator]
+    click(kernel, buttons["Extend"])
+    assert wait_for(lambda: (sandbox.get_info().end_at or before) > before)  # type: ignore[operator]
     reply, outputs = kernel.execute("%%scalebox --session panel\nprint(clicks)")
     assert by_type(outputs, "stream")[0]["text"] == "kept\n"
-    _click(kernel, buttons["Kill"])
-    assert _wait_for(lambda: sid not in {info.sandbox_id for info in Sandbox.list()})
+    click(kernel, buttons["Kill"])
+    assert wait_for(lambda: sid not in {info.sandbox_id for info in Sandbox.list()})

@@ -1,42 +1,51 @@
-"""`%scalebox …` lines inside the Scalebox kernel, carried out here against the notebook's own sandbox session.
-The texts and formats are the IPython extension's (`scalebox_kernel.magics`), so both doors read the same."""
+"""The Scalebox kernel's door onto the shared `%scalebox` subcommands (`scalebox_kernel.subcommands`): its named
+sessions (the `default` one is the notebook's own sandbox), its output (messages of the running cell), and the
+`%scalebox` lines and `%%scalebox` cells of a cell."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import shlex
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import CommandExitError, InvalidArgument
-from ..magics._status import info_rows, info_text, parse_duration, time_left
+from ..client import AsyncSandbox
+from ..errors import SandboxNotFound
+from ..session import SandboxSession
+from ..session._progress import ProgressCallback
+from ..subcommands import (
+    COMMANDS_HELP,
+    DEFAULT,
+    Commands,
+    NamedSession,
+    Output,
+    Sessions,
+    StatusPanel,
+    SubcommandError,
+    cell_parser,
+    parse_env,
+    status_widget,
+)
 from .relay import CellRelay, OpeningProgress
+from .sandbox import NotebookSandbox
 
 if TYPE_CHECKING:
     from .kernel import ScaleboxKernel
 
+T = TypeVar("T")
 _LINE = re.compile(r"^%scalebox(\s|$)")
-WORKSPACE = "/workspace"
+_CELL = re.compile(r"^%%scalebox(\s|$)")
 
-HELP = """\
-In the Scalebox kernel every cell runs in this notebook's sandbox; %scalebox lines at the top of a cell run here:
+HELP = f"""\
+In the Scalebox kernel every cell runs in the current session's sandbox (at first the notebook's own, which a
+restarted kernel re-attaches to). %scalebox lines at the top of a cell run here, in the kernel:
 
-%scalebox info                     sandbox id, state, time left, contexts, packages, files
-%scalebox pause / resume           pause the sandbox (state kept; the next cell resumes it) / resume it now
-%scalebox timeout 30m              let the sandbox live 30 more minutes (s, m, h)
-%scalebox keep [on|off]            keep the sandbox when the kernel shuts down (default: it is killed)
-%scalebox restart                  a fresh context in the same sandbox (variables are gone)
-%scalebox upload LOCAL [REMOTE]    copy a file into the sandbox (default /workspace/NAME)
-%scalebox download REMOTE [LOCAL]  copy a file out of the sandbox
-%scalebox ls [PATH]                list a folder in the sandbox (default /workspace)
-%scalebox pip install PKG ... | install PKG ...   install packages for this kernel's language, in this sandbox only
-%scalebox env [K=V ...] [--unset K]               environment for the following cells and commands
-%scalebox run CMD                  run a shell command in the sandbox
-%scalebox help                     this text
-(Several named sessions, %%scalebox and the status panel belong to the IPython extension: %load_ext scalebox_kernel
-in an ordinary Python kernel.)
-"""
+%%scalebox [--language L] [--session NAME] [--timeout S] [--env K=V ...]   (the cell's first line)
+    run the rest of the cell in language L, in the same sandbox (or in session NAME)
+
+{COMMANDS_HELP.format(exit="the kernel shuts down")}"""
 
 
 def split_cell(code: str) -> tuple[list[str], str]:
@@ -51,140 +60,148 @@ def split_cell(code: str) -> tuple[list[str], str]:
     return commands, "\n".join(lines[index:]) if commands else code
 
 
+def split_magic(code: str) -> tuple[str, str] | None:
+    """`(options, body)` when the cell is a `%%scalebox` cell."""
+    head, _, body = code.lstrip("\n").partition("\n")
+    return (head[len("%%scalebox") :], body) if _CELL.match(head) else None
+
+
 def misplaced(code: str) -> str | None:
     """A usage error when `%scalebox` lines come after code (they must come first, they do not run remotely)."""
-    if any(_LINE.match(line) for line in code.split("\n")):
+    lines = code.split("\n")
+    if any(_LINE.match(line) for line in lines):
         return "put %scalebox lines at the top of the cell, before any code: they run here, not in the sandbox."
+    if any(_CELL.match(line) for line in lines):
+        return "%%scalebox must be the first line of the cell."
     return None
 
 
-def _usage(message: str) -> InvalidArgument:
-    return InvalidArgument(f"{message} (%scalebox help lists the commands)")
+class CellOutput:
+    """The kernel's `subcommands.Output`: stream and display_data messages of the running cell."""
+
+    def __init__(self, kernel: ScaleboxKernel, relay: CellRelay) -> None:
+        self.kernel = kernel
+        self.relay = relay
+
+    @property
+    def widgets(self) -> bool:
+        return not self.relay.silent and self.kernel.widgets_ready()
+
+    def stream(self, name: str, text: str) -> None:
+        self.relay.stream(name, text)
+
+    async def progress(self, work: Callable[[ProgressCallback], Awaitable[T]], what: str) -> T:
+        shown = OpeningProgress(self.relay, self.kernel.progress_delay, what)
+        return await shown.wait(work(shown.update))
+
+    def panel(self, panel: StatusPanel) -> None:
+        widget = status_widget(panel, self.kernel.run_later)
+        self.relay.display(widget._repr_mimebundle_())
 
 
-async def run(kernel: ScaleboxKernel, line: str, relay: CellRelay) -> None:
-    """Carry out one `%scalebox` line, printing what it did to the cell's stdout."""
+class NotebookSessions(Sessions):
+    """The kernel's named sessions. `default` is the notebook's sandbox (`NotebookSandbox`): remembered for the
+    notebook, re-attached by a new kernel process, killed at shutdown unless kept; `close` forgets it, and the
+    next cell opens a new one."""
+
+    exit_event = "the kernel shuts down"
+
+    def __init__(self, notebook: NotebookSandbox, kernel_name: str) -> None:
+        super().__init__(notebook.config, notebook.lang.wire)
+        self.notebook = notebook
+        self.kernel_name = kernel_name
+        self.open_timeout = notebook.open_timeout
+        self.entry(DEFAULT).keep = notebook.keep
+
+    def metadata(self, entry: NamedSession) -> dict[str, str]:
+        return {"scalebox_kernel": self.kernel_name, "scalebox_kernel_session": entry.name}
+
+    async def _open(self, entry: NamedSession, out: Output, replace_missing: bool) -> SandboxSession:
+        if entry.name != DEFAULT or not isinstance(out, CellOutput):
+            return await super()._open(entry, out, replace_missing)
+        session = await self.notebook.open(out.relay)  # says itself when it replaced an expired sandbox
+        entry.session, entry.session_id, entry.keep = session, session.session_id, self.notebook.keep
+        return session
+
+    async def lost(self, entry: NamedSession) -> None:
+        if entry.name == DEFAULT:
+            self.notebook.lost()
+        await super().lost(entry)
+
+    def set_keep(self, entry: NamedSession, keep: bool) -> None:
+        entry.keep = keep
+        if entry.name == DEFAULT:
+            self.notebook.keep = keep
+            self.notebook.remember()
+
+    async def close(self, entry: NamedSession, kill: bool = True) -> None:
+        if entry.name != DEFAULT:
+            return await super().close(entry, kill)
+        notebook = self.notebook
+        remembered = notebook.store.recall(notebook.notebook, notebook.server, notebook.lang.key) or {}
+        sandbox_id = entry.sandbox_id or remembered.get("sandbox_id")
+        notebook.store.forget(notebook.notebook, notebook.server, notebook.lang.key)
+        session, notebook.session, entry.session, entry.session_id = entry.session, None, None, None
+        with contextlib.suppress(SandboxNotFound):
+            if session is not None:
+                await session.close(kill=kill)
+            elif sandbox_id and kill:
+                await AsyncSandbox.kill_by_id(str(sandbox_id), config=self.config)
+        if sandbox_id and kill:
+            self.closed[DEFAULT] = str(sandbox_id)
+
+    async def shutdown(self, restart: bool = False) -> None:
+        """Restart: a fresh context in the notebook's sandbox; shutdown: kill it unless kept. Other sessions
+        this kernel created are killed unless kept; those it attached to are let go."""
+        default = self.named.pop(DEFAULT, None)
+        try:
+            await super().shutdown(restart)
+        finally:
+            if default is not None:
+                self.named[DEFAULT] = default
+                default.session = None
+            await self.notebook.close(restart)
+
+
+async def run_line(kernel: ScaleboxKernel, line: str, relay: CellRelay) -> None:
+    """Carry out one `%scalebox` line, its output going to the cell."""
+    await Commands(kernel.sessions, CellOutput(kernel, relay), HELP).run(line[len("%scalebox") :])
+
+
+async def run_magic(kernel: ScaleboxKernel, options: str, body: str, relay: CellRelay) -> dict[str, Any]:
+    """A `%%scalebox` cell: its body runs in `--language` (default: the session's) in the current session's
+    sandbox, or in `--session NAME`'s; the execute_reply content."""
     try:
-        words = shlex.split(line)[1:]
+        opts = cell_parser().parse_args(shlex.split(options))
     except ValueError as exc:
-        raise _usage(f"%scalebox: {exc}") from None
-    command, args = (words[0].lower(), words[1:]) if words else ("help", [])
-
-    def say(text: str) -> None:
-        relay.stream("stdout", text.rstrip("\n") + "\n")
-
-    if command == "help":
-        say(HELP)
-        return
-    if command == "keep":
-        if args and args[0].lower() not in ("on", "off"):
-            raise _usage("%scalebox keep takes on or off")
-        kernel.sandbox.keep = not args or args[0].lower() == "on"
-        kernel.sandbox.remember()
-        say(f"The sandbox will be {'kept' if kernel.sandbox.keep else 'killed'} when the kernel shuts down.")
-        return
-    if command == "env":
-        _env(kernel, args, say)
-        return
-    if command not in _NEEDS_SESSION:
-        if command in ("new", "use", "list", "close", "status"):
-            raise _usage(f"%scalebox {command} is not available in the Scalebox kernel: a notebook has one sandbox")
-        raise _usage(f"unknown %scalebox command {command!r}")
-    session = await kernel.open_session(relay)
-    sandbox = session.sandbox
-    if command == "info":
-        rows = info_rows(kernel.sandbox.notebook, session, await session.info(), kernel.envs)
-        rows.append(("kept at shutdown", "yes" if kernel.sandbox.keep else "no"))
-        say(info_text(rows))
-    elif command == "pause":
-        await session.pause()
-        kernel.paused = True
-        say(f"Sandbox {session.session_id} paused; its state is kept. %scalebox resume (or any cell) resumes it.")
-    elif command == "resume":
-        await session.resume()
-        say(f"Sandbox {session.session_id} is running.")
-    elif command == "timeout":
-        if len(args) != 1:
-            raise _usage("usage: %scalebox timeout DURATION   (e.g. 30m, 1h, 90s)")
-        try:
-            seconds = parse_duration(args[0])
-        except ValueError as exc:
-            raise _usage(str(exc)) from None
-        info = await session.keep_alive(seconds)
-        say(f"Sandbox {session.session_id} now lives {time_left(info)} more.")
-    elif command == "restart":
-        await session.restart(kernel.lang.wire)
-        say(f"Started a fresh {kernel.lang.display} context in sandbox {session.session_id}; variables are gone.")
-    elif command == "ls":
-        path = args[0] if args else WORKSPACE
-        entries = await sandbox.files.list(path)
-        if not entries:
-            say(f"{path} is empty.")
-        for item in sorted(entries, key=lambda e: (str(e.type) != "dir", e.name)):
-            kind = "d" if str(item.type) == "dir" else "-"
-            say(f"{kind} {item.size:>10}  {item.name}{'/' if kind == 'd' else ''}")
-    elif command in ("pip", "install"):
-        if command == "pip" and (not args or args[0] != "install"):
-            raise _usage("usage: %scalebox pip install PACKAGE ...")
-        packages = args[1:] if command == "pip" else args
-        if not packages:
-            raise _usage("name at least one package")
-        progress = OpeningProgress(relay, kernel.progress_delay, f"Installing {' '.join(packages)}")
-        language = "python" if command == "pip" else kernel.lang.wire
-        done = await progress.wait(session.install(packages, language, on_progress=progress.update))
-        skipped = [p for p in packages if p not in done]
-        if done:
-            say(f"Installed {' '.join(done)} in sandbox {session.session_id}.")
-        if skipped:
-            say(f"Already installed in this session: {' '.join(skipped)}.")
-    elif command == "run":
-        if not args:
-            raise _usage("usage: %scalebox run COMMAND")
-        try:
-            await sandbox.commands.run(
-                " ".join(args) if len(args) > 1 else args[0],
-                cwd=WORKSPACE,
-                envs=kernel.envs or None,
-                on_stdout=lambda out: relay.stream("stdout", str(out)),
-                on_stderr=lambda out: relay.stream("stderr", str(out)),
-                timeout=None,
-            )
-        except CommandExitError as exc:
-            raise InvalidArgument(f"the command exited with code {exc.exit_code}") from None
-    elif command == "upload":
-        if not 1 <= len(args) <= 2:
-            raise _usage("usage: %scalebox upload LOCAL [REMOTE]")
-        local = Path(args[0]).expanduser()
-        if not local.is_file():
-            raise _usage(f"no file {str(local)!r} here (the kernel runs in {Path.cwd()})")
-        remote = args[1] if len(args) > 1 else f"{WORKSPACE}/{local.name}"
-        written = await session.upload({remote: local.read_bytes()})
-        say(f"Uploaded {local} to {remote}." if written else f"{remote} already has that content.")
-    elif command == "download":
-        if not 1 <= len(args) <= 2:
-            raise _usage("usage: %scalebox download REMOTE [LOCAL]")
-        data = (await session.download([args[0]]))[args[0]]
-        target = Path(args[1] if len(args) > 1 else Path(args[0]).name).expanduser()
-        target.write_bytes(data)
-        say(f"Downloaded {args[0]} to {target} ({len(data)} bytes).")
+        raise SubcommandError(f"%%scalebox: {exc}") from None
+    if opts.inputs or opts.outputs:
+        raise SubcommandError(
+            "-i/-o move values between a local Python namespace and the sandbox; in the Scalebox kernel every "
+            "cell already runs in the sandbox (use the IPython extension in a Python kernel for -i/-o)"
+        )
+    entry = kernel.sessions.entry(opts.session)
+    envs = {**entry.envs, **parse_env(opts.env)}
+    return await kernel.run(
+        body, relay, language=opts.language or entry.language, entry=entry, envs=envs, timeout=opts.timeout
+    )
 
 
-_NEEDS_SESSION = {"info", "pause", "resume", "timeout", "restart", "ls", "pip", "install", "run", "upload", "download"}
+class Background:
+    """Coroutines started from the kernel's loop (status panel clicks), kept referenced until they finish."""
 
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Future[Any]] = set()
 
-def _env(kernel: ScaleboxKernel, args: list[str], say: Callable[[str], None]) -> None:
-    unset = False
-    for word in args:
-        if word == "--unset":
-            unset = True
-        elif unset:
-            kernel.envs.pop(word, None)
-            unset = False
-        else:
-            key, sep, value = word.partition("=")
-            if not sep or not key:
-                raise _usage(f"expected KEY=VALUE, got {word!r}")
-            kernel.envs[key] = value
-    lines = [f"{k}={kernel.envs[k]}" for k in sorted(kernel.envs)] if not args else []
-    text = "\n".join(lines) if lines else f"Environment: {', '.join(sorted(kernel.envs)) or 'empty'}."
-    say(text)
+    def __call__(self, coro: Coroutine[Any, Any, Any], done: Callable[[Any], None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+
+        def finished(task: asyncio.Future[Any]) -> None:
+            self.tasks.discard(task)
+            if task.cancelled():
+                done(asyncio.CancelledError("cancelled"))
+            else:
+                done(task.exception() or task.result())
+
+        task.add_done_callback(finished)

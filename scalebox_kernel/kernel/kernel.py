@@ -20,8 +20,9 @@ from traitlets import Bool, Float, Unicode, default
 
 from .. import __version__
 from ..config import ScaleboxConfig
-from ..errors import SandboxNotFound, ScaleboxError, redact
+from ..errors import ScaleboxError, redact
 from ..session import SandboxSession
+from ..subcommands import NamedSession, SubcommandError
 from . import commands, introspect
 from .history import LocalHistory
 from .languages import get_language
@@ -82,16 +83,39 @@ class ScaleboxKernel(Kernel):
             progress_delay=self.progress_delay,
             open_timeout=self.open_timeout,
         )
+        self.sessions = commands.NotebookSessions(self.sandbox, self.lang.kernel_name)
+        self.run_later = commands.Background()  # status panel clicks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cell_task: asyncio.Task[dict[str, Any]] | None = None
         self._interrupted = False
-        self.envs: dict[str, str] = {}  # `%scalebox env`: for the following cells and commands
-        self.paused = False  # `%scalebox pause`: completion and inspection must not resume the sandbox
+        self._widgets: bool | None = None
+        self._serve_comms()
 
     # ------------------------------------------------------------------------------------------ identity
 
     def secrets(self) -> list[str]:
-        return self.scalebox_config.secrets()
+        return self.sessions.secrets()
+
+    def _serve_comms(self) -> None:
+        """Handle comm messages with ipykernel's comm manager, as the IPython kernel does (widgets need it)."""
+        import comm
+        import ipykernel.ipkernel  # noqa: F401  (makes ipykernel's comm manager the one `comm` hands out)
+
+        self.comm_manager = comm.get_comm_manager()
+        for msg_type in ("comm_open", "comm_msg", "comm_close"):
+            self.shell_handlers[msg_type] = getattr(self.comm_manager, msg_type)
+
+    def widgets_ready(self) -> bool:
+        """Whether ipywidgets (the status panel) can be shown: it is installed, and its comm targets registered."""
+        if self._widgets is None:
+            try:
+                import ipywidgets
+            except ImportError:
+                self._widgets = False
+            else:
+                ipywidgets.register_comm_target()
+                self._widgets = True
+        return self._widgets
 
     @property
     def kernel_info(self) -> dict[str, Any]:
@@ -138,23 +162,35 @@ class ScaleboxKernel(Kernel):
     # ------------------------------------------------------------------------------------------ the sandbox
 
     async def open_session(self, relay: CellRelay) -> SandboxSession:
-        """The notebook's sandbox session, opened (or re-attached) by the first cell that needs it."""
-        return await self.sandbox.open(relay)
+        """The current session's sandbox (at first the notebook's), opened by the first cell that needs it."""
+        return await self.sessions.open(self.sessions.entry(), commands.CellOutput(self, relay), self.lang.wire)
 
-    async def run(self, code: str, relay: CellRelay, *, timeout: float | None = None) -> dict[str, Any]:
-        """Run `code` in the sandbox context, relaying its output; the execute_reply content."""
-        session = await self.open_session(relay)
-        limit = timeout or self.scalebox_config.execution_timeout or None
-        try:
-            execution = await self._run_code(session, code, relay, limit)
-        except SandboxNotFound:
-            # The sandbox expired or was killed since the last cell: open a new one (which says so) and, if
-            # nothing of this cell ran yet, run it there.
-            self.sandbox.lost()
-            if relay.published:
-                raise
-            session = await self.open_session(relay)
-            execution = await self._run_code(session, code, relay, limit)
+    async def run(
+        self,
+        code: str,
+        relay: CellRelay,
+        *,
+        timeout: float | None = None,
+        language: str | None = None,
+        entry: NamedSession | None = None,
+        envs: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Run `code` in the current session's context (or `entry`'s, for `language`), relaying its output; a
+        sandbox that expired or was killed since the last cell is replaced (and that announced) if nothing of
+        this cell ran yet. The execute_reply content."""
+        entry = entry or self.sessions.entry()
+        _session, execution = await self.sessions.run(
+            entry,
+            commands.CellOutput(self, relay),
+            code,
+            language=language or self.lang.wire,
+            envs=(entry.envs if envs is None else envs) or None,
+            on_stdout=relay.on_stdout,
+            on_stderr=relay.on_stderr,
+            on_result=relay.on_result,
+            on_error=relay.on_error,
+            timeout=timeout or self.scalebox_config.execution_timeout or None,
+        )
         if execution.error is not None:
             err = execution.error
             return {
@@ -170,7 +206,7 @@ class ScaleboxKernel(Kernel):
         return await session.run_code(
             code,
             language=self.lang.wire,
-            envs=self.envs or None,
+            envs=self.sessions.entry().envs or None,
             on_stdout=relay.on_stdout,
             on_stderr=relay.on_stderr,
             on_result=relay.on_result,
@@ -196,12 +232,15 @@ class ScaleboxKernel(Kernel):
             self.execution_count -= 1  # like IPython: only stored cells are counted
         count = self.execution_count
         relay = CellRelay(self, silent=silent, execution_count=count)
-        if code.lstrip().startswith(VSCODE_PREFIX) and (silent or not store_history) and not self.sandbox.session:
+        if (
+            code.lstrip().startswith(VSCODE_PREFIX)
+            and (silent or not store_history)
+            and not self.sessions.entry().session
+        ):
             # VS Code's hidden helpers never open a sandbox; once one is open they run there like any code.
             return {"status": "ok", "execution_count": count, "payload": [], "user_expressions": {}}
 
         self._interrupted = False
-        self.paused = False  # any cell resumes a paused sandbox
         task = asyncio.ensure_future(self._cell(code, relay))
         self._cell_task = task
         try:
@@ -210,6 +249,9 @@ class ScaleboxKernel(Kernel):
             if not self._interrupted:
                 raise
             reply = relay.error("KeyboardInterrupt", "", ["KeyboardInterrupt: the cell was interrupted."])
+        except SubcommandError as exc:
+            message = redact(str(exc), self.secrets())
+            reply = relay.error("UsageError", message, [f"UsageError: {message}"])
         except ScaleboxError as exc:
             message = redact(str(exc), self.secrets())
             reply = relay.error(type(exc).__name__, message, [f"{type(exc).__name__}: {message}"])
@@ -229,9 +271,12 @@ class ScaleboxKernel(Kernel):
     async def _cell(self, code: str, relay: CellRelay) -> dict[str, Any]:
         lines, rest = commands.split_cell(code)
         for line in lines:
-            await commands.run(self, line, relay)
+            await commands.run_line(self, line, relay)
         if not rest.strip():
             return {"status": "ok", "execution_count": relay.execution_count, "payload": [], "user_expressions": {}}
+        magic = commands.split_magic(rest)
+        if magic is not None:
+            return await commands.run_magic(self, *magic, relay)
         problem = commands.misplaced(rest)
         if problem:
             return relay.error("UsageError", problem, [f"UsageError: {problem}"])
@@ -259,8 +304,9 @@ class ScaleboxKernel(Kernel):
 
     async def _ask(self, helper_code: str) -> dict[str, Any] | None:
         """Run a silent helper cell in the open sandbox within `introspection_timeout`; None if it cannot answer."""
-        session = self.sandbox.session
-        if session is None or self.paused or self.lang.key != "python":
+        entry = self.sessions.entry()
+        session = entry.session
+        if session is None or entry.paused or self.lang.key != "python":
             return None
         relay = CellRelay(self, silent=True, execution_count=self.execution_count)
         try:
@@ -346,11 +392,11 @@ class ScaleboxKernel(Kernel):
                 future = asyncio.run_coroutine_threadsafe(self._close(restart), loop)
                 await asyncio.wait_for(asyncio.wrap_future(future), 20)
             else:
-                await self.sandbox.close(restart)
+                await self.sessions.shutdown(restart)
         except Exception as exc:
             self.log.warning("Scalebox kernel shutdown: %s", redact(str(exc), self.secrets()))
         return {"status": "ok", "restart": restart}
 
     async def _close(self, restart: bool) -> None:
         self._interrupt_cell()
-        await self.sandbox.close(restart)
+        await self.sessions.shutdown(restart)

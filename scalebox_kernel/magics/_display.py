@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from IPython.display import display
@@ -13,7 +13,9 @@ from IPython.display import display
 from ..client import ExecutionError, OutputMessage, Result
 from ..errors import ScaleboxError, redact
 from ..session import ProgressInfo
-from ..session._portal import submit
+from ..session._portal import call, submit
+from ..session._progress import ProgressCallback
+from ..subcommands import StatusPanel, status_widget
 
 T = TypeVar("T")
 Emit = Callable[[str, Any], None]
@@ -105,10 +107,20 @@ class ProgressBar:
             self._width = 0
 
 
+def run_now(coro: Coroutine[Any, Any, Any], done: Callable[[Any], None]) -> None:
+    """The status panel's runner: a button click waits (on the shell's thread) for its action on the portal."""
+    try:
+        result = call(coro)
+    except Exception as exc:
+        result = exc
+    done(result)
+
+
 class Relay:
     """Runs a coroutine on the portal while this (the shell's) thread shows what it emits: stdout, stderr, rich
-    results and progress, in order, so output lands in the running cell. Ctrl-C / interrupt cancels the
-    coroutine, which closes its stream; the server then interrupts the sandbox's kernel."""
+    results, progress and panels, in order, so output lands in the running cell. Ctrl-C / interrupt cancels the
+    coroutine, which closes its stream; the server then interrupts the sandbox's kernel. It is the magics'
+    `subcommands.Output`."""
 
     def __init__(self, *, widgets: bool, progress_delay: float = 0.5, show_main_result: bool = True) -> None:
         self.widgets = widgets
@@ -136,6 +148,16 @@ class Relay:
 
     def on_progress(self, info: ProgressInfo) -> None:
         self.emit("progress", info)
+
+    # subcommands.Output, called on the portal's thread
+    def stream(self, name: str, text: str) -> None:
+        self.emit(name, text)
+
+    async def progress(self, work: Callable[[ProgressCallback], Awaitable[T]], what: str) -> T:
+        return await work(self.on_progress)
+
+    def panel(self, panel: StatusPanel) -> None:
+        self.emit("panel", panel)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = submit(coro)
@@ -190,6 +212,9 @@ class Relay:
             stream = sys.stdout if kind == "stdout" else sys.stderr
             stream.write(value)
             stream.flush()
+        elif kind == "panel":
+            self._bar.close()
+            display(status_widget(value, run_now))
         elif kind == "result":
             result: Result = value
             if result.is_main_result and not self.show_main_result:

@@ -2,58 +2,40 @@
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import shlex
 from collections.abc import Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Bool, Float
 
 from ..config import ScaleboxConfig
-from ..errors import ExecutionTimeout, SandboxExpired, ScaleboxError
+from ..errors import ExecutionTimeout, ScaleboxError
 from ..session import SandboxSession, canonical_language
 from ..session._portal import call
-from ..session._progress import Tracker
-from ._commands import HELP, SubCommands
+from ..subcommands import COMMANDS_HELP, Commands, Sessions, SubcommandError, cell_parser, parse_env
 from ._display import Relay, ScaleboxInterrupted, cell_error, from_execution_error, from_scalebox_error
-from ._sessions import NamedSession, Sessions
 from ._transfer import receive, send
 
 T = TypeVar("T")
 
+HELP = f"""\
+Scalebox magics: run cells in a sandbox (scalebox-local, or the Scalebox cloud with SCALEBOX_API_KEY).
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}\n{self.format_usage()}")
+%%scalebox [--language L] [--session NAME] [--timeout S] [--env K=V ...] [-i VAR ...] [-o VAR ...]
+    Run the cell in the sandbox; output, plots and errors show here as it runs. -i sends local variables in
+    before the cell, -o brings sandbox variables back after it (pickle for Python, JSON for other languages).
+%autoscalebox on [options] | off
+    Run every following cell in the sandbox (cells starting with % still run here).
 
-
-def _cell_parser() -> _Parser:
-    parser = _Parser(prog="%%scalebox", add_help=False)
-    parser.add_argument("--language", "-l", default=None)
-    parser.add_argument("--session", "-s", default=None)
-    parser.add_argument("--timeout", "-t", type=float, default=None, help="seconds before the cell is interrupted")
-    parser.add_argument("--env", "-e", action="append", default=[], metavar="K=V")
-    parser.add_argument("-i", dest="inputs", action="extend", nargs="+", default=[], metavar="VAR")
-    parser.add_argument("-o", dest="outputs", action="extend", nargs="+", default=[], metavar="VAR")
-    return parser
-
-
-def parse_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"expected KEY=VALUE, got {pair!r}")
-        env[key.strip()] = value
-    return env
+{COMMANDS_HELP.format(exit="this shell exits")}"""
 
 
 @magics_class
-class ScaleboxMagics(SubCommands, Magics):
+class ScaleboxMagics(Magics):
     """Run cells in Scalebox sandboxes and manage them: `%scalebox help` lists everything."""
 
     max_transfer_mb = Float(50.0, config=True, help="Largest value (serialised, in MB) that -i/-o move.")
@@ -77,7 +59,7 @@ class ScaleboxMagics(SubCommands, Magics):
     # ------------------------------------------------------------------------------------------ plumbing
 
     @property
-    def widgets(self) -> bool:  # type: ignore[override]
+    def widgets(self) -> bool:
         if self.use_widgets is not None:
             return bool(self.use_widgets)
         if getattr(self.shell, "kernel", None) is None:
@@ -95,12 +77,7 @@ class ScaleboxMagics(SubCommands, Magics):
         return ns
 
     def secrets(self) -> list[str]:
-        """What must never be shown: the API key in effect (the client already redacts access tokens)."""
-        secrets = self.sessions.config.secrets()
-        for entry in self.sessions.named.values():
-            if entry.session is not None:
-                secrets.append(entry.session.sandbox.connection.api_key)
-        return secrets
+        return self.sessions.secrets()
 
     def relay(self, *, show_main_result: bool = True) -> Relay:
         return Relay(widgets=self.widgets, progress_delay=self.progress_delay, show_main_result=show_main_result)
@@ -110,29 +87,15 @@ class ScaleboxMagics(SubCommands, Magics):
         relay = relay or self.relay()
         try:
             return relay.run(coro)
+        except SubcommandError as exc:
+            raise UsageError(str(exc)) from None
         except ScaleboxError as exc:
             raise from_scalebox_error(exc, self.secrets()) from None
 
-    async def open_session(self, entry: NamedSession, relay: Relay, language: str | None = None) -> SandboxSession:
-        """The entry's session, opened on first use, with the context of `language` started (a kernel start is
-        a wait worth a progress bar); a notice (e.g. "the sandbox expired") goes to stderr."""
-        fresh = entry.session is None
-        session = await self.sessions.open(entry, relay.on_progress)
-        if fresh and session.notice:
-            relay.emit("stderr", session.notice + "\n")
-        if language is not None and not session.has_context(language):
-            tracker = Tracker(relay.on_progress)
-            await tracker.start("connecting", f"Starting the {language} kernel")
-            await session.context(language)
-            await tracker.finish()
-        return session
-
     def at_exit(self) -> None:
         """Kill the sandboxes this shell created (not those it attached to, nor those asked to be kept)."""
-        doomed = [e.session for e in self.sessions.named.values() if e.session is not None and not e.keep and e.created]
-        for session in doomed:
-            with contextlib.suppress(BaseException):
-                call(session.close(kill=True))
+        with contextlib.suppress(BaseException):
+            call(self.sessions.shutdown())
 
     # ------------------------------------------------------------------------------------------ magics
 
@@ -155,7 +118,7 @@ class ScaleboxMagics(SubCommands, Magics):
             print("Cells run locally again.")
             return
         args = words[1] if len(words) > 1 else ""
-        _cell_parser().parse_args(shlex.split(args))  # fail now, not on every cell
+        self._options(args)  # fail now, not on every cell
         self.auto_args = args
         print("Every cell now runs in the sandbox (lines starting with % still run here; %autoscalebox off to stop).")
 
@@ -170,8 +133,15 @@ class ScaleboxMagics(SubCommands, Magics):
 
     # ------------------------------------------------------------------------------------------ %%scalebox
 
+    @staticmethod
+    def _options(line: str) -> Any:
+        try:
+            return cell_parser().parse_args(shlex.split(line))
+        except (SubcommandError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+
     def run_cell(self, line: str, cell: str) -> Any:
-        opts = _cell_parser().parse_args(shlex.split(line))
+        opts = self._options(line)
         entry = self.sessions.entry(opts.session)
         language = canonical_language(opts.language or entry.language)
         names = [*opts.inputs, *opts.outputs]
@@ -182,30 +152,29 @@ class ScaleboxMagics(SubCommands, Magics):
         if missing:
             raise UsageError(f"-i: no local variable named {', '.join(missing)}")
         inputs = {name: self.namespace[name] for name in opts.inputs}
-        envs = {**entry.envs, **parse_env(opts.env)}
+        try:
+            envs = {**entry.envs, **parse_env(opts.env)}
+        except SubcommandError as exc:
+            raise UsageError(str(exc)) from None
         relay = self.relay(show_main_result=False)
 
+        async def send_inputs(session: SandboxSession) -> None:
+            for name, value in inputs.items():
+                await send(session, name, value, language, limit_mb=self.max_transfer_mb, use_pickle=True)
+
         async def job() -> tuple[Any, dict[str, Any]]:
-            session = await self.open_session(entry, relay, language)
-            for attempt in range(2):
-                try:
-                    for name, value in inputs.items():
-                        await send(session, name, value, language, limit_mb=self.max_transfer_mb, use_pickle=True)
-                    execution = await session.run_code(
-                        cell,
-                        language=language,
-                        envs=envs,
-                        on_stdout=relay.on_stdout,
-                        on_stderr=relay.on_stderr,
-                        on_result=relay.on_result,
-                        timeout=opts.timeout,
-                    )
-                    break
-                except SandboxExpired:
-                    if attempt:
-                        raise
-                    session = await self.sessions.reopen(entry, relay.on_progress)
-                    relay.emit("stderr", f"{session.notice}\n")
+            session, execution = await self.sessions.run(
+                entry,
+                relay,
+                cell,
+                language=language,
+                prepare=send_inputs,
+                envs=envs,
+                on_stdout=relay.on_stdout,
+                on_stderr=relay.on_stderr,
+                on_result=relay.on_result,
+                timeout=opts.timeout,
+            )
             outputs = {}
             if execution.error is None:
                 for name in opts.outputs:
@@ -233,18 +202,10 @@ class ScaleboxMagics(SubCommands, Magics):
 
     # ------------------------------------------------------------------------------------------ %scalebox
 
-    def subcommand(self, line: str) -> Any:
+    def subcommand(self, line: str) -> None:
+        """One `%scalebox` line, carried out on the portal by the subcommands both doors share."""
+        relay = self.relay()
         try:
-            words = shlex.split(line)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        if not words:
-            print(HELP)
-            return None
-        name, args = words[0].lower(), words[1:]
-        if name == "run":  # the command goes to the sandbox's shell as typed
-            args = [line.strip()[len(words[0]) :].strip()]
-        handler = getattr(self, f"cmd_{name.replace('-', '_')}", None)
-        if handler is None:
-            raise UsageError(f"unknown subcommand {name!r}; %scalebox help lists them")
-        return handler(args)
+            self.run(Commands(self.sessions, relay, HELP).run(line), relay)
+        except KeyboardInterrupt:
+            raise ScaleboxInterrupted("the %scalebox command was stopped") from None

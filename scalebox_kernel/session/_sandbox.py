@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import posixpath
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from enum import Enum
@@ -122,7 +123,7 @@ class SandboxSession:
                     config=config, timeout=lifetime, metadata=metadata, envs=envs, tracker=tracker
                 )
                 session.attach = Attach.REPLACED
-                gone = "expired" if isinstance(exc, SandboxExpired) else "no longer exists"
+                gone = expired_at(exc) if isinstance(exc, SandboxExpired) else "no longer exists"
                 session.notice = (
                     f"Sandbox {session_id} {gone}; created sandbox {session.session_id}. "
                     "Variables, files and packages from before are gone."
@@ -287,7 +288,7 @@ class SandboxSession:
             raise
 
     def _gone(self, exc: ScaleboxError) -> SandboxExpired:
-        how = "expired" if isinstance(exc, SandboxExpired) else "is gone (killed or expired)"
+        how = expired_at(exc) if isinstance(exc, SandboxExpired) else "is gone (killed or expired)"
         return SandboxExpired(
             f"Sandbox {self.session_id} {how}; its variables and files are lost. Open a new session to go on."
         )
@@ -423,6 +424,20 @@ class SandboxSession:
         finally:
             self._contexts.clear()
             await self.sandbox.close()
+
+
+def expired_at(exc: ScaleboxError) -> str:
+    """`expired at 12:03:04` (local time) when the server's message says when, else `expired`."""
+    found = re.search(r"expired at (\d{4}-\d\d-\d\dT[\d:.]+(?:Z|[+-]\d\d:?\d\d)?)", str(exc))
+    if not found:
+        return "expired"
+    try:
+        moment = datetime.fromisoformat(found.group(1).replace("Z", "+00:00"))
+    except ValueError:
+        return "expired"
+    local = moment.astimezone() if moment.tzinfo else moment
+    today = datetime.now(local.tzinfo).date() == local.date()
+    return f"expired at {local.strftime('%H:%M:%S' if today else '%Y-%m-%d %H:%M:%S')}"
 
 
 def resolve(path: str, cwd: str = WORKSPACE) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from ..client import SandboxInfo
+from ..errors import redact
 from ..session import SandboxSession
 
 
@@ -82,44 +84,68 @@ def info_text(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{label.rjust(width)}: {value}" for label, value in rows)
 
 
-def status_panel(
-    rows_of: Callable[[], list[tuple[str, str]]],
-    actions: dict[str, Callable[[], str]],
-) -> Any:
-    """An ipywidgets panel: the session's rows, then a button per action; a click runs the action, shows its
-    message and refreshes the rows."""
+Rows = list[tuple[str, str]]
+#: Runs a coroutine on the loop that owns the session and calls back with its result or exception (on a thread
+#: that may touch widgets). Each door has its own: the magics run it at once, the kernel in the background.
+Runner = Callable[[Coroutine[Any, Any, Any], Callable[[Any], None]], None]
+
+
+@dataclass
+class StatusPanel:
+    """What `%scalebox status` shows: the session's rows now, how to read them again, and its buttons."""
+
+    rows: Rows
+    refresh: Callable[[], Awaitable[Rows]]
+    actions: dict[str, Callable[[], Awaitable[str]]]
+    secrets: list[str] = field(default_factory=list)
+
+
+_PANEL_ROWS = ("session", "sandbox", "state", "time left", "ends", "template")
+
+
+def _table(rows: Rows | BaseException) -> str:
+    if isinstance(rows, BaseException):
+        return f"<b>Unavailable</b>: {html.escape(str(rows))}"
+    body = "".join(
+        f"<tr><th style='text-align:right;padding-right:1em'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+        for k, v in rows
+        if k in _PANEL_ROWS
+    )
+    return f"<table>{body}</table>"
+
+
+def status_widget(panel: StatusPanel, runner: Runner) -> Any:
+    """An ipywidgets panel: the session's rows, then a button per action; a click runs the action through
+    `runner`, shows its message and refreshes the rows."""
     import ipywidgets as w
 
-    def render() -> str:
-        try:
-            rows = rows_of()
-        except Exception as exc:
-            return f"<b>Unavailable</b>: {html.escape(str(exc))}"
-        body = "".join(
-            f"<tr><th style='text-align:right;padding-right:1em'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-            for k, v in rows
-            if k in ("session", "sandbox", "state", "time left", "ends", "template")
-        )
-        return f"<table>{body}</table>"
-
-    table = w.HTML(render())
+    table = w.HTML(_table(panel.rows))
     message = w.HTML()
 
-    def refresh() -> None:
-        table.value = render()
+    async def click(action: Callable[[], Awaitable[str]]) -> tuple[str, Rows | BaseException]:
+        said = await action()
+        try:
+            return said, await panel.refresh()
+        except Exception as exc:
+            return said, exc
 
-    def clicked(action: Callable[[], str]) -> Callable[[Any], None]:
-        def handler(_button: Any) -> None:
-            try:
-                message.value = html.escape(action())
-            except Exception as exc:
-                message.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
-            refresh()
+    def done(outcome: Any) -> None:
+        if isinstance(outcome, BaseException):
+            text = redact(str(outcome) or type(outcome).__name__, panel.secrets)
+            message.value = f"<span style='color:#b00'>{html.escape(text)}</span>"
+            return
+        said, rows = outcome
+        message.value = html.escape(said)
+        table.value = _table(rows)
 
-        return handler
+    def clicked(action: Callable[[], Awaitable[str]]) -> Callable[[Any], None]:
+        return lambda _button: runner(click(action), done)
+
+    async def nothing() -> str:
+        return ""
 
     buttons = []
-    for label, action in [*actions.items(), ("Refresh", lambda: "")]:
+    for label, action in [*panel.actions.items(), ("Refresh", nothing)]:
         button = w.Button(description=label, layout=w.Layout(width="auto"))
         button.on_click(clicked(action))
         buttons.append(button)

@@ -1,0 +1,396 @@
+"""The `%scalebox` subcommands, once for both doors: sessions, lifetime, files, packages, env, shell commands,
+status and help. `Commands(sessions, out).run(line)` carries out one line on the loop that owns the sessions."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import posixpath
+import shlex
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ..errors import SandboxNotFound
+from ..session import Attach, SandboxSession, Session, canonical_language
+from ._output import Output, SubcommandError, say, streamer
+from ._sessions import NamedSession, Sessions
+from ._status import StatusPanel, duration, info_rows, info_text, parse_duration, time_left
+
+WORKSPACE = "/workspace"
+
+COMMANDS_HELP = """\
+%scalebox new [NAME] [--language L] [--timeout 30m] [--keep]   start a session (a sandbox) and make it current
+%scalebox use NAME|SANDBOX_ID [--as NAME]     switch to a session, or attach to a sandbox by id
+%scalebox list [--all]                        the sessions here (--all: every session on the server)
+%scalebox info [NAME]                         sandbox id, state, time left, packages, files
+%scalebox status [NAME]                       the same as a panel with Pause, Resume, Extend and Kill buttons
+%scalebox close [NAME] [--keep]               kill the session's sandbox (--keep: only forget it here)
+%scalebox keep [on|off]                       keep the sandbox when {exit} (default: it is killed)
+%scalebox pause [NAME]                        pause the sandbox (files and variables are kept)
+%scalebox resume [NAME]                       resume it (running a cell also does)
+%scalebox timeout 30m [NAME]                  let the sandbox live 30 more minutes (s, m, h)
+%scalebox restart [--language L]              a fresh context in the same sandbox (its variables are gone)
+%scalebox upload LOCAL [REMOTE]               copy a file or folder into the sandbox (default /workspace/NAME)
+%scalebox download REMOTE [LOCAL]             copy a file out of the sandbox
+%scalebox ls [PATH]                           list a folder in the sandbox (default /workspace)
+%scalebox pip install PKG ... | install PKG ...   install packages for the session's language, in it only
+%scalebox env [K=V ...] [--unset K]           environment for the session's cells and commands
+%scalebox run CMD                             run a shell command in the sandbox
+%scalebox help                                this text
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SubcommandError(f"{message}\n{self.format_usage().strip()}")
+
+
+def parser(prog: str) -> argparse.ArgumentParser:
+    """An argument parser whose errors are SubcommandErrors with the usage line."""
+    return _Parser(prog=prog, add_help=False)
+
+
+def cell_parser() -> argparse.ArgumentParser:
+    """The options of a `%%scalebox` cell."""
+    cell = parser("%%scalebox")
+    cell.add_argument("--language", "-l", default=None)
+    cell.add_argument("--session", "-s", default=None)
+    cell.add_argument("--timeout", "-t", type=float, default=None, help="seconds before the cell is interrupted")
+    cell.add_argument("--env", "-e", action="append", default=[], metavar="K=V")
+    cell.add_argument("-i", dest="inputs", action="extend", nargs="+", default=[], metavar="VAR")
+    cell.add_argument("-o", dest="outputs", action="extend", nargs="+", default=[], metavar="VAR")
+    return cell
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SubcommandError(f"expected KEY=VALUE, got {pair!r}")
+        env[key.strip()] = value
+    return env
+
+
+def seconds(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise SubcommandError(str(exc)) from None
+
+
+def _clock(moment: Any) -> str:
+    return moment.astimezone().strftime("%H:%M:%S") if moment else "unknown"
+
+
+class Commands:
+    """`cmd_<name>(args)` for each `%scalebox <name>`, against a door's sessions and output."""
+
+    def __init__(self, sessions: Sessions, out: Output, help_text: str) -> None:
+        self.sessions = sessions
+        self.out = out
+        self.help_text = help_text
+
+    async def run(self, line: str) -> None:
+        """Carry out one `%scalebox` line (without the `%scalebox`)."""
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise SubcommandError(f"%scalebox: {exc}") from None
+        if not words:
+            return await self.cmd_help([])
+        name, args = words[0].lower(), words[1:]
+        if name == "run":  # the command goes to the sandbox's shell as typed
+            args = [line.strip()[len(words[0]) :].strip()]
+        handler: Callable[[list[str]], Awaitable[None]] | None = getattr(self, f"cmd_{name.replace('-', '_')}", None)
+        if handler is None:
+            raise SubcommandError(f"%scalebox: unknown subcommand {name!r} (%scalebox help lists them)")
+        await handler(args)
+
+    def say(self, text: str) -> None:
+        say(self.out, text)
+
+    async def _session(self, name: str | None = None) -> tuple[NamedSession, SandboxSession]:
+        """A named session (the current one by default), its sandbox opened if it was not yet."""
+        if name is not None and self.sessions.find(name) is None:
+            raise SubcommandError(f"no session named {name!r}; %scalebox list shows them")
+        entry = self.sessions.find(name) if name else self.sessions.entry()
+        assert entry is not None
+        return entry, await self.sessions.open(entry, self.out)
+
+    async def cmd_help(self, args: list[str]) -> None:
+        self.say(self.help_text)
+
+    # ------------------------------------------------------------------------------------------ sessions
+
+    async def cmd_new(self, args: list[str]) -> None:
+        new = parser("%scalebox new")
+        new.add_argument("name", nargs="?")
+        new.add_argument("--language", "-l", default=self.sessions.language)
+        new.add_argument("--timeout", "-t", default=None)
+        new.add_argument("--keep", action="store_true")
+        opts = new.parse_args(args)
+        named = self.sessions.named
+        name = opts.name or next(f"session{i}" for i in range(1, 10_000) if f"session{i}" not in named)
+        existing = named.get(name)
+        if existing is not None and existing.session is not None:
+            raise SubcommandError(f"session {name!r} exists; `%scalebox use {name}` switches to it, close it to renew")
+        entry = self.sessions.entry(name)
+        entry.language = canonical_language(opts.language)
+        entry.timeout = seconds(opts.timeout) if opts.timeout else None
+        self.sessions.set_keep(entry, opts.keep)
+        session = await self.sessions.open(entry, self.out, entry.language)
+        self.sessions.current = name
+        self.say(f"Session {name}: sandbox {session.session_id} ({entry.language}); it is now the current session.")
+
+    async def cmd_use(self, args: list[str]) -> None:
+        use = parser("%scalebox use")
+        use.add_argument("target", help="a session name or a sandbox id")
+        use.add_argument("--as", dest="alias", default=None)
+        opts = use.parse_args(args)
+        entry = self.sessions.find(opts.target)
+        if entry is not None:
+            self.sessions.current = entry.name
+            self.say(f"Using session {entry.name} ({entry.sandbox_id or 'no sandbox yet'}).")
+            return
+        if not self.sessions.looks_like_id(opts.target):
+            raise SubcommandError(f"no session named {opts.target!r}, and it does not look like a sandbox id")
+        entry = self.sessions.entry(opts.alias or opts.target)
+        entry.session_id = opts.target
+        entry.keep = True  # someone else's sandbox: never killed at exit
+        try:
+            session = await self.sessions.open(entry, self.out, replace_missing=False)
+        except BaseException:
+            self.sessions.named.pop(entry.name, None)
+            raise
+        self.sessions.current = entry.name
+        how = "resumed" if session.attach is Attach.RESUMED else "attached"
+        self.say(f"Using session {entry.name}: sandbox {session.session_id} ({how}).")
+
+    async def cmd_list(self, args: list[str]) -> None:
+        listing = parser("%scalebox list")
+        listing.add_argument("--all", action="store_true")
+        if listing.parse_args(args).all:
+            found = await Session.alist(config=self.sessions.config)
+            if not found:
+                self.say("No sessions on the server.")
+            for item in found:
+                left = duration(item.remaining_time) if item.remaining_time is not None else "?"
+                self.say(f"{item.session_id}  {item.status:8}  {left} left")
+            return
+        if not self.sessions.named:
+            self.say("No sessions yet: the first cell starts one (or %scalebox new NAME).")
+        for name, entry in self.sessions.named.items():
+            marker = "*" if name == self.sessions.current else " "
+            self.say(f"{marker} {name:12} {entry.sandbox_id or '(no sandbox yet)'}  {entry.language}")
+
+    async def cmd_info(self, args: list[str]) -> None:
+        entry, session = await self._session(args[0] if args else None)
+        self.say(info_text(await self._rows(entry, session)))
+
+    async def _rows(self, entry: NamedSession, session: SandboxSession) -> list[tuple[str, str]]:
+        rows = info_rows(entry.name, session, await session.info(), entry.envs)
+        rows.append(("kept at exit", "yes" if entry.keep else "no"))
+        return rows
+
+    async def cmd_close(self, args: list[str]) -> None:
+        close = parser("%scalebox close")
+        close.add_argument("name", nargs="?")
+        close.add_argument("--keep", action="store_true", help="only forget the session here; the sandbox lives on")
+        opts = close.parse_args(args)
+        entry = self.sessions.find(opts.name or self.sessions.current)
+        if entry is None:
+            raise SubcommandError(f"no session named {opts.name or self.sessions.current!r}")
+        sandbox, was_current = entry.sandbox_id, entry.name == self.sessions.current
+        await self.sessions.close(entry, kill=not opts.keep)
+        verb = "forgotten (the sandbox keeps running)" if opts.keep else "closed"
+        self.say(f"Session {entry.name} {verb}" + (f": sandbox {sandbox}." if sandbox else "."))
+        if was_current and self.sessions.current != entry.name:
+            self.say(f"The current session is now {self.sessions.current}.")
+
+    async def cmd_keep(self, args: list[str]) -> None:
+        if len(args) > 1 or (args and args[0].lower() not in ("on", "off")):
+            raise SubcommandError("usage: %scalebox keep [on|off]")
+        entry = self.sessions.entry()
+        self.sessions.set_keep(entry, not args or args[0].lower() == "on")
+        what = f"sandbox {entry.sandbox_id}" if entry.sandbox_id else f"sandbox of session {entry.name}"
+        self.say(f"The {what} will be {'kept' if entry.keep else 'killed'} when {self.sessions.exit_event}.")
+
+    # ------------------------------------------------------------------------------------------ lifetime
+
+    async def cmd_pause(self, args: list[str]) -> None:
+        entry, session = await self._session(args[0] if args else None)
+        await session.pause()
+        entry.paused = True
+        self.say(f"Sandbox {session.session_id} paused; its state is kept. %scalebox resume (or any cell) resumes it.")
+
+    async def cmd_resume(self, args: list[str]) -> None:
+        entry, session = await self._session(args[0] if args else None)
+        await session.resume()
+        entry.paused = False
+        self.say(f"Sandbox {session.session_id} is running.")
+
+    async def cmd_timeout(self, args: list[str]) -> None:
+        if not 1 <= len(args) <= 2:
+            raise SubcommandError("usage: %scalebox timeout DURATION [NAME]   (e.g. 30m, 1h, 90s)")
+        lifetime = seconds(args[0])
+        entry, session = await self._session(args[1] if len(args) > 1 else None)
+        info = await session.keep_alive(lifetime)
+        entry.timeout = lifetime
+        self.say(f"Sandbox {session.session_id} now lives {time_left(info)} more (until {_clock(info.end_at)}).")
+
+    async def cmd_restart(self, args: list[str]) -> None:
+        restart = parser("%scalebox restart")
+        restart.add_argument("--language", "-l", default=None)
+        opts = restart.parse_args(args)
+        entry, session = await self._session()
+        language = canonical_language(opts.language or entry.language)
+        await session.restart(language)
+        self.say(f"Started a fresh {language} context in sandbox {session.session_id}; its variables are gone.")
+
+    # ------------------------------------------------------------------------------------------ files
+
+    async def cmd_upload(self, args: list[str]) -> None:
+        if not 1 <= len(args) <= 2:
+            raise SubcommandError("usage: %scalebox upload LOCAL [REMOTE]")
+        local = Path(args[0]).expanduser()
+        if not local.exists():
+            raise SubcommandError(f"no local file or folder {str(local)!r} (this runs in {Path.cwd()})")
+        remote = args[1] if len(args) > 1 else posixpath.join(WORKSPACE, local.name)
+        remote = remote if remote.startswith("/") else posixpath.join(WORKSPACE, remote)
+        if local.is_dir():
+            files = {
+                posixpath.join(remote, p.relative_to(local).as_posix()): p.read_bytes()
+                for p in sorted(local.rglob("*"))
+                if p.is_file()
+            }
+        else:
+            files = {remote: local.read_bytes()}
+        _entry, session = await self._session()
+        written = await self.out.progress(lambda cb: session.upload(files, on_progress=cb), f"Uploading {local.name}")
+        same = len(files) - len(written)
+        note = f" ({same} unchanged, not sent again)" if same else ""
+        total = sum(len(v) for v in files.values())
+        self.say(f"Uploaded {len(written)} file(s), {total} bytes, to {remote}{note}.")
+
+    async def cmd_download(self, args: list[str]) -> None:
+        if not 1 <= len(args) <= 2:
+            raise SubcommandError("usage: %scalebox download REMOTE [LOCAL]")
+        remote = args[0] if args[0].startswith("/") else posixpath.join(WORKSPACE, args[0])
+        local = Path(args[1]).expanduser() if len(args) > 1 else Path(posixpath.basename(remote))
+        if local.is_dir():
+            local = local / posixpath.basename(remote)
+        _entry, session = await self._session()
+        data = (await session.download([remote]))[remote]
+        local.write_bytes(data)
+        self.say(f"Downloaded {remote} ({len(data)} bytes) to {local}.")
+
+    async def cmd_ls(self, args: list[str]) -> None:
+        path = args[0] if args else WORKSPACE
+        _entry, session = await self._session()
+        entries = await session.sandbox.files.list(path)
+        if not entries:
+            self.say(f"{path} is empty.")
+        for item in sorted(entries, key=lambda e: (str(e.type) != "dir", e.name)):
+            kind = "d" if str(item.type) == "dir" else "-"
+            self.say(f"{kind} {item.size:>10}  {item.name}{'/' if kind == 'd' else ''}")
+
+    # ------------------------------------------------------------------------------------------ packages, env, commands
+
+    async def cmd_pip(self, args: list[str]) -> None:
+        if not args or args[0] != "install":
+            raise SubcommandError("usage: %scalebox pip install PACKAGE ...")
+        await self._install(args[1:], "python")
+
+    async def cmd_install(self, args: list[str]) -> None:
+        await self._install(args, None)
+
+    async def _install(self, packages: list[str], language: str | None) -> None:
+        if not packages:
+            raise SubcommandError("name at least one package")
+        entry, session = await self._session()
+        lang = language or entry.language
+        done = await self.out.progress(
+            lambda cb: session.install(packages, lang, on_progress=cb), f"Installing {' '.join(packages)}"
+        )
+        skipped = [p for p in packages if p not in done]
+        if done:
+            self.say(f"Installed {' '.join(done)} in sandbox {session.session_id} ({lang}).")
+        if skipped:
+            self.say(f"Already installed in this session: {' '.join(skipped)}.")
+
+    async def cmd_env(self, args: list[str]) -> None:
+        entry = self.sessions.entry()
+        unset = False
+        for word in args:
+            if word == "--unset":
+                unset = True
+            elif unset:
+                entry.envs.pop(word, None)
+                unset = False
+            else:
+                entry.envs.update(parse_env([word]))
+        if args:
+            self.say(f"Session {entry.name} env: {', '.join(sorted(entry.envs)) or 'empty'}.")
+        elif not entry.envs:
+            self.say(f"No environment variables set for session {entry.name}.")
+        for key in sorted(entry.envs) if not args else ():
+            self.say(f"{key}={entry.envs[key]}")
+
+    async def cmd_run(self, args: list[str]) -> None:
+        command = " ".join(args).strip()
+        if not command:
+            raise SubcommandError("usage: %scalebox run COMMAND")
+        entry, session = await self._session()
+        await session._call(
+            lambda: session.sandbox.commands.run(
+                command,
+                cwd=WORKSPACE,
+                envs=entry.envs or None,
+                on_stdout=streamer(self.out, "stdout"),
+                on_stderr=streamer(self.out, "stderr"),
+                timeout=None,
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------ status
+
+    async def cmd_status(self, args: list[str]) -> None:
+        entry, session = await self._session(args[0] if args else None)
+        rows = await self._rows(entry, session)
+        if not self.out.widgets:
+            self.say(info_text(rows))
+            self.say("(pause, resume, timeout 30m and close are %scalebox subcommands)")
+            return
+
+        async def pause() -> str:
+            await session.pause()
+            entry.paused = True
+            return "Paused."
+
+        async def resume() -> str:
+            await session.resume()
+            entry.paused = False
+            return "Resumed."
+
+        async def extend() -> str:
+            info = await session.keep_alive(max(600, entry.timeout or 0))
+            return f"Extended: {time_left(info)} left."
+
+        async def kill() -> str:
+            if self.sessions.named.get(entry.name) is entry and entry.session is session:
+                with contextlib.suppress(SandboxNotFound):
+                    await self.sessions.close(entry, kill=True)
+            else:  # the session was closed (or renewed) since: kill only the sandbox this panel shows
+                with contextlib.suppress(SandboxNotFound):
+                    await session.sandbox.kill()
+            return f"Sandbox {session.session_id} killed."
+
+        actions: dict[str, Callable[[], Awaitable[str]]] = {
+            "Pause": pause,
+            "Resume": resume,
+            "Extend": extend,
+            "Kill": kill,
+        }
+        self.out.panel(StatusPanel(rows, lambda: self._rows(entry, session), actions, self.sessions.secrets()))

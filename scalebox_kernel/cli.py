@@ -15,6 +15,13 @@ class ScaleboxApp(JupyterApp):
     subcommands = {
         "serve": ("scalebox_kernel.server.app.ServeApp", "Start scalebox-local, the embedded sandbox server."),
         "install": ("scalebox_kernel.kernel.install.InstallApp", "Install the Scalebox kernelspecs."),
+        "runtimes": (
+            "scalebox_kernel.server.runtimes_install.RuntimesApp",
+            "Install or list the language runtimes of scalebox-local.",
+        ),
+        "list": ("scalebox_kernel.manage.ListApp", "List the sandboxes of the configured server."),
+        "kill": ("scalebox_kernel.manage.KillApp", "Kill sandboxes by id."),
+        "stop": ("scalebox_kernel.manage.StopApp", "Stop the scalebox-local running in the background."),
         "demo": ("scalebox_kernel.demo.DemoApp", "Run Python code in a sandbox and show what comes back."),
     }
 

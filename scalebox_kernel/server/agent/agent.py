@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from .execution import Contexts
 from .filesystem import Filesystem
 from .paths import HOME, SANDBOX_DIRS, SandboxPaths
 from .process import ProcessManager
-from .runtimes import RuntimeRegistry, default_registry
+from .runtimes import RuntimeRegistry, default_registry, sandbox_bin_dirs, sandbox_language_env
 from .watch import Watchers
 
 #: Variables of the server's environment that sandbox code gets (nothing that could carry a secret).
@@ -95,7 +94,7 @@ class SandboxAgent:
         os.chmod(self.root / "tmp", 0o1777)
         profile = self.root / HOME.lstrip("/") / ".profile"
         if not profile.exists():
-            profile.write_text(_PROFILE.format(bin_dir=os.path.dirname(sys.executable)))
+            profile.write_text(_PROFILE.format(bin_dir=os.pathsep.join(sandbox_bin_dirs())))
 
     async def pause(self) -> None:
         """Stop (SIGSTOP) every kernel's and command's process group; memory and state stay."""
@@ -131,15 +130,16 @@ class SandboxAgent:
     def sandbox_env(self) -> dict[str, str]:
         """The environment of the sandbox's kernels and commands (before per-call additions)."""
         env = {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
-        bin_dir = os.path.dirname(sys.executable)
+        bin_dirs = sandbox_bin_dirs()
         path = env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
-        if path.split(os.pathsep)[0] != bin_dir:
-            path = bin_dir + os.pathsep + path
+        if path.split(os.pathsep)[: len(bin_dirs)] != bin_dirs:
+            path = os.pathsep.join([*bin_dirs, path])
         env["PATH"] = path
         env.setdefault("LANG", "C.UTF-8")
         env["HOME"] = str(self.root / HOME.lstrip("/"))
         env["TMPDIR"] = str(self.root / "tmp")
         env["SHELL"] = "/bin/bash"
+        env.update(sandbox_language_env(self.root / HOME.lstrip("/")))
         env.update(self.envs)
         return env
 

@@ -33,6 +33,7 @@ POLL = 0.2  # seconds between iopub polls (also how fast a disconnect is noticed
 ALIVE_CHECK = 0.5  # seconds between checks that the kernel process still runs
 INTERRUPT_GRACE = 10.0  # seconds an interrupted cell may take to stop before the kernel is restarted
 SILENT_TIMEOUT = 30.0  # seconds for a silent helper request (env vars) to be answered
+LATE_OUTPUT_WAIT = 2.0  # seconds to wait for the barrier that collects output a kernel sends after idle
 
 _Item = pb.ExecuteResponse | ConnectError | None
 
@@ -147,6 +148,9 @@ class Kernel:
             self._kc = kc
             kc.start_channels()
             await kc.wait_for_ready(timeout=self._start_timeout)
+            startup = self.runtime.startup_code()
+            if startup:
+                await self._silent(startup)
         except Exception as exc:
             await self._stop()
             reason = str(exc) or type(exc).__name__
@@ -241,6 +245,8 @@ class Kernel:
                     cell.put(_stderr(self.notice))
                     self.notice = None
                 env_code = self.runtime.env_code(env_vars) if env_vars else None
+                if env_vars and env_code is None:
+                    cell.put(_stderr(self._no_env_notice()))
                 if env_code:
                     await self._silent(env_code[0])
                 await self._run(cell, code, json_in_extra)
@@ -275,10 +281,18 @@ class Kernel:
         kc, km = self._kc, self._km
         assert kc is not None and km is not None
         loop = asyncio.get_running_loop()
-        output = self.runtime.cell_output()
+        output = self.runtime.cell_output(code)
         msg_id = kc.execute(code, silent=False, store_history=True, allow_stdin=False)
         reply = asyncio.ensure_future(self._reply(msg_id))
         idle = failed = False
+
+        def deliver(msg_type: str, content: dict[str, Any]) -> None:
+            nonlocal failed
+            for normal_type, normal in output.message(msg_type, content):
+                for event in self._events(normal_type, normal, json_in_extra):
+                    failed = failed or event.HasField("error")
+                    cell.put(event)
+
         interrupt_deadline: float | None = None
         next_alive_check = loop.time() + ALIVE_CHECK
         try:
@@ -308,16 +322,15 @@ class Kernel:
                     if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
                         idle = True
                     else:
-                        for msg_type, content in output.message(msg["msg_type"], msg["content"]):
-                            for event in self._events(msg_type, content, json_in_extra):
-                                failed = failed or event.HasField("error")
-                                cell.put(event)
+                        deliver(msg["msg_type"], msg["content"])
                 if loop.time() >= next_alive_check:
                     next_alive_check = loop.time() + ALIVE_CHECK
                     if not await km.is_alive():
                         cell.put(self._died())
                         await self.restart()
                         return
+            if self.runtime.flush_barrier:
+                await self._late_output(kc, msg_id, deliver)
             reply_content = reply.result()["content"]
             failed = failed or reply_content.get("status") == "error"
             for msg_type, content in output.reply(reply_content):
@@ -328,6 +341,29 @@ class Kernel:
                 await asyncio.sleep(self.runtime.settle_after_error)
         finally:
             reply.cancel()
+
+    async def _late_output(
+        self, kc: AsyncKernelClient, msg_id: str, deliver: Callable[[str, dict[str, Any]], None]
+    ) -> None:
+        """Output the kernel sent after idle: a kernel_info round trip is the barrier (its idle comes after)."""
+        barrier = kc.kernel_info()
+        deadline = asyncio.get_running_loop().time() + LATE_OUTPUT_WAIT
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                msg = await kc.get_iopub_msg(timeout=POLL)
+            except queue.Empty:
+                continue
+            parent = msg["parent_header"].get("msg_id")
+            if parent == msg_id and msg["msg_type"] != "status":
+                deliver(msg["msg_type"], msg["content"])
+            elif parent == barrier and msg["content"].get("execution_state") == "idle":
+                return
+
+    def _no_env_notice(self) -> str:
+        return (
+            f"scalebox-local: the {self.runtime.name} kernel cannot change its environment per cell, so this "
+            "cell's env_vars were not applied (set them when creating the sandbox instead).\n"
+        )
 
     async def _interrupt(self) -> bool:
         """Interrupt the running cell; True if the kernel had to be restarted instead."""

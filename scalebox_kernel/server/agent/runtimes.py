@@ -1,14 +1,16 @@
 """Sandbox languages: the names clients send (PROTOCOL.md 5.2) -> the runtime that runs them in a Jupyter kernel.
 
 A `Runtime` says how to launch its kernel and how to smooth over what that kernel does differently (results as
-display_data, colour codes, errors without an error message, ...). Only Python is installed here for now; the
-other five languages are known by name, so asking for them gives a clear "not available" instead of "unknown".
+display_data, colour codes, errors without an error message, ...). The kernels come from the runtimes directory
+that `jupyter scalebox runtimes install` fills (see `server/runtimes_store.py`); Python falls back to the server's
+own interpreter when that is not installed. The five other languages live in `languages.py`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ...protocol.connect import ConnectError
+from ..runtimes_store import RuntimeStore
 from ..settings import ServerSettings
 
 #: Canonical language name -> every name accepted on the wire for it (lower case).
@@ -82,43 +85,84 @@ class Runtime:
     interrupt_restarts = False
     #: Seconds to wait after an error before the next cell (tslab answers `abort` for 200 ms after one).
     settle_after_error = 0.0
+    #: After idle, wait for a kernel_info round trip so output the kernel sends late still reaches the cell.
+    flush_barrier = False
+
+    def __init__(self, store: RuntimeStore | None = None) -> None:
+        self.store = store or RuntimeStore()
 
     @property
     def aliases(self) -> tuple[str, ...]:
         return LANGUAGES[self.name]
 
     def available(self) -> bool:
-        return True
+        return self.store.spec(self.name) is not None
+
+    def unavailable_reason(self) -> str:
+        """Why this language cannot run here, and what to do about it."""
+        return self.store.status(self.name).reason
+
+    def installed_spec(self) -> dict[str, Any]:
+        """Our kernelspec for this language from the runtimes directory (the installer wrote it)."""
+        spec = self.store.spec(self.name)
+        if spec is None:
+            raise ConnectError("failed_precondition", f"{self.name} is not available: {self.unavailable_reason()}")
+        return spec
 
     def kernel_launch(self, context: LaunchContext) -> KernelLaunch:
-        raise NotImplementedError
+        """The installed kernelspec, with the sandbox's environment and the runtime's own additions."""
+        spec = self.installed_spec()
+        env = {**dict(context.env), **{str(k): str(v) for k, v in spec.get("env", {}).items()}}
+        env["HOME"] = str(context.home)
+        env.update(self.kernel_env(context, env))
+        return KernelLaunch(
+            argv=[str(arg) for arg in spec["argv"]],
+            env=env,
+            interrupt_mode=str(spec.get("interrupt_mode", "signal")),
+        )
+
+    def kernel_env(self, context: LaunchContext, env: Mapping[str, str]) -> dict[str, str]:
+        """Variables this runtime's kernel needs on top of the sandbox's environment."""
+        return {}
+
+    def startup_code(self) -> str | None:
+        """Code run silently once after the kernel starts (hooks that make its output regular)."""
+        return None
 
     def env_code(self, env_vars: Mapping[str, str]) -> tuple[str, str] | None:
         """Code run silently before and after one cell to apply `ExecuteRequest.env_vars`; None: unsupported."""
         return None
 
-    def cell_output(self) -> CellOutput:
+    def cell_output(self, code: str = "") -> CellOutput:
         """A fresh normaliser for one cell's output (kernels that misreport results or errors override it)."""
         return CellOutput()
 
 
 class PythonRuntime(Runtime):
-    """Python in ipykernel, on the interpreter that runs scalebox-local (numpy/pandas/matplotlib if installed)."""
+    """Python in ipykernel: the runtimes venv (numpy, pandas, matplotlib) when installed, else the interpreter
+    that runs scalebox-local, with whatever it has."""
 
     name = "python"
     display_name = "Python"
 
     def available(self) -> bool:
-        return importlib.util.find_spec("ipykernel") is not None
+        return self.store.spec(self.name) is not None or importlib.util.find_spec("ipykernel") is not None
 
     def kernel_launch(self, context: LaunchContext) -> KernelLaunch:
+        spec = self.store.spec(self.name)
+        argv = [str(a) for a in spec["argv"]] if spec else [sys.executable, "-m", "ipykernel_launcher"]
+        argv = argv if spec else [*argv, "-f", "{connection_file}"]
         env = dict(context.env)
         env["HOME"] = str(context.home)
+        if env.get("PYTHONPATH"):  # the sandbox's own packages: a directory missing at start is never looked at
+            for directory in env["PYTHONPATH"].split(os.pathsep):
+                os.makedirs(directory, exist_ok=True)
         # One font cache for every sandbox: building it makes the first plot take seconds.
         env["MPLCONFIGDIR"] = str(context.settings.cache_dir / "matplotlib")
         env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # silences debugpy's frozen-modules warning on stderr
         # No MPLBACKEND from the server: ipykernel then picks its inline backend, so plots become image/png.
-        return KernelLaunch(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], env=env)
+        env.pop("MPLBACKEND", None)
+        return KernelLaunch(argv=argv, env=env)
 
     def env_code(self, env_vars: Mapping[str, str]) -> tuple[str, str]:
         values = json.dumps(dict(env_vars))
@@ -131,6 +175,40 @@ class PythonRuntime(Runtime):
             " for k, v in os.__dict__.pop('_scalebox_saved_env', {}).items()])(__import__('os'))"
         )
         return setup, restore
+
+
+def sandbox_python_version(store: RuntimeStore | None = None) -> str:
+    """`3.11`: the version of the Python that sandbox cells run on (the runtimes venv's, else the server's)."""
+    store = store or RuntimeStore()
+    marker = store.marker("python") if store.spec("python") is not None else None
+    version = str((marker or {}).get("versions", {}).get("python", ""))
+    if version.count(".") >= 1:
+        return ".".join(version.split(".")[:2])
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def sandbox_bin_dirs(store: RuntimeStore | None = None) -> list[str]:
+    """Directories put first on a sandbox's PATH: the runtimes venv (python, pip, deno), else the server's."""
+    store = store or RuntimeStore()
+    if store.spec("python") is not None:
+        return [str(store.venv / "bin")]
+    return [os.path.dirname(sys.executable)]
+
+
+def sandbox_language_env(home: Path, store: RuntimeStore | None = None) -> dict[str, str]:
+    """Where each language's package tools put packages: below the sandbox's home, so that `pip install`,
+    `npm install -g` or R's install.packages in one sandbox are seen by that sandbox only (kernels and commands).
+    The Python and R directories are the ones the Session layer installs into."""
+    python_lib = home / ".local" / "lib" / "scalebox" / f"python{sandbox_python_version(store)}"
+    return {
+        "PIP_TARGET": str(python_lib),
+        "PYTHONPATH": str(python_lib),
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "R_LIBS_USER": str(home / ".local" / "lib" / "scalebox" / "R"),
+        "NPM_CONFIG_PREFIX": str(home / ".local"),
+        "NODE_PATH": os.pathsep.join([str(home / "node_modules"), str(home / ".local" / "lib" / "node_modules")]),
+        "DENO_DIR": str(home / ".cache" / "deno"),
+    }
 
 
 class RuntimeRegistry:
@@ -152,17 +230,23 @@ class RuntimeRegistry:
         """The runtime for a wire language name (empty means python), or the error a client can act on."""
         wanted = (language or "python").strip().lower()
         name = _CANONICAL.get(wanted)
+        runtime = self._runtimes.get(name) if name else None
+        if runtime is not None and runtime.available():
+            return runtime
         available = ", ".join(self.available()) or "none"
         if name is None:
             raise ConnectError("invalid_argument", f"unknown language {wanted!r}; available: {available}")
-        runtime = self._runtimes.get(name)
-        if runtime is None or not runtime.available():
-            message = f"language {wanted!r} is not available on this scalebox-local; available: {available}"
-            raise ConnectError("invalid_argument", message)
-        return runtime
+        why = f" ({runtime.unavailable_reason()})" if runtime is not None else ""
+        message = f"language {wanted!r} is not available on this scalebox-local{why}; available: {available}"
+        raise ConnectError("invalid_argument", message)
 
 
-def default_registry() -> RuntimeRegistry:
+def default_registry(store: RuntimeStore | None = None) -> RuntimeRegistry:
+    """Every language; each is available once the runtime installer has put it in place."""
+    from .languages import BashRuntime, DenoRuntime, JavaRuntime, NodeRuntime, RRuntime
+
+    store = store or RuntimeStore()
     registry = RuntimeRegistry()
-    registry.register(PythonRuntime())
+    for runtime_class in (PythonRuntime, RRuntime, NodeRuntime, DenoRuntime, JavaRuntime, BashRuntime):
+        registry.register(runtime_class(store))
     return registry

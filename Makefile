@@ -6,6 +6,7 @@ PIP := $(PYTHON) -m pip --disable-pip-version-check --quiet
 
 install:
 	$(PIP) install -e '.[local]'
+	$(PYTHON) -m scalebox_kernel runtimes install --best-effort
 	$(PYTHON) -m scalebox_kernel install --sys-prefix
 
 demo: install
@@ -13,6 +14,7 @@ demo: install
 
 test-deps:
 	$(PIP) install -e '.[test]'
+	$(PYTHON) -m scalebox_kernel runtimes install
 
 lint: test-deps
 	$(PYTHON) -m ruff check .

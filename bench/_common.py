@@ -17,11 +17,15 @@ from scalebox_kernel.local import LocalServerInfo, spawn_local_server
 
 
 @contextmanager
-def local_server(tls: bool = False) -> Iterator[LocalServerInfo]:
-    """A scalebox-local of its own in a temporary data dir, stopped afterwards."""
+def local_server(tls: bool = False, extra_args: list[str] | None = None) -> Iterator[LocalServerInfo]:
+    """A scalebox-local of its own in a temporary data dir (extra `serve` flags if given), stopped afterwards."""
     with tempfile.TemporaryDirectory(prefix="scalebox-bench-") as tmp:
         proc, info = spawn_local_server(
-            data_dir=Path(tmp) / "data", runtime_dir=Path(tmp) / "runtime", api_key=secrets.token_hex(16), tls=tls
+            data_dir=Path(tmp) / "data",
+            runtime_dir=Path(tmp) / "runtime",
+            api_key=secrets.token_hex(16),
+            tls=tls,
+            extra_args=extra_args,
         )
         try:
             yield info

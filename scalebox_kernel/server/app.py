@@ -12,7 +12,6 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from jupyter_core.application import JupyterApp
@@ -26,6 +25,7 @@ from traitlets import Bool, Integer, Unicode, default
 from .. import __version__
 from ..local import LocalServerInfo, remove_runtime_info, runtime_file, write_runtime_info
 from .bodies import error_response
+from .isolation.sandbox import describe
 from .rest import ControlPlane
 from .rpc import AgentPlane
 from .sandboxes import SandboxManager
@@ -125,6 +125,11 @@ class ServeApp(JupyterApp):
     }
     flags = {
         "tls": ({"ServeApp": {"tls": True}}, "Serve HTTPS with a self-signed certificate made in the data dir."),
+        "no-isolation": (
+            {"ServerSettings": {"isolation": "none"}},
+            "Run sandbox code on the host, unconfined (as without bubblewrap); allow_internet_access=false is then "
+            "refused.",
+        ),
     }
 
     ip = Unicode("127.0.0.1", config=True, help="Address to listen on (loopback unless an API key is given).")
@@ -174,7 +179,6 @@ class ServeApp(JupyterApp):
         host = _url_host(self.ip)
         url = f"{'https' if certfile else 'http'}://{host}:{port}"
         manager = SandboxManager(settings, public_host=settings.public_host or f"{host}:{port}")
-        isolation = manager.isolation()
         await manager.start()
         config = uvicorn.Config(
             create_app(settings, manager, api_key),
@@ -197,17 +201,14 @@ class ServeApp(JupyterApp):
                 await asyncio.sleep(0.02)
             if server.started:
                 write_runtime_info(LocalServerInfo(url, api_key, certfile or None, pid, str(data)))
-                self._announce(url, data, isolation)
+                self._announce(url, data, describe(settings))
             await task
         finally:
             remove_runtime_info(pid)
             await manager.close()
             log.info("scalebox-local stopped")
 
-    def _announce(self, url: str, data: Path, isolation: dict[str, Any]) -> None:
-        mode = isolation.get("mode", "none")
-        missing = isolation.get("missing") or []
-        protections = f"isolation: {mode}" + (f" (missing: {', '.join(missing)})" if missing else "")
+    def _announce(self, url: str, data: Path, protections: str) -> None:
         print(f"scalebox-local {__version__} serving at {url}", flush=True)
         print(f"  data dir: {data}", flush=True)
         print(f"  {protections}", flush=True)

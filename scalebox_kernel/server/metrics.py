@@ -7,9 +7,11 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .isolation import SandboxCgroups, Usage, capabilities
 from .store import SandboxRecord, iso
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -40,6 +42,14 @@ def _inside(pid: str, root: str) -> bool:
     return f"HOME={root}".encode() in environ
 
 
+def _jailed(root: Path) -> set[str]:
+    """Processes in an isolated sandbox's cgroups (their cwd and HOME are the sandbox's own paths)."""
+    caps = capabilities()
+    if not caps.cgroups.v1 and caps.cgroups.v2 is None:
+        return set()
+    return {str(pid) for pid in SandboxCgroups(caps.cgroups, root.parent.name).pids()}
+
+
 def sandbox_processes(root: Path) -> dict[str, tuple[int, int]]:
     """pid -> (cpu ticks, rss pages) for every process of the sandbox and all their descendants."""
     prefix = str(root)
@@ -51,7 +61,7 @@ def sandbox_processes(root: Path) -> dict[str, tuple[int, int]]:
             stat = _proc_stat(entry)
             if stat:
                 table[entry] = stat
-    members = {pid for pid in table if _inside(pid, prefix)}
+    members = {pid for pid in table if _inside(pid, prefix)} | (_jailed(root) & table.keys())
     changed = True
     while changed:  # children of members are members (a command's subprocesses may chdir elsewhere)
         changed = False
@@ -72,22 +82,36 @@ def tree_size(root: Path) -> int:
     return total
 
 
-async def measure(record: SandboxRecord, root: Path, interval: float = 0.2) -> dict[str, Any]:
-    """One metrics sample, in the shape both SDKs read (PROTOCOL.md 1.9)."""
-    first = await asyncio.to_thread(sandbox_processes, root)
-    start = time.monotonic()
-    await asyncio.sleep(interval)
-    second = await asyncio.to_thread(sandbox_processes, root)
-    elapsed = time.monotonic() - start
-    ticks = sum(cpu - first[pid][0] for pid, (cpu, _) in second.items() if pid in first)
-    cpu_pct = 100.0 * ticks / _CLOCK_TICKS / elapsed / max(record.cpu_count, 1)
+async def measure(
+    record: SandboxRecord, root: Path, interval: float = 0.2, usage: Callable[[], Usage | None] | None = None
+) -> dict[str, Any]:
+    """One metrics sample, in the shape both SDKs read (PROTOCOL.md 1.9); from the sandbox's cgroup counters
+    when `usage` gives them (an isolated sandbox), else from its processes in /proc."""
+    before = usage() if usage is not None else None
+    if before is not None and before.cpu_seconds is not None and before.memory_bytes is not None:
+        start = time.monotonic()
+        await asyncio.sleep(interval)
+        after = usage() if usage is not None else None
+        elapsed = time.monotonic() - start
+        cpu_seconds = (after.cpu_seconds or 0.0) - before.cpu_seconds if after is not None else 0.0
+        cpu_pct = 100.0 * cpu_seconds / elapsed / max(record.cpu_count, 1)
+        mem_used = (after.memory_bytes if after is not None else None) or before.memory_bytes
+    else:
+        first = await asyncio.to_thread(sandbox_processes, root)
+        start = time.monotonic()
+        await asyncio.sleep(interval)
+        second = await asyncio.to_thread(sandbox_processes, root)
+        elapsed = time.monotonic() - start
+        ticks = sum(cpu - first[pid][0] for pid, (cpu, _) in second.items() if pid in first)
+        cpu_pct = 100.0 * ticks / _CLOCK_TICKS / elapsed / max(record.cpu_count, 1)
+        mem_used = sum(rss for _, rss in second.values()) * _PAGE_SIZE
     disk_used = await asyncio.to_thread(tree_size, root) if root.exists() else 0
     disk_total = shutil.disk_usage(root if root.exists() else root.anchor).total
     return {
         "cpu_count": record.cpu_count,
         "cpu_used_pct": round(min(cpu_pct, 100.0), 2),
         "mem_total": record.memory_mb * 1024 * 1024,
-        "mem_used": sum(rss for _, rss in second.values()) * _PAGE_SIZE,
+        "mem_used": mem_used,
         "disk_total": disk_total,
         "disk_used": disk_used,
         "timestamp": iso(time.time()),

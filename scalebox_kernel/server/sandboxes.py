@@ -253,7 +253,9 @@ class SandboxManager:
 
     async def measure(self, sandbox_id: str) -> dict[str, Any]:
         record = self.get(sandbox_id)
-        return await metrics.measure(record, self.settings.sandbox_root(sandbox_id))
+        agent = self._agents.get(sandbox_id)
+        usage = agent.confinement.usage if agent is not None and agent.confinement.active else None
+        return await metrics.measure(record, self.settings.sandbox_root(sandbox_id), usage=usage)
 
     # ---- internals ----------------------------------------------------------------------------------------------
 
@@ -273,6 +275,9 @@ class SandboxManager:
             root=self.settings.sandbox_root(record.sandbox_id),
             envs=dict(record.envs),
             settings=self.settings,
+            memory_mb=record.memory_mb,
+            cpu_count=record.cpu_count,
+            allow_internet_access=record.allow_internet_access,
         )
 
     async def _start_agent(self, record: SandboxRecord) -> None:

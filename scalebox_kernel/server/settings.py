@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from traitlets import Float, Int, Unicode, default
+from traitlets import CaselessStrEnum, Float, Int, Unicode, default
 from traitlets.config import Configurable
 
 from ..config import ScaleboxConfig
@@ -36,8 +36,25 @@ class ServerSettings(Configurable):
         help="Seconds a paused sandbox keeps its processes (memory) before they are stopped to free memory, "
         "keeping files; 0 means never.",
     )
-    cpu_count = Int(2, config=True, help="CPU count reported for each sandbox.")
-    memory_mb = Int(2048, config=True, help="Memory (MiB) reported for each sandbox.")
+    cpu_count = Int(
+        2, config=True, help="CPUs of a sandbox whose create request names none (a CPU-time quota when isolated)."
+    )
+    memory_mb = Int(
+        2048, config=True, help="Memory (MiB) of a sandbox whose create request names none (a limit when isolated)."
+    )
+    isolation = CaselessStrEnum(
+        ["auto", "none"],
+        "auto",
+        config=True,
+        help="auto: confine sandboxes with what this machine offers (bubblewrap namespaces, a uid per sandbox, "
+        "cgroup limits and freezer; needs root on Linux); none: run sandbox code on the host (--no-isolation).",
+    )
+    max_processes = Int(
+        1024, config=True, help="Processes and threads a sandbox may have at once when isolated (0: no limit)."
+    )
+    sandbox_uid_base = Int(
+        600_000, config=True, help="First uid given to isolated sandboxes (each gets its own, from a range of 65536)."
+    )
     public_host = Unicode(
         "", config=True, help="Host[:port] put in sandbox_domain; defaults to the address the server listens on."
     )

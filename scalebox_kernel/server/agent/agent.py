@@ -1,9 +1,9 @@
 """SandboxAgent: everything that runs inside one sandbox (code contexts, commands, files, watchers).
 
-Without isolation (until issue 6) kernels and commands run on the host, with their cwd, HOME and TMPDIR inside
-the sandbox's tree and an environment built from scratch, so nothing of the server's own environment (its API
-key, say) reaches sandbox code. The launch goes through one place per kind (runtimes, ProcessManager), which is
-where a bwrap/cgroup wrapper will slot in.
+Kernels and commands get an environment built from scratch, so nothing of the server's own environment (its API
+key, say) reaches sandbox code. Where the machine allows, they run confined (`..isolation`: bubblewrap namespaces
+with the sandbox's tree as `/`, a uid of its own, cgroup limits, the freezer for pause); otherwise on the host,
+with their cwd, HOME and TMPDIR inside the sandbox's tree.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...protocol.connect import ConnectError
+from ..isolation.sandbox import SandboxIsolation
+from ..runtimes_store import runtimes_dir
 from ..settings import ServerSettings
 from . import transfer
 from .execution import Contexts
@@ -60,23 +62,37 @@ class SandboxAgent:
         envs: dict[str, str],
         settings: ServerSettings,
         registry: RuntimeRegistry | None = None,
+        memory_mb: int | None = None,
+        cpu_count: float | None = None,
+        allow_internet_access: bool = True,
     ) -> None:
         self.sandbox_id = sandbox_id
         self.root = Path(root)
         self.envs = dict(envs)
         self.settings = settings
-        self.paths = SandboxPaths(self.root)
-        self.files = Filesystem(self.paths)
-        self.watchers = Watchers(self.paths)
-        self.processes = ProcessManager(self._command_cwd, self.sandbox_env)
         # Beside the root, never inside it: kernel connection files (their keys) and upload staging.
         self.private_dir = self.root.parent
+        self.confinement = SandboxIsolation(
+            settings,
+            sandbox_id=sandbox_id,
+            root=self.root,
+            private_dir=self.private_dir,
+            memory_mb=memory_mb,
+            cpu_count=cpu_count,
+            internet=allow_internet_access,
+            runtime=[str(runtimes_dir())],
+        )
+        self.paths = SandboxPaths(self.root, owner=self.confinement.own)
+        self.files = Filesystem(self.paths)
+        self.watchers = Watchers(self.paths)
+        self.processes = ProcessManager(self._command_cwd, self.sandbox_env, launcher=self.confinement.command)
         self.contexts = Contexts(
             registry=registry or default_registry(),
             paths=self.paths,
             settings=settings,
             runtime_dir=self.private_dir / "runtime",
             env=self.sandbox_env,
+            isolation=self.confinement,
         )
 
     # ------------------------------------------------------------------ lifetime
@@ -84,6 +100,7 @@ class SandboxAgent:
     async def start(self) -> None:
         """Make the sandbox's tree and start the default Python kernel in the background."""
         await asyncio.to_thread(self._make_tree)
+        await self.confinement.start()
         self.contexts.warm_default("python")
 
     def _make_tree(self) -> None:
@@ -97,18 +114,23 @@ class SandboxAgent:
             profile.write_text(_PROFILE.format(bin_dir=os.pathsep.join(sandbox_bin_dirs())))
 
     async def pause(self) -> None:
-        """Stop (SIGSTOP) every kernel's and command's process group; memory and state stay."""
+        """Freeze every process of the sandbox (the cgroup freezer, where there is one: it also stops what left
+        its process group, like bash_kernel's shell) and SIGSTOP each kernel's and command's group; memory and
+        state stay."""
+        await self.confinement.freeze()
         self.contexts.pause()
         self.processes.pause()
 
     async def resume(self) -> None:
         self.contexts.resume()
         self.processes.resume()
+        await self.confinement.thaw()
 
     async def shutdown(self) -> None:
         """Kill kernels, commands and watchers; the files stay (the server deletes the tree on kill)."""
         await self.watchers.close()
         await asyncio.gather(self.contexts.shutdown(), self.processes.shutdown())
+        await self.confinement.stop()
 
     def mark_state_lost(self, reason: str) -> None:
         self.contexts.mark_state_lost(reason)
@@ -118,12 +140,8 @@ class SandboxAgent:
         return self.contexts.busy or self.processes.busy()
 
     def isolation(self) -> dict[str, Any]:
-        return {
-            "mode": "none",
-            "missing": ["namespaces", "network", "cgroups", "uid", "freezer"],
-            "note": "kernels and commands run on the host as the server's user; only the file APIs are confined "
-            "to the sandbox's directory",
-        }
+        """What protections are in effect for this sandbox (get_info's `isolation`)."""
+        return self.confinement.info()
 
     # ------------------------------------------------------------------ environment
 

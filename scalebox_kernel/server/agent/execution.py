@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ...protocol import pb
 from ...protocol.connect import ConnectError
+from ..isolation.sandbox import SandboxIsolation
 from ..settings import ServerSettings
 from .kernels import Kernel
 from .paths import HOME, SandboxPaths
@@ -51,8 +52,10 @@ class Contexts:
         settings: ServerSettings,
         runtime_dir: Path,
         env: Callable[[], dict[str, str]],
+        isolation: SandboxIsolation | None = None,
     ) -> None:
         self.registry = registry
+        self._isolation = isolation
         self._paths = paths
         self._settings = settings
         self._runtime_dir = runtime_dir
@@ -86,6 +89,7 @@ class Contexts:
             runtime_dir=self._runtime_dir,
             name=context_id,
             start_timeout=self._settings.kernel_start_timeout,
+            isolation=self._isolation,
         )
         if self._paused:
             kernel.pause()

@@ -119,6 +119,7 @@ class Filesystem:
             if exc.errno == errno.EEXIST:
                 raise ConnectError("already_exists", f"directory already exists: {path}") from None
             raise os_error(exc, "mkdir", path) from None
+        self.paths.own(host)
         return pb.MakeDirResponse(entry=self._info(host, "mkdir", path))
 
     def move(self, request: pb.MoveRequest) -> pb.MoveResponse:
@@ -137,6 +138,7 @@ class Filesystem:
             os.replace(source_host, destination_host)
         except OSError as exc:
             raise os_error(exc, "rename", source) from None
+        self.paths.own(destination_host)
         return pb.MoveResponse(entry=self._info(destination_host, "rename", destination))
 
     def list_dir(self, request: pb.ListDirRequest) -> pb.ListDirResponse:

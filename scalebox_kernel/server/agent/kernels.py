@@ -25,6 +25,7 @@ from traitlets import Instance
 from ...protocol import pb
 from ...protocol.connect import ConnectError
 from ...protocol.mime import bundle_to_fields
+from ..isolation.sandbox import SandboxIsolation
 from .runtimes import KernelLaunch, Runtime
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Kernel:
         runtime_dir: Path,
         name: str,
         start_timeout: float,
+        isolation: SandboxIsolation | None = None,
     ) -> None:
         self.runtime = runtime
         self._launch = launch
@@ -81,6 +83,7 @@ class Kernel:
         self._runtime_dir = runtime_dir
         self._name = name
         self._start_timeout = start_timeout
+        self._isolation = isolation
         self.lock = asyncio.Lock()
         self.notice: str | None = None  # stderr line written before the next cell runs
         self._km: AsyncKernelManager | None = None
@@ -124,6 +127,8 @@ class Kernel:
 
     async def _start(self) -> None:
         launch = self._launch()
+        if self._isolation is not None:
+            self._isolation.own_paths_in(launch.env)  # package directories the runtime made for the kernel
         spec = KernelSpec(
             argv=launch.argv,
             env={},
@@ -133,13 +138,16 @@ class Kernel:
             metadata=launch.metadata,
         )
         self._runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        km = AsyncKernelManager(
+        manager = dict(
             kernel_name=f"scalebox-{self.runtime.name}",
             kernel_spec_manager=_OneSpec(spec=spec),
             connection_file=str(self._runtime_dir / f"kernel-{self._name}.json"),
-            transport="tcp",
-            ip="127.0.0.1",
         )
+        if self._isolation is not None:
+            await self._isolation.ensure_running()
+            km = self._isolation.kernel_manager(relay=not self.runtime.ipc_transport, cwd=self._cwd, **manager)
+        else:
+            km = AsyncKernelManager(transport="tcp", ip="127.0.0.1", **manager)
         self._log = open(self._runtime_dir / f"kernel-{self._name}.log", "ab")  # noqa: SIM115 (closed in _stop)
         self._km = km
         try:
@@ -381,7 +389,12 @@ class Kernel:
 
     def _died(self) -> pb.ExecuteResponse:
         value = f"the {self.runtime.name} kernel died while running this cell (restarted; state was lost)"
-        return pb.ExecuteResponse(error=pb.Error(name="KernelDied", value=value, traceback=value))
+        name = "KernelDied"
+        out_of_memory = self._isolation.out_of_memory() if self._isolation is not None else None
+        if out_of_memory:  # the cgroup's OOM killer took the kernel
+            name = "OutOfMemory"
+            value = f"{out_of_memory}; the {self.runtime.name} kernel was restarted and its state lost"
+        return pb.ExecuteResponse(error=pb.Error(name=name, value=value, traceback=value))
 
     def _events(self, msg_type: str, content: dict[str, Any], json_in_extra: bool) -> list[pb.ExecuteResponse]:
         """One (normalised) kernel message as protocol events; clear_output has no place in the protocol."""

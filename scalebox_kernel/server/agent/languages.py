@@ -211,6 +211,7 @@ class NodeRuntime(Runtime):
     name = "nodejs"
     display_name = "Node.js"
     settle_after_error = 0.25  # tslab answers `abort` for 200 ms after an error
+    ipc_transport = False  # tslab builds `ipc://ip:port` URLs
 
     def startup_code(self) -> str:
         return TSLAB_HOOK
@@ -283,6 +284,7 @@ class DenoRuntime(Runtime):
     name = "typescript"
     display_name = "TypeScript"
     interrupt_restarts = True  # SIGINT kills deno's kernel and a message-mode interrupt wedges it
+    ipc_transport = False  # "invalid host" for an IPC path
     flush_barrier = True  # about one cell in ten gets its result after idle
 
     def kernel_env(self, context: LaunchContext, env: Mapping[str, str]) -> dict[str, str]:
@@ -339,6 +341,7 @@ class JavaOutput(CellOutput):
 
 class JavaRuntime(Runtime):
     name = "java"
+    ipc_transport = False  # JeroMQ has no IPC transport
     display_name = "Java"
 
     def kernel_env(self, context: LaunchContext, env: Mapping[str, str]) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Callable
 from pathlib import Path
 
 from ...protocol.connect import ConnectError
@@ -21,8 +22,14 @@ SANDBOX_DIRS = (HOME, "/workspace", "/tmp")
 class SandboxPaths:
     """Maps the paths a client names to host paths under one sandbox's root, refusing escapes."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: Callable[[Path], None] | None = None) -> None:
         self.root = Path(os.path.realpath(root))
+        self._owner = owner
+
+    def own(self, host: Path) -> None:
+        """Hand what the server just wrote into the tree to the sandbox's own user (when it has one)."""
+        if self._owner is not None:
+            self._owner(host)
 
     def normalize(self, path: str) -> str:
         """The absolute, normalised sandbox path for what a client sent (no symlinks resolved)."""

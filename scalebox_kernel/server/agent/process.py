@@ -16,7 +16,7 @@ import signal
 import struct
 import termios
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from ...protocol import pb
@@ -27,6 +27,9 @@ FINISHED_TTL = 60.0
 #: Seconds to wait for the rest of a command's output after it exited.
 OUTPUT_GRACE = 0.2
 READ_SIZE = 64 * 1024
+
+#: (argv, env, cwd) -> the same, to run inside the sandbox (raises OSError for a program it does not have).
+Launcher = Callable[[list[str], dict[str, str], Path], Awaitable[tuple[list[str], dict[str, str], Path]]]
 
 _SIGNALS = {pb.SIGNAL_SIGTERM: signal.SIGTERM, pb.SIGNAL_SIGKILL: signal.SIGKILL}
 
@@ -107,9 +110,12 @@ async def _read_pty(master_fd: int, emit: Callable[[bytes], None]) -> None:
 class ProcessManager:
     """Every command of one sandbox: Start, Connect, List, SendInput, SendSignal, Update; pause and shutdown."""
 
-    def __init__(self, resolve_cwd: Callable[[str], Path], env: Callable[[], dict[str, str]]) -> None:
+    def __init__(
+        self, resolve_cwd: Callable[[str], Path], env: Callable[[], dict[str, str]], launcher: Launcher | None = None
+    ) -> None:
         self._resolve_cwd = resolve_cwd
         self._env = env
+        self._launcher = launcher  # turns (argv, env, cwd) into a launch inside the sandbox's jail
         self._commands: dict[int, Command] = {}
         self._paused = False
 
@@ -161,6 +167,8 @@ class ProcessManager:
         command = Command(config, request.tag if request.HasField("tag") else None, None)
         argv = [config.cmd, *config.args]
         try:
+            if self._launcher is not None:
+                argv, env, cwd = await self._launcher(argv, env, cwd)
             if use_pty:
                 command.process = await self._spawn_pty(command, argv, env, cwd, request.pty.size)
             else:

@@ -85,6 +85,8 @@ class Runtime:
     interrupt_restarts = False
     #: Seconds to wait after an error before the next cell (tslab answers `abort` for 200 ms after one).
     settle_after_error = 0.0
+    #: Whether the kernel speaks Jupyter's IPC transport (isolated sandboxes reach the others through a relay).
+    ipc_transport = True
     #: After idle, wait for a kernel_info round trip so output the kernel sends late still reaches the cell.
     flush_barrier = False
 

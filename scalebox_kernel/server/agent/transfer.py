@@ -185,6 +185,7 @@ def _place(form: _MultipartUpload, query_path: str | None, paths: SandboxPaths) 
         host.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(form.staged, 0o644)
         os.replace(form.staged, host)
+        paths.own(host)
     except OSError as exc:
         raise os_error(exc, "upload to", sandbox_path) from None
     form.staged = None

@@ -1,0 +1,194 @@
+"""The host side of a sandbox's filesystem: its uid, its root tree made ready to be the sandbox's `/`, its /etc files.
+
+The sandbox's directory on the host *is* its `/` (bwrap binds it there), so every path agrees inside and out. The
+system directories are mounted read-only on top, at mount points made here: real directories owned by root, never
+symlinks, so nothing written into the tree can redirect a mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import stat
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Host directories bound read-only at the same path (when present); a merged-/usr machine's /bin is a symlink.
+SYSTEM_DIRS = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: Where the sandbox sees its private runtime directory (kernel connection files, IPC sockets).
+SANDBOX_RUN = "/run/scalebox"
+#: Where the sandbox sees the relay script (kernels without IPC support).
+SANDBOX_RELAY = "/run/scalebox-relay.py"
+#: Sandbox directories owned by the sandbox's uid.
+USER_DIRS = ("/home/user", "/workspace", "/tmp")
+#: Top-level names of the tree that belong to the system (mount points), never handed to the sandbox's uid.
+RESERVED = frozenset({d.strip("/") for d in SYSTEM_DIRS} | {"proc", "dev", "run", "home", "root", "sys"})
+RECORD = "isolation.json"
+SANDBOX_USER = "user"
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    gid: int
+
+
+def allocate_identity(private_dir: Path, *, base: int, count: int) -> tuple[Identity, bool]:
+    """The sandbox's uid/gid: the one recorded for it, or the lowest free one of the range (recorded now).
+
+    Every sandbox's private directory sits beside the others, so their records show which uids are taken.
+    Returns the identity and whether it is new (its tree must then be chowned).
+    """
+    record = private_dir / RECORD
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        uid = int(json.loads(record.read_text())["uid"])
+        if base <= uid < base + count:
+            return Identity(uid, uid), False
+    used: set[int] = set()
+    for other in private_dir.parent.glob(f"*/{RECORD}"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            used.add(int(json.loads(other.read_text())["uid"]))
+    for uid in range(base, base + count):
+        if uid in used or _uid_exists(uid):
+            continue
+        private_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"uid": uid}))
+        return Identity(uid, uid), True
+    raise RuntimeError(f"no free sandbox uid left in {base}..{base + count - 1}")
+
+
+def _uid_exists(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def runtime_paths(extra: Iterable[str | Path] = ()) -> list[Path]:
+    """Host directories the kernels need besides the system ones: this interpreter's prefix (pyenv lives in
+    root's home, say) and whatever the caller adds; each is bound read-only at its own path."""
+    candidates = [Path(sys.prefix), Path(sys.base_prefix), *map(Path, extra)]
+    found: list[Path] = []
+    for path in candidates:
+        real = Path(os.path.realpath(path))
+        if not real.is_dir() or any(real.is_relative_to(d) for d in (*map(Path, SYSTEM_DIRS), *found)):
+            continue
+        found = [p for p in found if not p.is_relative_to(real)] + [real]
+    return found
+
+
+def _ensure_dir(path: Path, mode: int = 0o755) -> None:
+    """A real directory owned by root at `path`; a symlink or file in the way (planted or stale) is removed."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        path.mkdir(mode=mode)
+        os.chmod(path, mode)
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        path.unlink()
+        path.mkdir(mode=mode)
+        os.chmod(path, mode)
+    elif info.st_uid != 0:
+        os.chown(path, 0, 0, follow_symlinks=False)
+
+
+def ensure_mount_point(root: Path, sandbox_path: str, *, is_file: bool = False) -> None:
+    """Make every component of `sandbox_path` below `root` a root-owned directory (the last one a file if asked)."""
+    parts = [p for p in sandbox_path.split("/") if p]
+    current = root
+    for index, part in enumerate(parts):
+        current = current / part
+        last = index == len(parts) - 1
+        if last and is_file:
+            info = None
+            with contextlib.suppress(FileNotFoundError):
+                info = os.lstat(current)
+            if info is not None and not stat.S_ISREG(info.st_mode):
+                shutil.rmtree(current) if stat.S_ISDIR(info.st_mode) else current.unlink()
+                info = None
+            if info is None:
+                current.touch(mode=0o644)
+            return
+        _ensure_dir(current)
+
+
+def _ensure_symlink(path: Path, target: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_symlink() and os.readlink(path) == target:
+            return
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    path.symlink_to(target)
+
+
+def prepare_root(root: Path, runtime: Iterable[Path]) -> list[tuple[str, str]]:
+    """Make `root` ready to be bound as `/`; returns the (kind, host path) mounts to put on top of it, where kind
+    is "ro" (read-only bind) or "symlink" (the host path is a symlink, recreated in the tree)."""
+    root.mkdir(parents=True, exist_ok=True)
+    os.chown(root, 0, 0)
+    os.chmod(root, 0o755)
+    mounts: list[tuple[str, str]] = []
+    for system in SYSTEM_DIRS:
+        host = Path(system)
+        if host.is_symlink():
+            _ensure_symlink(root / system.lstrip("/"), os.readlink(host))
+            mounts.append(("symlink", system))
+        elif host.is_dir():
+            ensure_mount_point(root, system)
+            mounts.append(("ro", system))
+    for path in runtime:
+        ensure_mount_point(root, str(path))
+        mounts.append(("ro", str(path)))
+    for point in ("/proc", "/dev", "/run", SANDBOX_RUN, "/home"):
+        ensure_mount_point(root, point)
+    ensure_mount_point(root, SANDBOX_RELAY, is_file=True)
+    for directory in USER_DIRS:
+        (root / directory.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    os.chmod(root / "tmp", 0o1777)
+    return mounts
+
+
+def own_tree(root: Path, identity: Identity, *, recursive: bool) -> None:
+    """Give the sandbox's uid its directories (everything in them too when `recursive`, for a new uid)."""
+    for directory in USER_DIRS:
+        top = root / directory.lstrip("/")
+        os.chown(top, identity.uid, identity.gid, follow_symlinks=False)
+        if not recursive:
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in dirnames + filenames:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(os.path.join(dirpath, name), identity.uid, identity.gid, follow_symlinks=False)
+
+
+def write_etc(etc_dir: Path, identity: Identity, hostname: str, *, nameserver: str | None) -> dict[str, Path]:
+    """passwd, group and hosts (and resolv.conf for a private network) that the sandbox sees in /etc."""
+    etc_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(etc_dir, 0o755)
+    files = {
+        "passwd": (
+            "root:x:0:0:root:/root:/bin/bash\n"
+            f"{SANDBOX_USER}:x:{identity.uid}:{identity.gid}:sandbox user:/home/user:/bin/bash\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+        "group": f"root:x:0:\n{SANDBOX_USER}:x:{identity.gid}:\nnogroup:x:65534:\n",
+        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n",
+    }
+    if nameserver:
+        files["resolv.conf"] = f"nameserver {nameserver}\n"
+    paths: dict[str, Path] = {}
+    for name, text in files.items():
+        path = etc_dir / name
+        path.write_text(text)
+        os.chmod(path, 0o644)
+        paths[name] = path
+    return paths

@@ -1,0 +1,348 @@
+"""The isolation package on its own, with real processes: bwrap namespaces, the sandbox uid, cgroups, the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from jupyter_client.blocking import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from traitlets import Instance
+
+from scalebox_kernel.server.isolation import SANDBOX_RELAY, Jail, JailOptions, Limits, capabilities
+from scalebox_kernel.server.isolation.kernels import JailedKernelManager
+
+CAPS = capabilities()
+pytestmark = pytest.mark.skipif(not CAPS.namespaces, reason="no sandboxing here: " + "; ".join(CAPS.problems))
+needs_cgroups = pytest.mark.skipif(not CAPS.cgroups.has("memory"), reason="no writable memory cgroup")
+
+Result = tuple[int, str, str]
+
+
+class _OneSpec(KernelSpecManager):
+    spec = Instance(KernelSpec)
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        return self.spec
+
+
+MakeJail = Callable[..., Awaitable[Jail]]
+
+
+@pytest.fixture
+async def make_jail(tmp_path: Path) -> AsyncIterator[MakeJail]:
+    """Start jails below tmp_path (each with its own tree, as scalebox-local lays them out); stop them after."""
+    jails: list[Jail] = []
+
+    async def make(name: str = "sbx-a", **options: object) -> Jail:
+        private = tmp_path / "sandboxes" / name
+        for directory in ("home/user", "workspace", "tmp"):
+            (private / "root" / directory).mkdir(parents=True, exist_ok=True)
+        jail = Jail(CAPS, sandbox_id=name, root=private / "root", private_dir=private, options=JailOptions(**options))  # type: ignore[arg-type]
+        jails.append(jail)
+        await jail.start()
+        return jail
+
+    yield make
+    for jail in jails:
+        await jail.stop()
+
+
+async def start(jail: Jail, script: str, env: dict[str, str] | None = None, cwd: str = "/home/user"):  # type: ignore[no-untyped-def]
+    argv, host_env = jail.wrap(["/bin/sh", "-c", script], env=env or {"PATH": "/usr/bin:/bin"}, cwd=cwd)
+    return await asyncio.create_subprocess_exec(
+        *argv, env=host_env, stdout=-1, stderr=-1, stdin=-3, start_new_session=True, cwd=str(jail.root)
+    )
+
+
+async def run(jail: Jail, script: str, env: dict[str, str] | None = None, cwd: str = "/home/user") -> Result:
+    process = await start(jail, script, env, cwd)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def kill(process: asyncio.subprocess.Process) -> None:
+    """Kill a started process's whole group (its sandboxed program too) and reap it."""
+    os.killpg(process.pid, signal.SIGKILL)
+    await asyncio.wait_for(process.wait(), 10)
+
+
+@pytest.fixture
+def host_listener() -> socket.socket:
+    """A TCP listener on the host's loopback that sandbox code must not reach."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    yield server
+    server.close()
+
+
+async def test_runs_as_its_own_user_with_its_own_tree(make_jail: MakeJail) -> None:
+    jail = await make_jail(limits=Limits(processes=200))
+    code, out, err = await run(
+        jail, 'id -u; whoami; pwd; echo "$GREETING"; echo made > /workspace/out.csv; ls /', {"GREETING": "hi there"}
+    )
+    assert code == 0, err
+    uid, user, cwd, greeting, listing = out.split("\n", 4)
+    assert int(uid) == jail.identity.uid and int(uid) >= 600_000  # type: ignore[union-attr]
+    assert (user, cwd, greeting) == ("user", "/home/user", "hi there")
+    assert "workspace" in listing.split() and "work" not in listing.split()
+    host_file = jail.root / "workspace" / "out.csv"  # paths agree inside and out
+    assert host_file.read_text() == "made\n" and host_file.stat().st_uid == jail.identity.uid  # type: ignore[union-attr]
+    assert jail.info()["mode"] == "bwrap" and jail.info()["limits"]["processes"] == 200
+
+
+async def test_host_and_server_files_are_out_of_reach(make_jail: MakeJail) -> None:
+    jail = await make_jail()
+    secret = jail.private_dir / "secret.json"  # beside the root, like the server's data: not mounted
+    secret.write_text("{}")
+    prefix = Path(sys.prefix).resolve()  # bound read-only (it may sit in root's home, like pyenv's)
+    _, out, _ = await run(
+        jail,
+        f"cat {Path(__file__).resolve()} || echo no-repo; cat {secret} || echo no-secret;"
+        f" cat /etc/shadow || echo no-shadow; touch {prefix}/x /usr/x || echo read-only; ls -a {prefix.parent}",
+    )
+    assert "no-repo" in out and "no-secret" in out and "no-shadow" in out and "read-only" in out
+    if not prefix.is_relative_to("/usr"):  # nothing of the prefix's neighbours is visible
+        assert set(out.split("read-only\n")[1].split()) == {".", "..", prefix.name}
+
+
+async def test_host_paths_become_sandbox_paths_and_server_files_its_own(make_jail: MakeJail) -> None:
+    jail = await make_jail()
+    home = jail.root / "home" / "user"
+    assert jail.sandbox_value(f"{home}/bin:/usr/bin") == "/home/user/bin:/usr/bin"
+    assert jail.sandbox_value(f"-Xmx1g -Duser.home={home}") == "-Xmx1g -Duser.home=/home/user"
+    assert jail.sandbox_value(str(jail.root)) == "/" and jail.sandbox_value(f"{jail.root}x") == f"{jail.root}x"
+    made = home / "made" / "by" / "server.txt"  # as the file API would: root's, directories included
+    made.parent.mkdir(parents=True)
+    made.write_text("x")
+    jail.own_created(made)
+    assert {p.stat().st_uid for p in (made, made.parent, made.parent.parent)} == {jail.identity.uid}  # type: ignore[union-attr]
+    assert jail.has_program("sh", "/usr/bin:/bin") and not jail.has_program("no-such-program", "/usr/bin:/bin")
+    assert jail.has_program(str(made), "") is False and jail.has_program("/home/user/made/by/server.txt", "")
+
+
+async def test_privileged_launch_steps_ignore_the_sandboxes_environment(make_jail: MakeJail) -> None:
+    """LD_PRELOAD from a sandbox's envs is only seen by its own program, never by the root helpers before it."""
+    jail = await make_jail()
+    code, _, err = await run(jail, "true", {"PATH": "/usr/bin:/bin", "LD_PRELOAD": "/home/user/missing.so"})
+    assert code == 0
+    assert err.count("missing.so") == 1, err  # /bin/sh itself, nothing before it
+
+
+async def test_sandboxes_cannot_see_each_other(make_jail: MakeJail) -> None:
+    first, second = await make_jail("sbx-a"), await make_jail("sbx-b")
+    assert first.identity != second.identity
+    (first.root / "home" / "user" / "mine.txt").write_text("first's")
+    sleeper = await start(first, "echo started; exec sleep 30")
+    assert sleeper.stdout is not None and await sleeper.stdout.readline() == b"started\n"
+    _, out, _ = await run(
+        second,
+        f"ls {first.root} || echo no-tree; cat /home/user/mine.txt || echo no-file; ps -eo comm | grep -c sleep;"
+        f" kill -9 {sleeper.pid} || echo no-kill",
+    )
+    assert "no-tree" in out and "no-file" in out and "no-kill" in out
+    assert out.split("\n")[-3] == "1"  # only second's own holder sleeps there
+    assert sleeper.returncode is None
+    await kill(sleeper)
+
+
+async def test_no_internet_means_no_network(make_jail: MakeJail, host_listener: socket.socket) -> None:
+    jail = await make_jail(internet=False)
+    port = host_listener.getsockname()[1]
+    script = f"""
+import socket
+for host in ("127.0.0.1", "10.0.2.2", "1.1.1.1"):
+    try:
+        socket.create_connection((host, {port}), timeout=2).close(); print(host, "reached")
+    except OSError as exc:
+        print(host, "refused", type(exc).__name__)
+print(sorted(name for _, name in socket.if_nameindex()))
+"""
+    code, out, err = await run(jail, f"python3 -c '{script}'")
+    assert code == 0, err
+    assert "reached" not in out and out.count("refused") == 3
+    assert out.strip().endswith("['lo']")
+    assert jail.info()["network"] == "none"
+
+
+@pytest.mark.skipif(not CAPS.private_network, reason="slirp4netns is not installed")
+async def test_private_network_cannot_reach_host_loopback(make_jail: MakeJail, host_listener: socket.socket) -> None:
+    jail = await make_jail(internet=True)
+    port = host_listener.getsockname()[1]
+    script = f"""
+import socket
+for host in ("127.0.0.1", "10.0.2.2"):
+    try:
+        socket.create_connection((host, {port}), timeout=2).close(); print(host, "reached")
+    except OSError as exc:
+        print(host, "refused")
+print(sorted(name for _, name in socket.if_nameindex()))
+"""
+    code, out, err = await run(jail, f"python3 -c '{script}'")
+    assert code == 0, err
+    assert out.count("refused") == 2 and "tap0" in out
+    assert jail.info()["network"] == "private"
+
+
+async def test_sigint_reaches_the_program_not_the_wrappers(make_jail: MakeJail) -> None:
+    jail = await make_jail()
+    script = "import time\ntry:\n    print('ready', flush=True); time.sleep(30)\n"
+    script += "except KeyboardInterrupt:\n    print('caught')"
+    process = await start(jail, f'exec python3 -c "{script}"')
+    assert process.stdout is not None and await process.stdout.readline() == b"ready\n"
+    os.killpg(process.pid, signal.SIGINT)
+    out, _ = await asyncio.wait_for(process.communicate(), 10)
+    assert out == b"caught\n" and process.returncode == 0
+
+
+@needs_cgroups
+async def test_memory_limit_kills_the_allocation(make_jail: MakeJail) -> None:
+    jail = await make_jail(limits=Limits(memory_mb=128))
+    _, out, _ = await run(jail, "python3 -c 'b = bytearray(300 * 1024 * 1024); print(len(b))'; echo after $?")
+    assert "after 137" in out  # SIGKILLed by the OOM killer
+    assert jail.oom_kills() >= 1
+    _, out, _ = await run(jail, "echo still serving")
+    assert out == "still serving\n"
+
+
+@needs_cgroups
+async def test_process_limit_stops_a_fork_loop(make_jail: MakeJail) -> None:
+    jail = await make_jail(limits=Limits(processes=30))
+    script = """
+import subprocess
+children = []
+try:
+    for _ in range(100):
+        children.append(subprocess.Popen(["sleep", "20"]))
+except OSError as exc:
+    print("failed after", len(children), type(exc).__name__)
+for child in children:
+    child.kill()
+"""
+    code, out, err = await run(jail, f"python3 -c '{script}'")
+    assert code == 0, err
+    assert out.startswith("failed after") and int(out.split()[2]) < 30
+    assert jail.usage().processes < 30  # type: ignore[union-attr]
+
+
+@needs_cgroups
+async def test_cpu_quota_and_cpu_time(make_jail: MakeJail) -> None:
+    jail = await make_jail(limits=Limits(cpu_count=0.5))
+    before = jail.usage().cpu_seconds  # type: ignore[union-attr]
+    started = time.monotonic()
+    await run(jail, "timeout 1.5 sh -c 'while :; do :; done'")
+    wall = time.monotonic() - started
+    used = jail.usage().cpu_seconds - before  # type: ignore[union-attr,operator]
+    assert 0.1 * wall < used < 0.65 * wall, (used, wall)  # capped at half a CPU (less on a busy machine)
+
+
+@needs_cgroups
+async def test_freeze_stops_everything_and_keeps_it(make_jail: MakeJail) -> None:
+    jail = await make_jail()
+    counter = jail.root / "tmp" / "count"
+    process = await start(jail, "while :; do echo tick >> /tmp/count; done")
+    await asyncio.sleep(0.3)
+    await jail.freeze()
+    frozen_at, cpu = counter.stat().st_size, jail.usage().cpu_seconds  # type: ignore[union-attr]
+    await asyncio.sleep(0.5)
+    assert counter.stat().st_size == frozen_at and jail.usage().cpu_seconds == cpu  # type: ignore[union-attr]
+    await jail.thaw()
+    await asyncio.sleep(0.3)
+    assert counter.stat().st_size > frozen_at
+    assert process.returncode is None
+    await kill(process)
+
+
+async def test_stop_kills_everything_and_removes_cgroups(make_jail: MakeJail) -> None:
+    jail = await make_jail(limits=Limits(memory_mb=256))
+    process = await start(jail, "sleep 60 & sleep 60 & echo up; wait")
+    assert process.stdout is not None and await process.stdout.readline() == b"up\n"
+    directories = jail.cgroups.directories if jail.cgroups else []
+    await jail.stop()
+    assert await asyncio.wait_for(process.wait(), 5) != 0
+    assert not jail.running and not any(directory.exists() for directory in directories)
+    await jail.start()  # a stopped jail starts again with the same uid and files
+    _, out, _ = await run(jail, "id -u")
+    assert int(out) == jail.identity.uid  # type: ignore[union-attr]
+
+
+async def _kernel_answers(jail: Jail, relay: bool) -> str:
+    """Start ipykernel in the (network-less) jail over an IPC connection file and run one cell."""
+    connection = jail.run_dir / "kernel-test.json"
+    write_connection_file(str(connection), transport="ipc", ip=str(jail.run_dir / "kernel-test"), key=b"k" * 16)
+    info = json.loads(connection.read_text())
+    info["ip"] = jail.sandbox_path(info["ip"])  # the kernel binds its sockets at the sandbox's path
+    connection.write_text(json.dumps(info))
+    jail.own(connection, 0o600)
+    kernel = [sys.executable, "-m", "ipykernel_launcher", "-f", jail.sandbox_path(connection)]
+    argv = ["python3", SANDBOX_RELAY, jail.sandbox_path(connection), "--", *kernel] if relay else kernel
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/home/user", "JPY_PARENT_PID": str(os.getpid())}
+    host_argv, host_env = jail.wrap(argv, env=env, cwd="/home/user")
+    process = await asyncio.create_subprocess_exec(*host_argv, env=host_env, start_new_session=True, stderr=-1)
+    client = BlockingKernelClient()
+    client.load_connection_info(dict(info, ip=str(jail.run_dir / "kernel-test")))
+    client.start_channels()
+    try:
+        await asyncio.to_thread(client.wait_for_ready, 30)
+        reply = await asyncio.to_thread(client.execute_interactive, "import os; os.getuid() * 0 + 42", timeout=30)
+        assert reply["content"]["status"] == "ok"
+        return str(reply["content"]["status"])
+    finally:
+        client.stop_channels()
+        await kill(process)
+
+
+async def test_kernel_over_ipc_in_a_jail_without_network(make_jail: MakeJail) -> None:
+    jail = await make_jail(internet=False)
+    assert await _kernel_answers(jail, relay=False) == "ok"
+
+
+async def test_relay_serves_a_tcp_kernel_over_ipc(make_jail: MakeJail) -> None:
+    jail = await make_jail(internet=False)
+    assert await _kernel_answers(jail, relay=True) == "ok"
+
+
+async def test_jailed_kernel_manager_interrupt_keeps_state(make_jail: MakeJail) -> None:
+    """jupyter_client drives a kernel in the jail: a SIGINT interrupt stops a loop, variables stay; restart works."""
+    jail = await make_jail(internet=False)
+    spec = KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], language="python")
+    manager = JailedKernelManager(
+        jail=jail, connection_file=str(jail.run_dir / "kernel-py.json"), kernel_spec_manager=_OneSpec(spec=spec)
+    )
+    manager.kernel_name = "jailed"
+    await manager.start_kernel(env={"PATH": "/usr/bin:/bin", "HOME": "/home/user"})
+    client = manager.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=30)
+        reply = await client.execute_interactive("x = 41; import os; uid = os.getuid()", timeout=30)
+        assert reply["content"]["status"] == "ok"
+        assert (jail.run_dir / "kernel-py.json").stat().st_uid == jail.identity.uid  # type: ignore[union-attr]
+        loop = asyncio.create_task(client.execute_interactive("import time\nwhile True: time.sleep(0.05)", timeout=30))
+        await asyncio.sleep(1.0)
+        await manager.interrupt_kernel()
+        assert (await loop)["content"]["ename"] == "KeyboardInterrupt"
+        outputs: list[str] = []
+        reply = await client.execute_interactive(
+            "print(x + 1, uid)", timeout=30, output_hook=lambda m: outputs.append(m["content"].get("text", ""))
+        )
+        assert "".join(outputs).split() == ["42", str(jail.identity.uid)]  # type: ignore[union-attr]
+        await manager.restart_kernel(now=True)
+        await client.wait_for_ready(timeout=30)
+        reply = await client.execute_interactive("x", timeout=30)
+        assert reply["content"]["ename"] == "NameError"  # a restart clears the state
+    finally:
+        client.stop_channels()
+        await manager.shutdown_kernel(now=True)
+    assert not await manager.is_alive()

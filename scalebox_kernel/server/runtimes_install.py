@@ -68,6 +68,10 @@ def canonical_language(name: str) -> str:
     return key
 
 
+#: Tools that confine sandboxes -> the Debian package that has them.
+ISOLATION_TOOLS = {"bwrap": "bubblewrap", "slirp4netns": "slirp4netns"}
+
+
 class Installer:
     """Installs languages into a RuntimeStore; `install()` returns each language's outcome."""
 
@@ -90,6 +94,7 @@ class Installer:
         self.store.root.mkdir(parents=True, exist_ok=True)
         outcomes: dict[str, str] = {}
         with self._lock():
+            self._isolation_tools()
             todo = [lang for lang in languages if self.force or not self._current(lang)]
             for lang in languages:
                 if lang not in todo:
@@ -156,6 +161,21 @@ class Installer:
             outcomes[lang] = f"failed: {why} ({reason}; needs: apt-get install {' '.join(pkgs)})"
             self.say(f"{lang}: MISSING: {outcomes[lang][len('failed: ') :]}")
         return [lang for lang in todo if lang not in needs]
+
+    def _isolation_tools(self) -> None:
+        """bubblewrap and slirp4netns, which scalebox-local confines sandboxes with (issue 6); best effort: the
+        server still runs without them and says which protections are missing."""
+        missing = [pkg for tool, pkg in ISOLATION_TOOLS.items() if not shutil.which(tool)]
+        if not missing or sys.platform != "linux":
+            return
+        if not (self.is_root and shutil.which("apt-get")):
+            self.say(f"isolation: not root, so not installing {' '.join(missing)}; sandboxes will run unconfined")
+            return
+        self.say(f"isolation: apt-get install {' '.join(missing)}")
+        try:
+            self._apt(missing)
+        except InstallError as exc:
+            self.say(f"isolation: could not install {' '.join(missing)} ({exc}); sandboxes will run unconfined")
 
     def _apt(self, packages: list[str]) -> None:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

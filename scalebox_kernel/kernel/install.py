@@ -119,8 +119,8 @@ class InstallApp(JupyterApp):
                 source = write_kernelspec(lang, Path(tmp) / lang.kernel_name)
                 manager.install_kernel_spec(str(source), lang.kernel_name, user=user, prefix=prefix)
         if any(lang.key != "python" for lang in langs):
-            print("Languages other than Python run once scalebox-local (or your Scalebox cloud template) has them;")
-            print("until then their cells say which languages the sandbox offers.")
+            print("Each language runs once its runtime is on scalebox-local ('jupyter scalebox runtimes list' shows")
+            print("which are; 'jupyter scalebox runtimes install' adds them). Until then its cells say so.")
 
     def _uninstall(self, langs: list[KernelLanguage]) -> None:
         explicit = self.user or self.sys_prefix or self.prefix

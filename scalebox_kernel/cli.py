@@ -16,7 +16,7 @@ class ScaleboxApp(JupyterApp):
         "serve": ("scalebox_kernel.server.app.ServeApp", "Start scalebox-local, the embedded sandbox server."),
         "install": ("scalebox_kernel.kernel.install.InstallApp", "Install the Scalebox kernelspecs."),
         "runtimes": (
-            "scalebox_kernel.server.runtimes_install.RuntimesApp",
+            "scalebox_kernel.server.runtimes_cli.RuntimesApp",
             "Install or list the language runtimes of scalebox-local.",
         ),
         "list": ("scalebox_kernel.manage.ListApp", "List the sandboxes of the configured server."),

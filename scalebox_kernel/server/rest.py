@@ -175,29 +175,17 @@ class ControlPlane:
             return self.manager.isolation()
 
     def sandbox_data(self, record: SandboxRecord) -> dict[str, Any]:
-        """`data` of create, connect and get-info (PROTOCOL.md 1.6), snake_case plus the camelCase Python reads."""
-        now = time.time()
+        """`data` of create, connect and get-info (PROTOCOL.md 1.6), snake_case plus the camelCase Python reads:
+        a list item and more."""
         return {
-            "sandbox_id": record.sandbox_id,
-            "template_id": record.template,
-            "name": record.template,
+            **self.list_item(record),
             "alias": record.template,
-            "sandbox_domain": self.manager.domain(record.sandbox_id),
             "envd_access_token": record.token,
             "envdVersion": ENVD_VERSION,
             "clientID": "scalebox-local",
-            "status": record.state,
             "reason": record.reason,
-            "created_at": iso(record.created_at),
-            "started_at": iso(record.created_at),
             "paused_at": iso(record.paused_at),
-            "cpu_count": record.cpu_count,
-            "memory_mb": record.memory_mb,
-            "timeout": record.timeout,
-            "end_at": iso(record.end_at),
             "timeout_at": iso(record.end_at),
-            "uptime": int(now - record.created_at),
-            "metadata": dict(record.metadata),
             "env_vars": dict(record.envs),
             "auto_pause": record.auto_pause,
             "allow_internet_access": record.allow_internet_access,
@@ -206,6 +194,7 @@ class ControlPlane:
         }
 
     def list_item(self, record: SandboxRecord) -> dict[str, Any]:
+        """One sandbox of a list response."""
         return {
             "sandbox_id": record.sandbox_id,
             "template_id": record.template,

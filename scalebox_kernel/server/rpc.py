@@ -231,15 +231,10 @@ class AgentPlane:
         return codec.decode(data[0], request_type)
 
     def _call_info(self, request: Request, codec: Codec) -> CallInfo:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        raw_timeout = headers.get("connect-timeout-ms", "")
+        """Connect-Timeout-Ms is ignored on purpose: the SDKs send their request timeout there, and a long command
+        must not be killed on it."""
         interval = self.settings.keepalive_interval
-        ping = headers.get("keepalive-ping-interval", "")
+        ping = request.headers.get("keepalive-ping-interval", "")
         if ping.isdigit() and int(ping) > 0:
             interval = min(interval, float(ping))
-        return CallInfo(
-            codec=codec,
-            headers=headers,
-            timeout_ms=int(raw_timeout) if raw_timeout.isdigit() else None,
-            keepalive_interval=interval,
-        )
+        return CallInfo(codec=codec, keepalive_interval=interval)

@@ -1,4 +1,5 @@
-"""`jupyter scalebox runtimes install|list`: the language kernels scalebox-local runs, in a directory of their own.
+"""The installer behind `jupyter scalebox runtimes install`: the language kernels scalebox-local runs, in a
+directory of their own.
 
 Idempotent: a language whose marker, kernelspec and program are in place (and whose recipe has not changed) is
 skipped, so a re-run takes a second. Subprocess output goes to `<runtimes dir>/install.log`.
@@ -19,16 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_core.application import JupyterApp
-from traitlets import Bool, List, Unicode
-
 from .. import __version__
-from .runtimes_store import MARKER_FORMAT, ORDER, RuntimeStore, missing_reason
+from .runtimes_store import LANGUAGES, MARKER_FORMAT, ORDER, RuntimeStore, missing_reason
 
 BASE_PYTHON = "/usr/bin/python3"  # Debian's: usable by an unprivileged uid, unlike a python under root's home
 JAVA_OPTS = "-Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1"  # a small, quick-starting JVM per sandbox
-_ALIASES = {"python3": "python", "javascript": "nodejs", "node": "nodejs", "js": "nodejs", "deno": "typescript"}
-_ALIASES |= {"ts": "typescript", "ijava": "java"}
 
 
 @dataclass(frozen=True)
@@ -62,10 +58,10 @@ class InstallError(Exception):
 
 def canonical_language(name: str) -> str:
     key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in ORDER:
-        raise ValueError(f"unknown language {name!r}; choose from {', '.join(ORDER)}")
-    return key
+    for language, aliases in LANGUAGES.items():
+        if key in aliases:
+            return language
+    raise ValueError(f"unknown language {name!r}; choose from {', '.join(ORDER)}")
 
 
 #: Tools that confine sandboxes -> the Debian package that has them.
@@ -99,7 +95,7 @@ class Installer:
             for lang in languages:
                 if lang not in todo:
                     outcomes[lang] = "present"
-                    self.say(f"{lang}: already installed ({_versions_text(self.store.marker(lang))})")
+                    self.say(f"{lang}: already installed ({versions_text(self._versions(lang))})")
             if not todo:
                 return outcomes
             todo = self._system_packages(todo, outcomes)
@@ -112,8 +108,11 @@ class Installer:
                     self.say(f"{lang}: FAILED: {exc}")
                     continue
                 outcomes[lang] = "installed"
-                self.say(f"{lang}: ready ({_versions_text(self.store.marker(lang))})")
+                self.say(f"{lang}: ready ({versions_text(self._versions(lang))})")
         return outcomes
+
+    def _versions(self, lang: str) -> dict[str, str]:
+        return dict((self.store.marker(lang) or {}).get("versions", {}))
 
     def _current(self, lang: str) -> bool:
         marker = self.store.marker(lang)
@@ -256,7 +255,7 @@ class Installer:
             return
         if self.store.venv.exists():
             shutil.rmtree(self.store.venv)  # its base interpreter is gone
-        base = BASE_PYTHON if os.access(BASE_PYTHON, os.X_OK) else sys.executable
+        base = _base_python()
         self.say(f"venv: {base} -m venv {self.store.venv}")
         self._run([base, "-m", "venv", str(self.store.venv)])
 
@@ -364,97 +363,15 @@ def _first_line(argv: list[str]) -> str:
     return text.splitlines()[0] if text else "?"
 
 
+def _base_python() -> str:
+    """The interpreter the runtimes venv is made from."""
+    return BASE_PYTHON if os.access(BASE_PYTHON, os.X_OK) else sys.executable
+
+
 def _has_ensurepip() -> bool:
-    base = BASE_PYTHON if os.access(BASE_PYTHON, os.X_OK) else sys.executable
-    return subprocess.run([base, "-c", "import ensurepip"], capture_output=True, check=False).returncode == 0
+    return subprocess.run([_base_python(), "-c", "import ensurepip"], capture_output=True, check=False).returncode == 0
 
 
-def _versions_text(marker: dict[str, Any] | None) -> str:
-    versions = (marker or {}).get("versions", {})
+def versions_text(versions: dict[str, str]) -> str:
+    """`python 3.11.2, numpy 2.1.0`: a language's versions on one line."""
     return ", ".join(f"{name} {version}" for name, version in versions.items())
-
-
-def _chosen(values: list[str]) -> list[str]:
-    names = [part.strip() for value in values for part in value.split(",") if part.strip()]
-    if not names or "all" in names:
-        return list(ORDER)
-    return list(dict.fromkeys(canonical_language(name) for name in names))
-
-
-class RuntimesInstallApp(JupyterApp):
-    name = "jupyter-scalebox-runtimes-install"
-    description = "Install the language kernels scalebox-local runs (default: all six) into the runtimes directory."
-    examples = """
-jupyter scalebox runtimes install                      # python, r, nodejs, typescript, java, bash
-jupyter scalebox runtimes install --language r --language java
-SCALEBOX_RUNTIMES_DIR=/srv/runtimes jupyter scalebox runtimes install --best-effort
-"""
-    languages = List(Unicode(), config=True, help=f"Languages to install (default: all of {', '.join(ORDER)}).")
-    force = Bool(False, config=True, help="Reinstall even what is already installed.")
-    best_effort = Bool(
-        False, config=True, help="Exit with 0 even when some languages could not be installed (they are listed)."
-    )
-    aliases = {"language": "RuntimesInstallApp.languages"}
-    flags = {
-        "force": ({"RuntimesInstallApp": {"force": True}}, "Reinstall even what is already installed."),
-        "best-effort": (
-            {"RuntimesInstallApp": {"best_effort": True}},
-            "Exit with 0 even when some languages could not be installed (they are listed).",
-        ),
-    }
-
-    def start(self) -> None:
-        try:
-            languages = _chosen(self.languages)
-        except ValueError as exc:
-            self.log.error("%s", exc)
-            self.exit(2)
-        store = RuntimeStore()
-        print(f"Runtimes directory: {store.root}")
-        started = time.monotonic()
-        outcomes = Installer(store, force=self.force).install(languages)
-        failed = {lang: why for lang, why in outcomes.items() if why.startswith("failed")}
-        print(f"Done in {time.monotonic() - started:.1f} s: {len(outcomes) - len(failed)} of {len(outcomes)} ready.")
-        for lang, why in failed.items():
-            print(f"  {lang} is missing: {why.removeprefix('failed: ')}")
-        if failed and not self.best_effort:
-            self.exit(1)
-
-
-class RuntimesListApp(JupyterApp):
-    name = "jupyter-scalebox-runtimes-list"
-    description = "Show which languages scalebox-local can run, with versions, and why the others are missing."
-    json_output = Bool(False, config=True, help="Print JSON instead of a table.")
-    flags = {"json": ({"RuntimesListApp": {"json_output": True}}, "Print JSON instead of a table.")}
-
-    def start(self) -> None:
-        store = RuntimeStore()
-        statuses = [store.status(lang) for lang in ORDER]
-        if self.json_output:
-            print(json.dumps({"dir": str(store.root), "languages": [s.as_json() for s in statuses]}, indent=1))
-            return
-        print(f"Runtimes directory: {store.root}")
-        for status in statuses:
-            if status.state == "installed":
-                versions = ", ".join(f"{name} {version}" for name, version in status.versions.items())
-                print(f"  {status.language:<11} installed  {versions}\n  {'':<11}            {status.path}")
-            else:
-                print(f"  {status.language:<11} {status.state:<10} {status.reason}")
-
-
-class RuntimesApp(JupyterApp):
-    name = "jupyter-scalebox-runtimes"
-    description = "Manage the language runtimes of scalebox-local (install, list)."
-    subcommands = {
-        "install": (RuntimesInstallApp, RuntimesInstallApp.description),
-        "list": (RuntimesListApp, RuntimesListApp.description),
-    }
-
-    def start(self) -> None:
-        if self.subapp is None:
-            print(f"{self.description}\n\nSubcommands: install, list")
-            self.exit(1)
-        super().start()
-
-
-main = RuntimesApp.launch_instance

@@ -27,8 +27,16 @@ from typing import Any
 
 ENV_VAR = "SCALEBOX_RUNTIMES_DIR"
 ROOT_DEFAULT = Path("/opt/scalebox/runtimes")
-#: Languages in the order they are listed and installed.
-ORDER = ("python", "r", "nodejs", "typescript", "java", "bash")
+#: Canonical language name -> every name accepted for it (lower case), in the order languages are listed and installed.
+LANGUAGES: dict[str, tuple[str, ...]] = {
+    "python": ("python", "python3"),
+    "r": ("r",),
+    "nodejs": ("nodejs", "javascript", "node", "js"),
+    "typescript": ("typescript", "deno", "ts"),
+    "java": ("java", "ijava"),
+    "bash": ("bash",),
+}
+ORDER = tuple(LANGUAGES)
 #: Bumped when what a marker promises changes, so that re-runs redo older installs.
 MARKER_FORMAT = 1
 
@@ -53,10 +61,6 @@ class RuntimeStatus:
     versions: dict[str, str] = field(default_factory=dict)
     path: str = ""
     reason: str = ""
-
-    @property
-    def usable(self) -> bool:
-        return self.state != "missing"
 
     def as_json(self) -> dict[str, Any]:
         return {

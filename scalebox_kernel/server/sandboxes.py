@@ -14,6 +14,7 @@ from typing import Any
 
 from . import metrics
 from .agent import SandboxAgent
+from .isolation.sandbox import SandboxIsolation
 from .settings import ServerSettings
 from .store import PAUSED, RUNNING, TERMINATED, SandboxRecord, SandboxStore, iso
 
@@ -125,11 +126,9 @@ class SandboxManager:
         self.store.close()
 
     def isolation(self) -> dict[str, Any]:
-        """What protections sandboxes get on this server (asked of an agent that is never started)."""
-        agent = SandboxAgent(
-            sandbox_id="probe", root=self.settings.sandbox_root("probe"), envs={}, settings=self.settings
-        )
-        return agent.isolation()
+        """What protections sandboxes get on this server (asked of an isolation that is never started)."""
+        root = self.settings.sandbox_root("probe")
+        return SandboxIsolation(self.settings, sandbox_id="probe", root=root, private_dir=root.parent).info()
 
     # ---- lookups ------------------------------------------------------------------------------------------------
 
@@ -171,8 +170,7 @@ class SandboxManager:
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
     async def create(self, spec: CreateSpec) -> SandboxRecord:
-        if spec.timeout < 1 or spec.timeout > self.settings.max_timeout:
-            raise BadRequest(f"timeout must be between 1 and {self.settings.max_timeout} seconds")
+        self._check_timeout(spec.timeout)
         now = time.time()
         record = SandboxRecord(
             sandbox_id="sbx-" + secrets.token_hex(8),
@@ -267,7 +265,8 @@ class SandboxManager:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
     def _tree(self, sandbox_id: str) -> Path:
-        return self.settings.data_path / "sandboxes" / sandbox_id
+        """The sandbox's directory: its root tree and, beside it, its private files."""
+        return self.settings.sandbox_root(sandbox_id).parent
 
     def _new_agent(self, record: SandboxRecord) -> SandboxAgent:
         return SandboxAgent(
@@ -288,7 +287,10 @@ class SandboxManager:
             agent.mark_state_lost(reason)
         self._agents[record.sandbox_id] = agent
 
-    async def _shutdown_agent(self, sandbox_id: str, agent: SandboxAgent) -> None:
+    async def _shutdown_agent(self, sandbox_id: str, agent: SandboxAgent, *, paused: bool = False) -> None:
+        if paused:
+            with contextlib.suppress(Exception):
+                await agent.resume()  # stopped processes cannot shut down cleanly
         try:
             await agent.shutdown()
         except Exception:
@@ -316,10 +318,7 @@ class SandboxManager:
     async def _terminate(self, record: SandboxRecord, reason: str) -> None:
         agent = self._agents.pop(record.sandbox_id, None)
         if agent is not None:
-            if record.state == PAUSED:
-                with contextlib.suppress(Exception):
-                    await agent.resume()  # stopped processes cannot shut down cleanly
-            await self._shutdown_agent(record.sandbox_id, agent)
+            await self._shutdown_agent(record.sandbox_id, agent, paused=record.state == PAUSED)
         await asyncio.to_thread(shutil.rmtree, self._tree(record.sandbox_id), True)
         record.state = TERMINATED
         record.reason = reason
@@ -370,10 +369,7 @@ class SandboxManager:
 
     async def _stop_paused(self, record: SandboxRecord) -> None:
         """Free the memory of a long-paused sandbox: stop its processes, keep its files."""
-        agent = self._agents.pop(record.sandbox_id)
-        with contextlib.suppress(Exception):
-            await agent.resume()
-        await self._shutdown_agent(record.sandbox_id, agent)
+        await self._shutdown_agent(record.sandbox_id, self._agents.pop(record.sandbox_id), paused=True)
         self._lost[record.sandbox_id] = (
             f"the sandbox was paused for more than {self.settings.pause_stop_after:.0f} s, so its processes were "
             "stopped to free memory"

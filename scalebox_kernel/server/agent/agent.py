@@ -16,14 +16,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ...protocol.connect import ConnectError
+from ..isolation.layout import HOME, USER_DIRS
 from ..isolation.sandbox import SandboxIsolation
 from ..runtimes_store import runtimes_dir
 from ..settings import ServerSettings
 from . import transfer
 from .execution import Contexts
 from .filesystem import Filesystem
-from .paths import HOME, SANDBOX_DIRS, SandboxPaths
+from .paths import SandboxPaths
 from .process import ProcessManager
 from .runtimes import RuntimeRegistry, default_registry, sandbox_bin_dirs, sandbox_language_env
 from .watch import Watchers
@@ -106,7 +106,7 @@ class SandboxAgent:
     def _make_tree(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
-        for directory in SANDBOX_DIRS:
+        for directory in USER_DIRS:
             (self.root / directory.lstrip("/")).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "tmp", 0o1777)
         profile = self.root / HOME.lstrip("/") / ".profile"
@@ -135,10 +135,6 @@ class SandboxAgent:
     def mark_state_lost(self, reason: str) -> None:
         self.contexts.mark_state_lost(reason)
 
-    @property
-    def is_busy(self) -> bool:
-        return self.contexts.busy or self.processes.busy()
-
     def isolation(self) -> dict[str, Any]:
         """What protections are in effect for this sandbox (get_info's `isolation`)."""
         return self.confinement.info()
@@ -162,11 +158,7 @@ class SandboxAgent:
         return env
 
     def _command_cwd(self, cwd: str) -> Path:
-        sandbox_cwd = self.paths.normalize(cwd or HOME)
-        host = self.paths.to_host(sandbox_cwd)
-        if not host.is_dir():
-            raise ConnectError("invalid_argument", f"cwd {sandbox_cwd} is not a directory in this sandbox")
-        return host
+        return self.paths.cwd(cwd)[1]
 
     # ------------------------------------------------------------------ plain HTTP
 

@@ -18,10 +18,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ...protocol import pb
 from ...protocol.connect import ConnectError
+from ..isolation.layout import HOME
 from ..isolation.sandbox import SandboxIsolation
 from ..settings import ServerSettings
-from .kernels import Kernel
-from .paths import HOME, SandboxPaths
+from .kernels import Kernel, restarted_notice
+from .paths import SandboxPaths
 from .runtimes import LANGUAGES, KernelLaunch, LaunchContext, Runtime, RuntimeRegistry
 
 _CONTEXT_ID = re.compile(r"^(?P<language>[a-z]+)-[0-9a-f]{16}$")
@@ -52,7 +53,7 @@ class Contexts:
         settings: ServerSettings,
         runtime_dir: Path,
         env: Callable[[], dict[str, str]],
-        isolation: SandboxIsolation | None = None,
+        isolation: SandboxIsolation,
     ) -> None:
         self.registry = registry
         self._isolation = isolation
@@ -72,10 +73,7 @@ class Contexts:
     def create(self, language: str, cwd: str = "", *, context_id: str | None = None) -> CodeContext:
         """A new context (its kernel starts in the background at once)."""
         runtime = self.registry.resolve(language)
-        sandbox_cwd = self._paths.normalize(cwd or HOME)
-        host_cwd = self._paths.to_host(sandbox_cwd)
-        if not host_cwd.is_dir():
-            raise ConnectError("invalid_argument", f"cwd {sandbox_cwd} is not a directory in this sandbox")
+        sandbox_cwd, host_cwd = self._paths.cwd(cwd)
         context_id = context_id or f"{runtime.name}-{secrets.token_hex(8)}"
         home = self._paths.to_host(HOME)
 
@@ -147,10 +145,7 @@ class Contexts:
             self._lost_languages.discard(context.runtime.name)
 
     def _lost_notice(self, runtime: Runtime) -> str:
-        return (
-            f"scalebox-local: the {runtime.name} kernel of this sandbox was restarted ({self._lost_reason}); "
-            "variables from earlier cells are gone.\n"
-        )
+        return restarted_notice(runtime, f"of this sandbox was restarted ({self._lost_reason})")
 
     def pause(self) -> None:
         self._paused = True
@@ -168,10 +163,6 @@ class Contexts:
         self._defaults.clear()
         for context in contexts:
             await context.kernel.shutdown()
-
-    @property
-    def busy(self) -> bool:
-        return any(context.kernel.busy for context in self._contexts.values())
 
     # ------------------------------------------------------------------ RPCs
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import queue
 import signal
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -26,6 +25,7 @@ from ...protocol import pb
 from ...protocol.connect import ConnectError
 from ...protocol.mime import bundle_to_fields
 from ..isolation.sandbox import SandboxIsolation
+from .process import signal_group
 from .runtimes import KernelLaunch, Runtime
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ class _Cell:
         self.items.put_nowait(item)
 
 
+def restarted_notice(runtime: Runtime, why: str) -> str:
+    """The stderr line a cell gets before it runs in a kernel that lost the state of earlier cells."""
+    return f"scalebox-local: the {runtime.name} kernel {why}; variables from earlier cells are gone.\n"
+
+
 def _stderr(text: str) -> pb.ExecuteResponse:
     return pb.ExecuteResponse(stderr=pb.Output(content=text))
 
@@ -75,7 +80,7 @@ class Kernel:
         runtime_dir: Path,
         name: str,
         start_timeout: float,
-        isolation: SandboxIsolation | None = None,
+        isolation: SandboxIsolation,
     ) -> None:
         self.runtime = runtime
         self._launch = launch
@@ -118,17 +123,13 @@ class Kernel:
         if self._km is not None and await self._km.is_alive():
             return
         if self._km is not None:
-            self.notice = self.notice or (
-                f"scalebox-local: the {self.runtime.name} kernel of this context had stopped and was restarted; "
-                "variables from earlier cells are gone.\n"
-            )
+            self.notice = self.notice or restarted_notice(self.runtime, "of this context had stopped and was restarted")
             await self._stop()
         await self._start()
 
     async def _start(self) -> None:
         launch = self._launch()
-        if self._isolation is not None:
-            self._isolation.own_paths_in(launch.env)  # package directories the runtime made for the kernel
+        self._isolation.own_paths_in(launch.env)  # package directories the runtime made for the kernel
         spec = KernelSpec(
             argv=launch.argv,
             env={},
@@ -143,11 +144,8 @@ class Kernel:
             kernel_spec_manager=_OneSpec(spec=spec),
             connection_file=str(self._runtime_dir / f"kernel-{self._name}.json"),
         )
-        if self._isolation is not None:
-            await self._isolation.ensure_running()
-            km = self._isolation.kernel_manager(relay=not self.runtime.ipc_transport, cwd=self._cwd, **manager)
-        else:
-            km = AsyncKernelManager(transport="tcp", ip="127.0.0.1", **manager)
+        await self._isolation.ensure_running()
+        km = self._isolation.kernel_manager(relay=not self.runtime.ipc_transport, cwd=self._cwd, **manager)
         self._log = open(self._runtime_dir / f"kernel-{self._name}.log", "ab")  # noqa: SIM115 (closed in _stop)
         self._km = km
         try:
@@ -201,8 +199,7 @@ class Kernel:
         km = km or self._km
         process = getattr(km.provisioner, "process", None) if km is not None and km.provisioner else None
         if process is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signum)
+            signal_group(process.pid, signum)
 
     def pause(self) -> None:
         self._paused = True
@@ -211,10 +208,6 @@ class Kernel:
     def resume(self) -> None:
         self._paused = False
         self.signal_group(signal.SIGCONT)
-
-    @property
-    def busy(self) -> bool:
-        return self.lock.locked()
 
     # ------------------------------------------------------------------ cells
 
@@ -312,10 +305,7 @@ class Kernel:
                 if interrupt_deadline is not None and self._paused:
                     interrupt_deadline = loop.time() + INTERRUPT_GRACE  # a stopped kernel cannot react yet
                 if interrupt_deadline is not None and loop.time() > interrupt_deadline:
-                    self.notice = (
-                        f"scalebox-local: the {self.runtime.name} kernel did not stop when interrupted, so it was "
-                        "restarted; variables from earlier cells are gone.\n"
-                    )
+                    self.notice = restarted_notice(self.runtime, "did not stop when interrupted, so it was restarted")
                     await self.restart()
                     return
                 if idle:  # only the reply is missing now: wait for it, not for more iopub
@@ -376,10 +366,7 @@ class Kernel:
     async def _interrupt(self) -> bool:
         """Interrupt the running cell; True if the kernel had to be restarted instead."""
         if self.runtime.interrupt_restarts:
-            self.notice = (
-                f"scalebox-local: the {self.runtime.name} kernel cannot be interrupted, so it was restarted; "
-                "variables from earlier cells are gone.\n"
-            )
+            self.notice = restarted_notice(self.runtime, "cannot be interrupted, so it was restarted")
             await self.restart()
             return True
         assert self._km is not None
@@ -390,7 +377,7 @@ class Kernel:
     def _died(self) -> pb.ExecuteResponse:
         value = f"the {self.runtime.name} kernel died while running this cell (restarted; state was lost)"
         name = "KernelDied"
-        out_of_memory = self._isolation.out_of_memory() if self._isolation is not None else None
+        out_of_memory = self._isolation.out_of_memory()
         if out_of_memory:  # the cgroup's OOM killer took the kernel
             name = "OutOfMemory"
             value = f"{out_of_memory}; the {self.runtime.name} kernel was restarted and its state lost"

@@ -13,10 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...protocol.connect import ConnectError
-
-HOME = "/home/user"
-#: Directories every sandbox has (the default cwd, the Session API's workspace, scratch space).
-SANDBOX_DIRS = (HOME, "/workspace", "/tmp")
+from ..isolation.layout import HOME
 
 
 class SandboxPaths:
@@ -53,13 +50,17 @@ class SandboxPaths:
             raise ConnectError("permission_denied", f"path {sandbox_path} is outside the sandbox")
         return host
 
+    def cwd(self, path: str) -> tuple[str, Path]:
+        """(sandbox path, host path) of the working directory a client named (empty: the home directory)."""
+        sandbox_path = self.normalize(path or HOME)
+        host = self.to_host(sandbox_path)
+        if not host.is_dir():
+            raise ConnectError("invalid_argument", f"cwd {sandbox_path} is not a directory in this sandbox")
+        return sandbox_path, host
+
     def contains(self, host: Path) -> bool:
         """Whether an already resolved host path is the root or below it."""
         return host == self.root or host.is_relative_to(self.root)
-
-    def resolves_inside(self, host: Path) -> bool:
-        """Whether a host path, with every symlink followed, stays inside the root."""
-        return self.contains(Path(os.path.realpath(host)))
 
     def to_sandbox(self, host: Path) -> str:
         """The sandbox path of a host path below the root (for EntryInfo.path and messages)."""

@@ -75,8 +75,13 @@ class Command:
         return info
 
     def signal_group(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signum)  # started with setsid: the group id is the pid
+        signal_group(self.pid, signum)  # started with setsid: the group id is the pid
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    """Signal a process group that may have gone already (or, in a jail, belong to another uid)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
 
 
 async def _read_pipe(stream: asyncio.StreamReader, emit: Callable[[bytes], None]) -> None:
@@ -125,23 +130,20 @@ class ProcessManager:
 
     async def start(self, request: pb.StartRequest, keepalive: float) -> AsyncIterator[pb.StartResponse]:
         command = await self._spawn(request)
-        queue = command.subscribe()
-        yield pb.StartResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=command.pid)))
-        async for event in self._follow(command, queue, keepalive):
+        async for event in self._follow(command, keepalive):
             yield pb.StartResponse(event=event)
 
     async def connect(self, request: pb.ConnectRequest, keepalive: float) -> AsyncIterator[pb.ConnectResponse]:
         command = self._select(request.process, finished_too=True)
-        queue = command.subscribe()
-        yield pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=command.pid)))
-        async for event in self._follow(command, queue, keepalive):
+        async for event in self._follow(command, keepalive):
             yield pb.ConnectResponse(event=event)
 
-    async def _follow(
-        self, command: Command, queue: asyncio.Queue[pb.ProcessEvent], keepalive: float
-    ) -> AsyncIterator[pb.ProcessEvent]:
-        """Events for one attached stream until the command ends; leaving early leaves the command running."""
+    async def _follow(self, command: Command, keepalive: float) -> AsyncIterator[pb.ProcessEvent]:
+        """Events for one attached stream, the start event first, until the command ends; leaving early leaves the
+        command running."""
+        queue = command.subscribe()
         try:
+            yield pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=command.pid))
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), keepalive)
@@ -329,9 +331,6 @@ class ProcessManager:
                     os.close(command.master_fd)
                 command.master_fd = None
         self._commands.clear()
-
-    def busy(self) -> bool:
-        return bool(self.running)
 
 
 def _set_size(master_fd: int, size: pb.PTY.Size) -> None:

@@ -7,7 +7,7 @@ Handlers raise `ConnectError` for errors; streaming handlers are async generator
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +25,6 @@ class CallInfo:
     """What the dispatcher knows about one call besides its request message."""
 
     codec: Codec  # PROTO or JSON, from the request's Content-Type
-    headers: Mapping[str, str]  # request headers (lower-case keys)
-    timeout_ms: int | None  # Connect-Timeout-Ms if sent (long commands are NOT killed on it)
     keepalive_interval: float  # seconds; streams yield a keepalive at least this often when quiet
 
 

@@ -18,18 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ...protocol.connect import ConnectError
-from ..runtimes_store import RuntimeStore
+from ..runtimes_store import LANGUAGES, RuntimeStore
 from ..settings import ServerSettings
 
-#: Canonical language name -> every name accepted on the wire for it (lower case).
-LANGUAGES: dict[str, tuple[str, ...]] = {
-    "python": ("python", "python3"),
-    "r": ("r",),
-    "nodejs": ("nodejs", "javascript", "node", "js"),
-    "typescript": ("typescript", "deno", "ts"),
-    "java": ("java", "ijava"),
-    "bash": ("bash",),
-}
 _CANONICAL = {alias: name for name, aliases in LANGUAGES.items() for alias in aliases}
 
 

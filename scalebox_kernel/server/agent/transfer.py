@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from ...protocol.connect import ConnectError
+from ..bodies import error_response
 from .filesystem import missing, os_error
 from .paths import SandboxPaths
 
@@ -32,11 +33,6 @@ class _UploadError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def error_response(status: int, message: str) -> JSONResponse:
-    """The JSON error body both SDKs read (`message`, which Python puts in its exception)."""
-    return JSONResponse({"code": status, "message": message}, status_code=status)
 
 
 def _connect_error_response(exc: ConnectError) -> JSONResponse:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .detect import GROUP_DIR, CgroupLayout, _enable_v2
+from .detect import GROUP_DIR, CgroupLayout, _enable_v2, _read
 
 CFS_PERIOD_US = 100_000
 POLL = 0.01  # seconds between checks while freezing or emptying a cgroup
@@ -39,13 +39,6 @@ class Usage:
     memory_peak_bytes: int | None
     processes: int | None
     oom_kills: int
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
 
 
 def _keyed(path: Path, key: str) -> int | None:
@@ -191,10 +184,6 @@ class SandboxCgroups:
 
     async def thaw(self) -> None:
         self._write_freezer(False)
-
-    @property
-    def frozen(self) -> bool:
-        return self.can_freeze and self._freezer_state() == "FROZEN"
 
     # ------------------------------------------------------------------ usage and kill
 

@@ -29,6 +29,7 @@ from typing import Any
 from .cgroups import Limits, SandboxCgroups, Usage
 from .detect import Capabilities
 from .layout import (
+    HOME,
     RESERVED,
     SANDBOX_RELAY,
     SANDBOX_RUN,
@@ -143,7 +144,7 @@ class Jail:
                 argv += ["--ro-bind", str(host), f"/etc/{name}"]
         argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm"]
         argv += ["--bind", str(self.run_dir), SANDBOX_RUN, "--ro-bind", str(RELAY_SOURCE), SANDBOX_RELAY]
-        argv += ["--chdir", "/home/user", "--"]
+        argv += ["--chdir", HOME, "--"]
         # The one task of the holder: tell the server the mounts are in place, then wait as the sandbox's uid.
         argv += [*self._drop_privileges(), "/bin/sh", "-c", "echo ready; exec sleep infinity"]
         return argv
@@ -335,7 +336,7 @@ class Jail:
     def has_program(self, program: str, path_env: str) -> bool:
         """Whether `program` (a path, or a name looked up on the sandbox's PATH) exists inside the sandbox."""
         if "/" in program:
-            candidates = [program if program.startswith("/") else "/home/user/" + program]
+            candidates = [program if program.startswith("/") else f"{HOME}/{program}"]
         else:
             directories = [self.sandbox_value(d) for d in path_env.split(os.pathsep) if d.startswith("/")]
             candidates = [f"{d.rstrip('/')}/{program}" for d in directories]

@@ -16,7 +16,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import Bool, Instance, Unicode
 
 from .jail import Jail
-from .layout import SANDBOX_RELAY
+from .layout import HOME, SANDBOX_RELAY
 
 
 def relay_python() -> str:
@@ -29,7 +29,7 @@ class JailedKernelManager(AsyncKernelManager):
 
     jail = Instance(Jail)
     relay = Bool(False, help="Run the kernel behind the IPC relay (jjava, deno and tslab only speak TCP).")
-    sandbox_cwd = Unicode("/home/user", help="The kernel's working directory, as the sandbox sees it.")
+    sandbox_cwd = Unicode(HOME, help="The kernel's working directory, as the sandbox sees it.")
 
     def __init__(self, **kwargs: Any) -> None:
         jail: Jail = kwargs["jail"]

@@ -24,8 +24,10 @@ SYSTEM_DIRS = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib6
 SANDBOX_RUN = "/run/scalebox"
 #: Where the sandbox sees the relay script (kernels without IPC support).
 SANDBOX_RELAY = "/run/scalebox-relay.py"
-#: Sandbox directories owned by the sandbox's uid.
-USER_DIRS = ("/home/user", "/workspace", "/tmp")
+#: The sandbox user's home: the default cwd, and where relative sandbox paths start.
+HOME = "/home/user"
+#: Directories every sandbox has, owned by its uid (the default cwd, the Session API's workspace, scratch space).
+USER_DIRS = (HOME, "/workspace", "/tmp")
 #: Top-level names of the tree that belong to the system (mount points), never handed to the sandbox's uid.
 RESERVED = frozenset({d.strip("/") for d in SYSTEM_DIRS} | {"proc", "dev", "run", "home", "root", "sys"})
 RECORD = "isolation.json"
@@ -177,7 +179,7 @@ def write_etc(etc_dir: Path, identity: Identity, hostname: str, *, nameserver: s
     files = {
         "passwd": (
             "root:x:0:0:root:/root:/bin/bash\n"
-            f"{SANDBOX_USER}:x:{identity.uid}:{identity.gid}:sandbox user:/home/user:/bin/bash\n"
+            f"{SANDBOX_USER}:x:{identity.uid}:{identity.gid}:sandbox user:{HOME}:/bin/bash\n"
             "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
         ),
         "group": f"root:x:0:\n{SANDBOX_USER}:x:{identity.gid}:\nnogroup:x:65534:\n",

@@ -19,6 +19,7 @@ from ..settings import ServerSettings
 from .cgroups import Limits, Usage
 from .detect import Capabilities, capabilities
 from .jail import Jail, JailOptions
+from .layout import HOME
 
 NONE_NOTE = (
     "kernels and commands run on the host as the server's user; only the file APIs are confined to the "
@@ -72,7 +73,7 @@ class SandboxIsolation:
                 internet=internet,
                 uid_base=settings.sandbox_uid_base,
                 runtime=tuple(runtime),
-                seeds=((str(settings.cache_dir), "/home/user/.cache/scalebox"),),  # matplotlib's font cache
+                seeds=((str(settings.cache_dir), f"{HOME}/.cache/scalebox"),),  # matplotlib's font cache
             )
             self.jail = Jail(caps, sandbox_id=sandbox_id, root=root, private_dir=private_dir, options=options)
         self._oom_seen = 0
@@ -95,18 +96,14 @@ class SandboxIsolation:
 
     # ------------------------------------------------------------------ pause
 
-    async def freeze(self) -> bool:
-        """Freeze every process of the sandbox; False when there is no freezer (the caller stops them itself)."""
-        if self.jail is None or not self.jail.can_freeze:
-            return False
-        await self.jail.freeze()
-        return True
+    async def freeze(self) -> None:
+        """Freeze every process of the sandbox, where there is a freezer (the agent SIGSTOPs what it started too)."""
+        if self.jail is not None and self.jail.can_freeze:
+            await self.jail.freeze()
 
-    async def thaw(self) -> bool:
-        if self.jail is None or not self.jail.can_freeze:
-            return False
-        await self.jail.thaw()
-        return True
+    async def thaw(self) -> None:
+        if self.jail is not None and self.jail.can_freeze:
+            await self.jail.thaw()
 
     # ------------------------------------------------------------------ launching
 

@@ -409,3 +409,15 @@ def test_kernel_status_panel_buttons(kernel: KernelRun) -> None:
     assert by_type(outputs, "stream")[0]["text"] == "kept\n"
     click(kernel, buttons["Kill"])
     assert wait_for(lambda: sid not in {info.sandbox_id for info in Sandbox.list()})
+
+
+def test_configured_execution_timeout_interrupts_a_cell(shell: InteractiveShell) -> None:
+    config = magics().sessions.config
+    config.execution_timeout = 1.0
+    try:
+        result, captured = run(shell, "%%scalebox\nimport time\ntime.sleep(60)")
+    finally:
+        config.execution_timeout = 0.0
+    assert type(result.error_in_exec).__name__ == "ExecutionTimeout"
+    assert "longer than 1 s" in captured.stdout
+    assert ok(shell, "%%scalebox\nprint('still here')").stdout == "still here\n"

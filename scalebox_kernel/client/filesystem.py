@@ -208,21 +208,14 @@ class AsyncFilesystem:
 
 
 def _upload_entry(response: httpx.Response, path: str) -> EntryInfo | None:
-    """The entry an upload answer describes, if it is JSON (one object or a list of one)."""
+    """The entry an upload answer describes, if it is JSON (one object or a list of one, maybe inside `data`)."""
     try:
         body: Any = response.json()
     except ValueError:
         return None
-    if isinstance(body, list):
-        body = body[0] if body else None
+    body = _first(body)
     if isinstance(body, dict) and isinstance(body.get("data"), dict | list):
-        return _upload_entry_from(body["data"], path)
-    return _upload_entry_from(body, path)
-
-
-def _upload_entry_from(body: Any, path: str) -> EntryInfo | None:
-    if isinstance(body, list):
-        body = body[0] if body else None
+        body = _first(body["data"])
     if not isinstance(body, dict) or not (body.get("path") or body.get("name")):
         return None
     kind = str(body.get("type", "file")).lower()
@@ -232,3 +225,10 @@ def _upload_entry_from(body: Any, path: str) -> EntryInfo | None:
         path=str(body.get("path") or path),
         size=int(body.get("size") or 0),
     )
+
+
+def _first(body: Any) -> Any:
+    """The first item of a JSON list (None if empty); anything else as it is."""
+    if isinstance(body, list):
+        return body[0] if body else None
+    return body

@@ -9,6 +9,7 @@ waiting cancels the coroutine there (which closes its stream: the agent interrup
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import os
 import threading
@@ -49,7 +50,12 @@ class Portal:
                 self._loop, self._thread, self._pid = loop, thread, os.getpid()
             return self._loop
 
+    def submit(self, coro: Coroutine[Any, Any, R]) -> concurrent.futures.Future[R]:
+        """Schedule `coro` on the portal's loop; the future can be waited on, or cancelled, from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop())
+
     def run(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Run `coro` on the portal's loop and wait; a KeyboardInterrupt while waiting cancels it."""
         loop = self.loop()
         if threading.current_thread() is self._thread:
             coro.close()
@@ -79,12 +85,7 @@ portal = Portal()
 
 def _blocking(method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]) -> Callable[Concatenate[Any, P], R]:
     """The sync twin of an async method: same arguments, run on the portal against `self._async`."""
-
-    @functools.wraps(method)
-    def call(self: Any, *args: P.args, **kwargs: P.kwargs) -> R:
-        return portal.run(method(self._async, *args, **kwargs))
-
-    return call
+    return _blocking_then(method, _same)
 
 
 def _blocking_then(

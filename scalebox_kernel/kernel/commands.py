@@ -138,8 +138,7 @@ class NotebookSessions(Sessions):
         if entry.name != DEFAULT:
             return await super().close(entry, kill)
         notebook = self.notebook
-        remembered = notebook.store.recall(notebook.notebook, notebook.server, notebook.lang.key) or {}
-        sandbox_id = entry.sandbox_id or remembered.get("sandbox_id")
+        sandbox_id = entry.sandbox_id or notebook.recall().get("sandbox_id")
         notebook.store.forget(notebook.notebook, notebook.server, notebook.lang.key)
         session, notebook.session, entry.session, entry.session_id = entry.session, None, None, None
         with contextlib.suppress(SandboxNotFound):

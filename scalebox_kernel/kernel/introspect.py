@@ -87,12 +87,7 @@ def inspect_name(code: str, cursor_pos: int) -> str:
 def parse_answer(bundles: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
     """The helper's answer among the bundles a helper cell produced (None if it gave none)."""
     for bundle in bundles:
-        answer = bundle.get(INTROSPECT_MIME)
-        if isinstance(answer, str):
-            try:
-                answer = json.loads(answer)
-            except ValueError:
-                continue
+        answer = bundle.get(INTROSPECT_MIME)  # a +json type: already decoded by `Result.to_bundle`
         if isinstance(answer, dict) and "error" not in answer:
             return answer
     return None

@@ -200,7 +200,7 @@ class ScaleboxKernel(Kernel):
                 "evalue": err.value,
                 "traceback": split_traceback(err.traceback),
             }
-        return {"status": "ok", "execution_count": relay.execution_count, "payload": [], "user_expressions": {}}
+        return relay.ok()
 
     async def _run_code(self, session: SandboxSession, code: str, relay: CellRelay, limit: float | None) -> Any:
         return await session.run_code(
@@ -238,7 +238,7 @@ class ScaleboxKernel(Kernel):
             and not self.sessions.entry().session
         ):
             # VS Code's hidden helpers never open a sandbox; once one is open they run there like any code.
-            return {"status": "ok", "execution_count": count, "payload": [], "user_expressions": {}}
+            return relay.ok()
 
         self._interrupted = False
         task = asyncio.ensure_future(self._cell(code, relay))
@@ -249,16 +249,12 @@ class ScaleboxKernel(Kernel):
             if not self._interrupted:
                 raise
             reply = relay.error("KeyboardInterrupt", "", ["KeyboardInterrupt: the cell was interrupted."])
-        except SubcommandError as exc:
-            message = redact(str(exc), self.secrets())
-            reply = relay.error("UsageError", message, [f"UsageError: {message}"])
-        except ScaleboxError as exc:
-            message = redact(str(exc), self.secrets())
-            reply = relay.error(type(exc).__name__, message, [f"{type(exc).__name__}: {message}"])
         except Exception as exc:
-            self.log.exception("Cell failed inside the Scalebox kernel")
+            if not isinstance(exc, ScaleboxError):
+                self.log.exception("Cell failed inside the Scalebox kernel")
+            ename = "UsageError" if isinstance(exc, SubcommandError) else type(exc).__name__
             message = redact(str(exc), self.secrets())
-            reply = relay.error(type(exc).__name__, message, [f"{type(exc).__name__}: {message}"])
+            reply = relay.error(ename, message, [f"{ename}: {message}"])
         finally:
             self._cell_task = None
             self._interrupted = False
@@ -273,7 +269,7 @@ class ScaleboxKernel(Kernel):
         for line in lines:
             await commands.run_line(self, line, relay)
         if not rest.strip():
-            return {"status": "ok", "execution_count": relay.execution_count, "payload": [], "user_expressions": {}}
+            return relay.ok()
         magic = commands.split_magic(rest)
         if magic is not None:
             return await commands.run_magic(self, *magic, relay)
@@ -292,11 +288,10 @@ class ScaleboxKernel(Kernel):
         helper = CellRelay(self, silent=True, execution_count=relay.execution_count)
         await self.run(introspect.inspect_cell(name, detail), helper, timeout=30)
         answer = introspect.parse_answer(helper.bundles) or {}
-        reply: dict[str, Any] = {"status": "ok", "execution_count": relay.execution_count, "user_expressions": {}}
+        reply = relay.ok()
         if answer.get("found"):
             reply["payload"] = [{"source": "page", "data": answer["data"], "start": 0}]
         else:
-            reply["payload"] = []
             relay.stream("stdout", f"Object `{name}` not found.\n")
         return reply
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..session import canonical_language
+
 
 @dataclass(frozen=True)
 class KernelLanguage:
@@ -109,22 +111,11 @@ LANGUAGES: dict[str, KernelLanguage] = {
     )
 }
 
-_ALIASES = {
-    "python3": "python",
-    "javascript": "nodejs",
-    "node": "nodejs",
-    "js": "nodejs",
-    "deno": "typescript",
-    "ts": "typescript",
-    "ijava": "java",
-}
-
 
 def get_language(name: str) -> KernelLanguage:
-    """The language called `name` (any wire alias, any case); ValueError naming the known ones otherwise."""
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    try:
-        return LANGUAGES[key]
-    except KeyError:
-        raise ValueError(f"unknown language {name!r}; choose one of {', '.join(LANGUAGES)}") from None
+    """The language called `name` (any alias `canonical_language` knows, any case); ValueError naming the known
+    ones otherwise."""
+    lang = LANGUAGES.get(canonical_language(name)) if name.strip() else None
+    if lang is None:
+        raise ValueError(f"unknown language {name!r}; choose one of {', '.join(LANGUAGES)}")
+    return lang

@@ -65,6 +65,10 @@ class CellRelay:
     def on_error(self, error: ExecutionError) -> None:
         self.error(error.name, error.value, split_traceback(error.traceback))
 
+    def ok(self) -> dict[str, Any]:
+        """The `execute_reply` content of a cell that ran without an error."""
+        return {"status": "ok", "execution_count": self.execution_count, "payload": [], "user_expressions": {}}
+
     def error(self, ename: str, evalue: str, traceback: list[str]) -> dict[str, Any]:
         """Publish an `error` message and return the matching `execute_reply` content."""
         fields = {"ename": ename, "evalue": evalue, "traceback": traceback}

@@ -39,7 +39,8 @@ class NotebookSandbox:
         """Which back end the sandbox ids belong to (they are remembered per server)."""
         return self.config.api_url or ("cloud" if self.config.api_key else "scalebox-local")
 
-    def _recall(self) -> dict[str, object]:
+    def recall(self) -> dict[str, object]:
+        """What the store remembers for this notebook's sandbox (empty if nothing)."""
         return self.store.recall(self.notebook, self.server, self.lang.key) or {}
 
     def remember(self, *, restart: bool = False) -> None:
@@ -53,7 +54,7 @@ class NotebookSandbox:
         one, whose replacing an expired one is announced in the cell; a progress line shows if it takes long."""
         if self.session is not None:
             return self.session
-        remembered = self._recall()
+        remembered = self.recall()
         progress = OpeningProgress(relay, self.progress_delay)
 
         async def opening() -> SandboxSession:
@@ -126,7 +127,7 @@ class NotebookSandbox:
 
     async def _close_remembered(self, restart: bool) -> None:
         """No sandbox open in this process: act on the remembered one without opening it."""
-        remembered = self._recall()
+        remembered = self.recall()
         if not remembered:
             return
         sandbox_id = str(remembered["sandbox_id"])

@@ -10,10 +10,9 @@ from typing import Any, TypeVar
 
 from IPython.display import display
 
-from ..client import ExecutionError, OutputMessage, Result
+from ..client import ExecutionError, OutputMessage, Result, portal
 from ..errors import ScaleboxError, redact
 from ..session import ProgressInfo
-from ..session._portal import call, submit
 from ..session._progress import ProgressCallback
 from ..subcommands import StatusPanel, status_widget
 
@@ -110,7 +109,7 @@ class ProgressBar:
 def run_now(coro: Coroutine[Any, Any, Any], done: Callable[[Any], None]) -> None:
     """The status panel's runner: a button click waits (on the shell's thread) for its action on the portal."""
     try:
-        result = call(coro)
+        result = portal.run(coro)
     except Exception as exc:
         result = exc
     done(result)
@@ -160,7 +159,7 @@ class Relay:
         self.emit("panel", panel)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = submit(coro)
+        future = portal.submit(coro)
         try:
             while True:
                 try:

@@ -12,10 +12,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Bool, Float
 
+from ..client import portal
 from ..config import ScaleboxConfig
 from ..errors import ExecutionTimeout, ScaleboxError
 from ..session import SandboxSession, canonical_language
-from ..session._portal import call
 from ..subcommands import COMMANDS_HELP, Commands, Sessions, SubcommandError, cell_parser, parse_env
 from ._display import Relay, ScaleboxInterrupted, cell_error, from_execution_error, from_scalebox_error
 from ._transfer import receive, send
@@ -95,7 +95,7 @@ class ScaleboxMagics(Magics):
     def at_exit(self) -> None:
         """Kill the sandboxes this shell created (not those it attached to, nor those asked to be kept)."""
         with contextlib.suppress(BaseException):
-            call(self.sessions.shutdown())
+            portal.run(self.sessions.shutdown())
 
     # ------------------------------------------------------------------------------------------ magics
 
@@ -189,9 +189,10 @@ class ScaleboxMagics(Magics):
             where = entry.session.session_id if entry.session else "the sandbox"
             raise ScaleboxInterrupted(f"the cell was interrupted in {where}; its state is kept") from None
         except ExecutionTimeout:
+            limit = opts.timeout if opts.timeout is not None else self.sessions.config.execution_timeout
             raise cell_error(
                 "ExecutionTimeout",
-                f"the cell ran longer than {opts.timeout:g} s and was interrupted; the sandbox keeps its state",
+                f"the cell ran longer than {limit:g} s and was interrupted; the sandbox keeps its state",
             ) from None
         except ScaleboxError as exc:
             raise from_scalebox_error(exc, self.secrets()) from None

@@ -4,10 +4,11 @@ files, progress, timing and insights; `Session` is the seed SDK's Session API on
 from ._facade import KeepAliveResult, Session, SessionInfo, SessionResult
 from ._packages import canonical as canonical_language
 from ._progress import STAGES, ProgressInfo
-from ._sandbox import Attach, SandboxSession
+from ._sandbox import WORKSPACE, Attach, SandboxSession
 
 __all__ = [
     "STAGES",
+    "WORKSPACE",
     "Attach",
     "KeepAliveResult",
     "ProgressInfo",

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..client import AsyncSandbox, Execution, ExecutionError, OutputMessage, Result, SandboxInfo
+from ..client import AsyncSandbox, Execution, ExecutionError, OutputMessage, Result, SandboxInfo, portal
+from ..client.callbacks import call_back
 from ..config import ScaleboxConfig
 from ..errors import SandboxNotFound
 from ._packages import canonical
-from ._portal import call
 from ._progress import ProgressCallback, Tracker
-from ._sandbox import WORKSPACE, Attach, SandboxSession
+from ._sandbox import SESSION_METADATA_KEY, WORKSPACE, Attach, SandboxSession, find_sandbox
 from ._state import load_state
 
 #: Lifetime in seconds of a session's sandbox unless told otherwise (the seed SDK's 600 000 ms).
@@ -80,14 +80,6 @@ def _remember(session: SandboxSession) -> None:
 
 def _forget(session_id: str) -> SandboxSession | None:
     return _here().pop(session_id, None)
-
-
-async def _lookup(session_id: str, config: ScaleboxConfig | None) -> SandboxInfo | None:
-    """The control plane's view of a session's sandbox (running or paused), without resuming it."""
-    for info in await AsyncSandbox.list(state=["running", "paused"], config=config):
-        if info.sandbox_id == session_id:
-            return info
-    return None
 
 
 class Session:
@@ -176,7 +168,7 @@ class Session:
         if session is not None:
             await session.pause()
             return True
-        info = await _lookup(session_id, config)
+        info = await find_sandbox(session_id, config, ["running", "paused"])
         if info is None:
             return False
         if info.state != "paused":
@@ -215,7 +207,7 @@ class Session:
     @staticmethod
     async def aget(session_id: str, *, config: ScaleboxConfig | None = None) -> SessionInfo:
         """What the session is and knows; raises SandboxNotFound for an unknown or ended one."""
-        info = await _lookup(session_id, config)
+        info = await find_sandbox(session_id, config, ["running", "paused"])
         if info is None:
             _forget(session_id)
             raise SandboxNotFound(f"Session {session_id} not found or expired.")
@@ -235,8 +227,6 @@ class Session:
     @staticmethod
     async def alist(*, config: ScaleboxConfig | None = None) -> list[SessionInfo]:
         """Every session on the server (any process's), running or paused."""
-        from ._sandbox import SESSION_METADATA_KEY
-
         found = await AsyncSandbox.list(
             state=["running", "paused"], metadata={SESSION_METADATA_KEY: "1"}, config=config
         )
@@ -250,32 +240,27 @@ class Session:
         files the session already has are not installed or uploaded again. Without `keep_alive` (and without a
         `session_id`), the sandbox is killed afterwards; with it, `result.session_id` names it for later runs,
         from this process or any other."""
-        result: SessionResult = call(Session.arun(code, **kwargs))
-        return result
+        return portal.run(Session.arun(code, **kwargs))
 
     @staticmethod
     def pause(session_id: str, **kwargs: Any) -> bool:
-        outcome: bool = call(Session.apause(session_id, **kwargs))
-        return outcome
+        return portal.run(Session.apause(session_id, **kwargs))
 
     @staticmethod
     def close(session_id: str, **kwargs: Any) -> None:
-        call(Session.aclose(session_id, **kwargs))
+        portal.run(Session.aclose(session_id, **kwargs))
 
     @staticmethod
     def keep_alive(session_id: str, timeout: int = DEFAULT_SESSION_TIMEOUT, **kwargs: Any) -> KeepAliveResult:
-        outcome: KeepAliveResult = call(Session.akeep_alive(session_id, timeout, **kwargs))
-        return outcome
+        return portal.run(Session.akeep_alive(session_id, timeout, **kwargs))
 
     @staticmethod
     def get(session_id: str, **kwargs: Any) -> SessionInfo:
-        outcome: SessionInfo = call(Session.aget(session_id, **kwargs))
-        return outcome
+        return portal.run(Session.aget(session_id, **kwargs))
 
     @staticmethod
     def list(**kwargs: Any) -> list[SessionInfo]:
-        outcome: list[SessionInfo] = call(Session.alist(**kwargs))
-        return outcome
+        return portal.run(Session.alist(**kwargs))
 
 
 async def _session_for_run(
@@ -283,9 +268,10 @@ async def _session_for_run(
 ) -> SandboxSession:
     """A new session, or the one named (reused from this process when open here, else attached by id)."""
     lifetime = int(timeout or DEFAULT_SESSION_TIMEOUT)
-    if session_id is None:
+
+    async def opened() -> SandboxSession:
         return await SandboxSession._open(
-            None,
+            session_id,
             config=config or ScaleboxConfig(),
             timeout=lifetime,
             metadata=None,
@@ -293,18 +279,13 @@ async def _session_for_run(
             replace_missing=False,
             tracker=tracker,
         )
+
+    if session_id is None:
+        return await opened()
     session = _here().get(session_id)
     if session is None:
         try:
-            return await SandboxSession._open(
-                session_id,
-                config=config or ScaleboxConfig(),
-                timeout=lifetime,
-                metadata=None,
-                envs=None,
-                replace_missing=False,
-                tracker=tracker,
-            )
+            return await opened()
         except SandboxNotFound:
             raise SandboxNotFound(f"Session {session_id} not found or expired.") from None
     await tracker.update(30, f"Reusing session {session_id}")
@@ -329,10 +310,7 @@ async def _session_for_run(
 
 def _relay(callback: Callable[[str], Any] | None, tracker: Tracker | None) -> Callable[[OutputMessage], Any]:
     async def relay(message: OutputMessage) -> None:
-        if callback is not None:
-            outcome = callback(message.line)
-            if asyncio.iscoroutine(outcome):
-                await outcome
+        await call_back(callback, message.line)
         if tracker is not None:
             await tracker.update(50, "Executing code", {"output": message.line[:100]})
 

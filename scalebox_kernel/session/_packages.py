@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import shlex
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from ..client.callbacks import call_back
 from ..errors import CommandExitError, InvalidArgument, ScaleboxError
 
 if TYPE_CHECKING:
@@ -120,10 +120,7 @@ async def run_install(
     async def output(message: Any) -> None:
         nonlocal percent
         text = str(message)
-        if on_output is not None:
-            outcome = on_output(text)
-            if inspect.isawaitable(outcome):
-                await outcome
+        await call_back(on_output, text)
         percent = min(90.0, percent + 5)
         await tracker.update(percent, f"Installing {', '.join(wanted)}", {"output": text[:100]})
 

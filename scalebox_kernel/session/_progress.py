@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from ..client.callbacks import call_back
 
 STAGES = ("initializing", "connecting", "uploading", "installing", "executing", "downloading", "completed", "failed")
 # The stages whose share of the total appears in `timing["distribution"]`.
@@ -114,9 +115,7 @@ class Tracker:
             total_elapsed_ms=(now - self._t0) * 1000,
             details=details,
         )
-        outcome = self.on_progress(info)
-        if inspect.isawaitable(outcome):
-            await outcome
+        await call_back(self.on_progress, info)
 
     async def finish(self, details: dict[str, Any] | None = None) -> None:
         """End the current stage at 100%, with the message "<default message> completed"."""

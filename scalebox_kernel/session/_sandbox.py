@@ -165,7 +165,7 @@ class SandboxSession:
         cls, session_id: str, *, config: ScaleboxConfig, timeout: int | None, tracker: Tracker
     ) -> SandboxSession:
         await tracker.update(30, f"Looking up session {session_id}")
-        before = await _state_of(session_id, config)
+        before = "paused" if await find_sandbox(session_id, config, ["paused"]) else "running"
         await tracker.update(60, "Resuming paused sandbox" if before == "paused" else "Connecting")
         sandbox = await AsyncSandbox.connect(session_id, timeout=timeout, config=config)
         attach = Attach.RESUMED if before == "paused" else Attach.ATTACHED
@@ -215,10 +215,9 @@ class SandboxSession:
     async def restart(self, language: str = "python") -> None:
         """Destroy the context of `language`: its state is gone, and the next run gets a fresh one."""
         lang = canonical(language)
-        context_id = self._contexts.pop(lang, None) or self.state.contexts.get(lang)
+        held = self._contexts.pop(lang, None)
+        context_id = held.id if held is not None else self.state.contexts.get(lang)
         self._probes.pop(lang, None)
-        if isinstance(context_id, Context):
-            context_id = context_id.id
         if context_id:
             with contextlib.suppress(NotFound):
                 await self.sandbox.destroy_context(context_id)
@@ -407,12 +406,10 @@ class SandboxSession:
         """Let the sandbox live `timeout` seconds from now; returns the updated info."""
         await self._call(lambda: self.sandbox.set_timeout(int(timeout)))
         self.timeout = int(timeout)
-        info: SandboxInfo = await self.sandbox.get_info()
-        return info
+        return await self.sandbox.get_info()
 
     async def info(self) -> SandboxInfo:
-        info: SandboxInfo = await self.sandbox.get_info()
-        return info
+        return await self.sandbox.get_info()
 
     async def close(self, kill: bool = True) -> None:
         """Kill the sandbox (its contexts die with it); with kill=False only let go of it, leaving its contexts
@@ -444,9 +441,9 @@ def resolve(path: str, cwd: str = WORKSPACE) -> str:
     return posixpath.normpath(path if path.startswith("/") else posixpath.join(cwd, path))
 
 
-async def _state_of(session_id: str, config: ScaleboxConfig) -> str | None:
-    """ "running", "paused" or None (unknown) for a sandbox id, before connecting to it."""
-    for info in await AsyncSandbox.list(state=["paused"], config=config):
+async def find_sandbox(session_id: str, config: ScaleboxConfig | None, states: list[str]) -> SandboxInfo | None:
+    """The control plane's view of a sandbox in one of `states`, without connecting to (or resuming) it."""
+    for info in await AsyncSandbox.list(state=states, config=config):
         if info.sandbox_id == session_id:
-            return "paused"
-    return "running"
+            return info
+    return None

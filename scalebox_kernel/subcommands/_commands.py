@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import SandboxNotFound
-from ..session import Attach, SandboxSession, Session, canonical_language
+from ..session import WORKSPACE, Attach, SandboxSession, Session, canonical_language
 from ._output import Output, SubcommandError, say, streamer
 from ._sessions import NamedSession, Sessions
 from ._status import StatusPanel, duration, info_rows, info_text, parse_duration, time_left
-
-WORKSPACE = "/workspace"
 
 COMMANDS_HELP = """\
 %scalebox new [NAME] [--language L] [--timeout 30m] [--keep]   start a session (a sandbox) and make it current
@@ -113,10 +111,9 @@ class Commands:
 
     async def _session(self, name: str | None = None) -> tuple[NamedSession, SandboxSession]:
         """A named session (the current one by default), its sandbox opened if it was not yet."""
-        if name is not None and self.sessions.find(name) is None:
+        entry = self.sessions.entry() if name is None else self.sessions.find(name)
+        if entry is None:
             raise SubcommandError(f"no session named {name!r}; %scalebox list shows them")
-        entry = self.sessions.find(name) if name else self.sessions.entry()
-        assert entry is not None
         return entry, await self.sessions.open(entry, self.out)
 
     async def cmd_help(self, args: list[str]) -> None:

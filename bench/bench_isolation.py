@@ -1,5 +1,7 @@
-"""Issue 6: what isolation costs. Sandbox create + first result, and a trivial cell's latency, on a scalebox-local
-with isolation on (bubblewrap, uid, cgroups) beside one started with --no-isolation. Prints ratios; asserts nothing.
+"""What isolation costs. Sandbox create + first result, and a trivial cell's latency, on three scalebox-locals in
+one run: isolation off (--no-isolation); isolated without the disk image (what issue 6 built, plus the fenced
+network and in-root file work of issue 9); and fully isolated (each sandbox on its own disk image too). Prints
+ratios; asserts nothing.
 
 Run with `python -m bench.bench_isolation` from the repository root.
 """
@@ -40,14 +42,16 @@ def measure(extra_args: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     print(capabilities().summary())
-    off_first, off_cell = measure(["--no-isolation"])
-    on_first, on_cell = measure([])
-    print(f"\nisolation on vs off ({CREATES} creates, {RUNS} cells)")
-    for name, on, off in (
-        ("create + first result", on_first, off_first),
-        (f"trivial cell `{CODE}`", on_cell, off_cell),
-    ):
-        print(f"  {name:<28} on {on:8.1f} ms   off {off:8.1f} ms   ratio {on / off:5.2f}x")
+    off = measure(["--no-isolation"])
+    no_disk = measure(["--ServerSettings.disk_mb=0"])
+    full = measure([])
+    print(f"\nisolation ({CREATES} creates, {RUNS} cells), p50")
+    for index, name in enumerate(("create + first result", f"trivial cell `{CODE}`")):
+        print(
+            f"  {name:<24} off {off[index]:7.1f} ms   isolated {no_disk[index]:7.1f} ms"
+            f"   + disk image {full[index]:7.1f} ms   full/off {full[index] / off[index]:5.2f}x"
+            f"   full/isolated-without-disk {full[index] / no_disk[index]:5.2f}x"
+        )
 
 
 if __name__ == "__main__":

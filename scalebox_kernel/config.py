@@ -92,6 +92,19 @@ class ScaleboxConfig(Configurable):
     def _default_request_timeout(self) -> float:
         return float(_env("SCALEBOX_REQUEST_TIMEOUT") or 30.0)
 
+    stream_idle_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds a stream (a running cell, a command's output, a directory watch) may carry nothing, not even "
+        "a keepalive, before the server counts as gone and the call fails with ServerUnavailable; 0 means wait "
+        "forever. Keep it well above the server's keepalive interval (the client asks for one every quarter of "
+        "it). Env: SCALEBOX_STREAM_IDLE_TIMEOUT.",
+    )
+
+    @default("stream_idle_timeout")
+    def _default_stream_idle_timeout(self) -> float:
+        return float(_env("SCALEBOX_STREAM_IDLE_TIMEOUT") or 60.0)
+
     execution_timeout = Float(
         0.0,
         config=True,

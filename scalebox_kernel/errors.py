@@ -9,6 +9,11 @@ from collections.abc import Iterable
 class ScaleboxError(Exception):
     """Base of every error raised by scalebox_kernel."""
 
+    #: The HTTP status of the answer behind the error, when there was one.
+    status_code: int | None = None
+    #: The server's error code (a Connect code such as `not_found`, or a REST `code`), when it gave one.
+    code: str | None = None
+
 
 class AuthenticationError(ScaleboxError):
     """The API key or the sandbox's access token was missing or wrong."""
@@ -51,7 +56,10 @@ class NotEnoughSpace(ScaleboxError):
 
 
 class ServerUnavailable(ScaleboxError):
-    """The sandbox server could not be reached, or answered 502/503/504 after retries."""
+    """The sandbox server could not be reached, answered 502/503/504 after retries, or went silent mid-stream."""
+
+    #: Seconds a stream carried nothing (not even a keepalive) before the call gave up, when that is the reason.
+    silent_for: float | None = None
 
 
 class ScaleboxTimeout(ScaleboxError, TimeoutError):

@@ -15,6 +15,8 @@ from jupyter_core.paths import jupyter_runtime_dir
 from .errors import ServerUnavailable
 
 RUNTIME_FILE_NAME = "scalebox-local.json"
+#: Where `jupyter scalebox serve` takes its API key from (besides --api-key-file and the config file).
+API_KEY_ENV = "SCALEBOX_LOCAL_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -92,12 +94,13 @@ def spawn_local_server(
     argv = [sys.executable, "-m", "scalebox_kernel", "serve", "--ip", "127.0.0.1", "--port", "0"]
     if data_dir:
         argv += ["--data-dir", str(data_dir)]
-    if api_key:
-        argv += ["--api-key", api_key]
     if tls:
         argv.append("--tls")
     argv += extra_args or []
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime))
+    env.pop(API_KEY_ENV, None)
+    if api_key:
+        env[API_KEY_ENV] = api_key  # never on the command line, where every user's `ps` would show it
     log = Path(log_path) if log_path else runtime / "scalebox-local.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(

@@ -12,8 +12,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from agent_support import CODEC_IDS, CODECS, START, Box, end_of, process_output, results_of, wait_for
+from client_support import config_for
 from conftest import LocalServer
 
+from scalebox_kernel.client import Sandbox
 from scalebox_kernel.protocol import connect, pb
 
 P = "sandboxagent.Process/"
@@ -119,6 +121,36 @@ def test_shell_background_ends_the_stream_at_once(box: Box) -> None:
     reply = box.run("sleep 3 > /dev/null 2>&1 & echo launched")
     assert process_output(reply) == b"launched\n" and end_of(reply).exit_code == 0
     assert time.monotonic() - started < 2
+
+
+def test_a_background_child_holding_stdout_does_not_hold_the_call(box: Box, local_server: LocalServer) -> None:
+    """The child keeps the pipe open for 20 s; the call ends with the shell, through the SDK-style client."""
+    sandbox = Sandbox.connect(box.id, config=config_for(local_server))
+    try:
+        started = time.monotonic()
+        result = sandbox.commands.run("sleep 20 & echo hi")
+        assert result.stdout == "hi\n" and result.exit_code == 0
+        assert time.monotonic() - started < 2
+    finally:
+        sandbox.close()  # the sandbox stays: it is the module's
+    # the same for a terminal
+    request = bash("sleep 20 & echo hi")
+    request.pty.CopyFrom(pb.PTY())
+    started = time.monotonic()
+    reply = box.stream(START, request, pb.StartResponse)
+    assert b"hi" in process_output(reply, "pty") and end_of(reply).exit_code == 0
+    assert time.monotonic() - started < 2
+
+
+def test_a_slow_reader_gets_all_output_of_a_command_that_exits(box: Box) -> None:
+    """While the client does not read, the command is held back; none of its output is dropped when it exits."""
+    size = 24 * 1024 * 1024  # several times the stream's buffer
+    with box.open(START, bash(f"head -c {size} /dev/zero; echo tail"), pb.StartResponse) as frames:
+        time.sleep(1)  # the command fills the buffer and waits
+        events = [f.message.event for f in frames]
+    data = b"".join(e.data.stdout for e in events if e.HasField("data"))
+    assert len(data) == size + 5 and data.endswith(b"tail\n")
+    assert events[-1].end.exit_code == 0
 
 
 def test_keepalives_and_no_kill_on_connect_timeout(box: Box) -> None:

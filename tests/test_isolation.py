@@ -165,13 +165,15 @@ def test_other_processes_cannot_be_seen_or_signalled(
 def test_the_victims_kernel_cannot_be_reached(
     attacker: Sandbox, victim: tuple[Sandbox, SyncCommandHandle], server: LocalServer, host_listener: int
 ) -> None:
-    runtime = server.data_dir / "sandboxes" / victim[0].sandbox_id / "runtime"
-    connection_files = sorted(runtime.glob("kernel-*.json"))
+    victim_dir = server.data_dir / "sandboxes" / victim[0].sandbox_id
+    connection_files = sorted((victim_dir / "kernels").glob("kernel-*.json"))  # the server's root-only copies
     assert connection_files, "the victim's kernel should be running"
     info = json.loads(connection_files[0].read_text())
     assert info["transport"] == "ipc" and connection_files[0].stat().st_mode & 0o077 == 0
     name = info["ip"].rsplit("/", 1)[1] + f"-{info['shell_port']}"
     socket_path = f"/run/scalebox-local/{victim[0].sandbox_id}/{name}"  # where the server connects to it
+    kernel_copy = victim_dir / "root" / "run" / "scalebox" / connection_files[0].name  # the kernel's own copy
+    assert kernel_copy.stat().st_mode & 0o077 == 0
     got = attempt(
         attacker,
         f"""
@@ -182,8 +184,9 @@ def test_the_victims_kernel_cannot_be_reached(
             socket.create_connection((host, port), timeout=3).close()
         found = {{
             "connection file": tried(lambda: open({str(connection_files[0])!r}).read()),
+            "kernel's connection file": tried(lambda: open({str(kernel_copy)!r}).read()),
             "kernel socket (host path)": tried(lambda: unix({socket_path!r})),
-            "kernel socket (sandbox path)": tried(lambda: unix({info["ip"] + "-" + str(info["shell_port"])!r})),
+            "kernel socket (sandbox path)": tried(lambda: unix({"/run/scalebox/" + name!r})),
             "host loopback": tried(lambda: tcp("127.0.0.1", {host_listener})),
             "server": tried(lambda: tcp("127.0.0.1", {int(server.url.rsplit(":", 1)[1])})),
             "interfaces": [name for _, name in socket.if_nameindex()],
@@ -191,7 +194,12 @@ def test_the_victims_kernel_cannot_be_reached(
         print(json.dumps(found))
         """,
     )
-    for name in ("connection file", "kernel socket (host path)", "kernel socket (sandbox path)"):
+    for name in (
+        "connection file",
+        "kernel's connection file",
+        "kernel socket (host path)",
+        "kernel socket (sandbox path)",
+    ):
         assert got[name] in ("FileNotFoundError", "PermissionError"), (name, got[name])
     assert Path(socket_path).exists()  # the socket is real: only the attacker cannot see it
     assert got["host loopback"] == "ConnectionRefusedError" and got["server"] == "ConnectionRefusedError"

@@ -19,7 +19,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from traitlets import Instance
 
 from scalebox_kernel.server.isolation import SANDBOX_RELAY, Jail, JailOptions, Limits, capabilities
-from scalebox_kernel.server.isolation.kernels import JailedKernelManager
+from scalebox_kernel.server.isolation.kernels import CHANNELS, JailedKernelManager, link_socket
 
 CAPS = capabilities()
 pytestmark = pytest.mark.skipif(not CAPS.namespaces, reason="no sandboxing here: " + "; ".join(CAPS.problems))
@@ -123,13 +123,19 @@ async def test_host_paths_become_sandbox_paths_and_server_files_its_own(make_jai
     assert jail.sandbox_value(f"{home}/bin:/usr/bin") == "/home/user/bin:/usr/bin"
     assert jail.sandbox_value(f"-Xmx1g -Duser.home={home}") == "-Xmx1g -Duser.home=/home/user"
     assert jail.sandbox_value(str(jail.root)) == "/" and jail.sandbox_value(f"{jail.root}x") == f"{jail.root}x"
-    made = home / "made" / "by" / "server.txt"  # as the file API would: root's, directories included
-    made.parent.mkdir(parents=True)
-    made.write_text("x")
-    jail.own_created(made)
+    tree = jail.tree  # what the file APIs use: the sandbox's uid, paths resolved inside it
+    await tree.run(tree.makedirs, "/home/user/made/by")
+    assert await tree.run(tree.write_new, "/home/user/made/by/server.txt", b"x")
+    made = home / "made" / "by" / "server.txt"
     assert {p.stat().st_uid for p in (made, made.parent, made.parent.parent)} == {jail.identity.uid}  # type: ignore[union-attr]
-    assert jail.has_program("sh", "/usr/bin:/bin") and not jail.has_program("no-such-program", "/usr/bin:/bin")
-    assert jail.has_program(str(made), "") is False and jail.has_program("/home/user/made/by/server.txt", "")
+    assert await tree.run(jail.has_program, "sh", "/usr/bin:/bin")
+    assert not await tree.run(jail.has_program, "no-such-program", "/usr/bin:/bin")
+    assert not await tree.run(jail.has_program, str(made), "")  # a host path means nothing inside
+    assert await tree.run(jail.has_program, "/home/user/made/by/server.txt", "")
+    with pytest.raises(PermissionError):  # as the sandbox's uid: no more than its own code could do
+        await tree.run(tree.write_new, "/run/scalebox-host/planted", b"x")
+    with pytest.raises(OSError, match="Read-only"):  # and what the sandbox sees read-only is read-only
+        await tree.run(tree.write_new, "/etc/planted", b"x")
 
 
 async def test_privileged_launch_steps_ignore_the_sandboxes_environment(make_jail: MakeJail) -> None:
@@ -279,19 +285,31 @@ async def test_stop_kills_everything_and_removes_cgroups(make_jail: MakeJail) ->
 
 async def _kernel_answers(jail: Jail, relay: bool) -> str:
     """Start ipykernel in the (network-less) jail over an IPC connection file and run one cell."""
-    connection = jail.run_dir / "kernel-test.json"
+    connection = jail.private_dir / "kernel-test.json"
     write_connection_file(str(connection), transport="ipc", ip=str(jail.run_dir / "kernel-test"), key=b"k" * 16)
     info = json.loads(connection.read_text())
     info["ip"] = jail.sandbox_path(info["ip"])  # the kernel binds its sockets at the sandbox's path
-    connection.write_text(json.dumps(info))
-    jail.own(connection, 0o600)
+    await jail.tree.run(jail.tree.replace_file, "/run/scalebox/kernel-test.json", json.dumps(info).encode(), 0o600)
+    connection = jail.run_dir / "kernel-test.json"
     kernel = [sys.executable, "-m", "ipykernel_launcher", "-f", jail.sandbox_path(connection)]
     argv = ["python3", SANDBOX_RELAY, jail.sandbox_path(connection), "--", *kernel] if relay else kernel
     env = {"PATH": "/usr/bin:/bin", "HOME": "/home/user", "JPY_PARENT_PID": str(os.getpid())}
     host_argv, host_env = jail.wrap(argv, env=env, cwd="/home/user")
     process = await asyncio.create_subprocess_exec(*host_argv, env=host_env, start_new_session=True, stderr=-1)
+    names = {f"kernel-test-{info[f'{channel}_port']}" for channel in CHANNELS}
+    flags = os.O_PATH | os.O_DIRECTORY
+    run_fd, host_fd = os.open(jail.run_dir, flags), os.open(jail.host_dir, flags)
+    try:  # the server's way: hard links, in a root-only directory, to the sockets the kernel bound
+        for _ in range(3000):
+            names = {name for name in names if not link_socket(run_fd, host_fd, name, jail.identity.uid)}  # type: ignore[union-attr]
+            if not names:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        os.close(run_fd)
+        os.close(host_fd)
     client = BlockingKernelClient()
-    client.load_connection_info(dict(info, ip=str(jail.run_dir / "kernel-test")))
+    client.load_connection_info(dict(info, ip=str(jail.link_dir / "kernel-test")))
     client.start_channels()
     try:
         await asyncio.to_thread(client.wait_for_ready, 30)
@@ -317,8 +335,10 @@ async def test_jailed_kernel_manager_interrupt_keeps_state(make_jail: MakeJail) 
     """jupyter_client drives a kernel in the jail: a SIGINT interrupt stops a loop, variables stay; restart works."""
     jail = await make_jail(internet=False)
     spec = KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], language="python")
+    kernels = jail.private_dir / "kernels"  # root-only: jupyter_client's own copy of the connection file
+    kernels.mkdir(mode=0o700)
     manager = JailedKernelManager(
-        jail=jail, connection_file=str(jail.run_dir / "kernel-py.json"), kernel_spec_manager=_OneSpec(spec=spec)
+        jail=jail, connection_file=str(kernels / "kernel-py.json"), kernel_spec_manager=_OneSpec(spec=spec)
     )
     manager.kernel_name = "jailed"
     await manager.start_kernel(env={"PATH": "/usr/bin:/bin", "HOME": "/home/user"})

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from conftest import LocalServer
-from IPython.core.interactiveshell import ExecutionResult, InteractiveShell
-from IPython.utils.capture import CapturedIO, capture_output
+from IPython.core.interactiveshell import InteractiveShell
 from kernel_support import KernelRun
+from magics_support import magics, ok, run
 from test_session import tiny_wheel
 
 from scalebox_kernel.client import Sandbox
-from scalebox_kernel.magics import ScaleboxCellError, ScaleboxMagics
+from scalebox_kernel.magics import ScaleboxCellError
 from scalebox_kernel.session import Session
 
 
@@ -39,24 +39,6 @@ def shell(server_env: LocalServer) -> Iterator[InteractiveShell]:
     yield ip
     magics().at_exit()
     ip.run_line_magic("unload_ext", "scalebox_kernel")
-
-
-def magics() -> ScaleboxMagics:
-    found = InteractiveShell.instance().magics_manager.registry["ScaleboxMagics"]
-    assert isinstance(found, ScaleboxMagics)
-    return found
-
-
-def run(ip: InteractiveShell, code: str) -> tuple[ExecutionResult, CapturedIO]:
-    with capture_output() as captured:
-        result = ip.run_cell(code)
-    return result, captured
-
-
-def ok(ip: InteractiveShell, code: str) -> CapturedIO:
-    result, captured = run(ip, code)
-    assert result.success, f"{code!r} failed: {result.error_in_exec!r}\n{captured.stdout}\n{captured.stderr}"
-    return captured
 
 
 def sandbox_id(name: str = "default") -> str:

@@ -6,10 +6,13 @@ import ipaddress
 import json
 import os
 import secrets
+import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,12 +20,20 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
+import uvicorn
 import wire
 from conftest import LocalServer
 from cryptography import x509
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from scalebox_kernel.protocol import pb
+from scalebox_kernel.server.app import CatchAll
 from scalebox_kernel.server.metrics import sandbox_processes
+from scalebox_kernel.server.store import SandboxStore
 from scalebox_kernel.server.tls import ensure_self_signed
 
 PY_CREATE_BODY = {
@@ -163,7 +174,7 @@ def test_timeout_extends_shortens_and_expires(local_server: LocalServer, http: h
     wait_for(lambda: http.get(f"/v1/sandboxes/{sid}").status_code == 404)
     body = assert_error(http.get(f"/v1/sandboxes/{sid}"), 404, "expired at", "its state is gone")
     assert body["code"] == "sandbox_expired"
-    assert not (local_server.data_dir / "sandboxes" / sid).exists()
+    wait_for(lambda: not (local_server.data_dir / "sandboxes" / sid).exists())  # expired at once, cleaned soon
     assert_error(http.post(f"/v1/sandboxes/{sid}/timeout", json={"timeout": 10}), 404, "expired")
     assert_error(http.post(f"/v1/sandboxes/{sid}/connect", json={"timeout": 10}), 404, "expired")
 
@@ -360,3 +371,262 @@ def test_self_signed_certificate(tmp_path: Path) -> None:
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
     assert ensure_self_signed(tmp_path) == (cert_path, key_path)
     assert x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number == cert.serial_number  # reused
+
+
+# ---- validation at the edge, errors on a kept connection, the reaper's back-off ---------------------------------
+
+
+class OneConnection:
+    """An HTTP client held to one connection, counting every new one it had to open."""
+
+    def __init__(self, server: LocalServer) -> None:
+        self.opened = 0
+        self.http = httpx.Client(
+            base_url=server.url,
+            headers={"X-API-KEY": server.api_key},
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            timeout=httpx.Timeout(60),
+        )
+
+    def _trace(self, event: str, info: Any) -> None:
+        if event == "connection.connect_tcp.complete":
+            self.opened += 1
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return self.http.request(method, url, extensions={"trace": self._trace}, **kwargs)
+
+
+def _sandbox_dirs(server: LocalServer) -> set[str]:
+    root = server.data_dir / "sandboxes"
+    return set(os.listdir(root)) if root.exists() else set()
+
+
+def _listed(http: httpx.Client) -> set[str]:
+    sandboxes = http.get("/v1/sandboxes", params={"status": "running,paused"}).json()["data"]["sandboxes"]
+    return {s["sandbox_id"] for s in sandboxes}
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+#: (create body, the words the 400 must have): each was a 500, an orphan or accepted before.
+BAD_CREATES: list[tuple[Any, tuple[str, ...]]] = [
+    ({"memory_mb": -5}, ("memory_mb", "64")),
+    (b'{"memory_mb": 1e23}', ("memory_mb",)),
+    ({"memory_mb": 2**63}, ("memory_mb",)),
+    ({"memory_mb": 10**15}, ("memory_mb",)),
+    ({"memory_mb": 63}, ("memory_mb",)),
+    ({"cpu_count": 10**30}, ("cpu_count",)),
+    ({"cpu_count": -3}, ("cpu_count",)),
+    ({"cpu_count": 1.5}, ("cpu_count", "integer")),
+    ({"timeout": 2**63}, ("timeout",)),
+    (b'{"timeout": 1e23}', ("timeout",)),
+    (b'{"timeout": NaN}', ("timeout", "integer")),
+    ({"disk_mb": 8}, ("disk_mb", "16")),
+    ({"storage_gb": 10**6}, ("storage_gb",)),
+    ({"storage_gb": 1, "disk_mb": 2048}, ("disk_mb or storage_gb",)),
+    ({"env_vars": {"A-B": "1"}}, ("A-B", "environment variable name")),
+    ({"env_vars": {"A B": "1"}}, ("environment variable name",)),
+    ({"env_vars": {"A": "x\x00"}}, ("env_vars.A", "NUL")),
+    ({"env_vars": {"__SCALEBOX_ENV_0": "x"}}, ("reserved",)),
+    ({"metadata": {"k": "v\x00"}}, ("metadata.k", "NUL")),
+    ({"metadata": {str(i): "v" for i in range(300)}}, ("metadata", "256")),
+    ({"template": "t" * 200}, ("template",)),
+    ({"secure": 1}, ("secure", "true or false")),
+    ({"auto_pause": "true"}, ("auto_pause",)),
+    ({"is_async": "no"}, ("is_async",)),
+    ({"locality": "local"}, ("locality",)),
+    (b'{"metadata": {"k": "\\ud800"}}', ("Unicode",)),
+    (b'{"metadata": ' + DEEP + b"}", ("deeper than 32",)),
+    (DEEP, ("deeper than 32",)),
+]
+
+
+def test_create_fields_are_checked_before_anything_is_created(local_server: LocalServer, http: httpx.Client) -> None:
+    dirs, listed = _sandbox_dirs(local_server), _listed(http)
+    for body, needles in BAD_CREATES:
+        if isinstance(body, bytes):
+            r = http.post("/v1/sandboxes", content=body, headers={"Content-Type": "application/json"})
+        else:
+            r = http.post("/v1/sandboxes", json=body)
+        assert_error(r, 400, *needles)
+    assert_error(http.post("/v1/sandboxes", json={"locality": {"force": True, "region": "mars"}}), 409, "mars")
+    assert _sandbox_dirs(local_server) == dirs and _listed(http) == listed  # no orphan, not even a directory
+
+    sid = create(http)["sandbox_id"]
+    try:
+        for suffix in ("connect", "timeout"):
+            assert_error(http.post(f"/v1/sandboxes/{sid}/{suffix}", content=DEEP), 400, "deeper than 32")
+            assert_error(http.post(f"/v1/sandboxes/{sid}/{suffix}", json={"timeout": 2**63}), 400, "timeout")
+        assert_error(http.get("/v1/sandboxes", params={"limit": "9" * 5000}), 400, "limit")
+        assert_error(http.get("/v1/sandboxes", params={"page": "²"}), 400, "page")
+        assert status_of(http, sid) == "running"
+    finally:
+        http.delete(f"/v1/sandboxes/{sid}")
+    assert "Traceback" not in local_server.log_text()
+
+
+def test_disk_mb_and_its_alias_storage_gb_are_carried_and_shown(http: httpx.Client) -> None:
+    by_alias = create(http, storage_gb=1, memory_mb=256.0)  # a JSON 256.0 is the integer 256
+    by_name = create(http, disk_mb=64, cpu_count=1)
+    try:
+        assert by_alias["disk_mb"] == 1024 and by_alias["memory_mb"] == 256
+        assert by_name["disk_mb"] == 64 and by_name["cpu_count"] == 1
+        assert http.get(f"/v1/sandboxes/{by_name['sandbox_id']}").json()["data"]["disk_mb"] == 64
+        listed = http.get("/v1/sandboxes").json()["data"]["sandboxes"]
+        shown = {s["sandbox_id"]: (s["disk_mb"], s["problem"]) for s in listed}
+        assert shown[by_alias["sandbox_id"]] == (1024, None) and shown[by_name["sandbox_id"]] == (64, None)
+    finally:
+        for data in (by_alias, by_name):
+            http.delete(f"/v1/sandboxes/{data['sandbox_id']}")
+
+
+def test_older_databases_get_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "scalebox-local.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE sandboxes (sandbox_id TEXT PRIMARY KEY, template TEXT NOT NULL, token TEXT NOT NULL, "
+        "created_at REAL NOT NULL, timeout INTEGER NOT NULL, end_at REAL NOT NULL, state TEXT NOT NULL, "
+        "metadata TEXT NOT NULL DEFAULT '{}', envs TEXT NOT NULL DEFAULT '{}', auto_pause INTEGER NOT NULL DEFAULT 0, "
+        "allow_internet_access INTEGER NOT NULL DEFAULT 1, secure INTEGER NOT NULL DEFAULT 0, "
+        "cpu_count INTEGER NOT NULL DEFAULT 2, memory_mb INTEGER NOT NULL DEFAULT 2048, "
+        "reason TEXT NOT NULL DEFAULT '', paused_at REAL, ended_at REAL)"
+    )
+    old.execute(
+        "INSERT INTO sandboxes (sandbox_id, template, token, created_at, timeout, end_at, state) "
+        "VALUES ('sbx-old', 'base', 't', 1.0, 300, 301.0, 'paused')"
+    )
+    old.commit()
+    old.close()
+    store = SandboxStore(path)
+    (record,) = store.load_all()
+    assert (record.sandbox_id, record.disk_mb, record.problem) == ("sbx-old", None, "")
+    record.disk_mb, record.problem = 512, "could not expire it"
+    store.save(record)
+    store.close()
+    again = SandboxStore(path)  # opening twice adds nothing twice
+    (reloaded,) = again.load_all()
+    assert (reloaded.disk_mb, reloaded.problem) == (512, "could not expire it")
+    again.close()
+
+
+def test_errors_keep_the_keep_alive_connection(local_server: LocalServer) -> None:
+    client = OneConnection(local_server)
+    with client.http:
+        failures = [
+            ("POST", "/v1/sandboxes", {"content": DEEP}),  # was a 500 that dropped the connection
+            ("POST", "/v1/sandboxes", {"content": b'{"memory_mb": 1e23}'}),
+            ("POST", "/v1/sandboxes/sbx-missing/timeout", {"content": DEEP}),
+            ("GET", "/v1/sandboxes/sbx-missing/metrics", {}),
+            ("GET", "/v1/no-such-thing", {}),
+            ("DELETE", "/v1/sandboxes", {}),
+            ("POST", "/v1/sandboxes", {"content": b"x" * (2 * 1024 * 1024)}),
+        ]
+        for method, url, kwargs in failures:
+            r = client.request(method, url, **kwargs)
+            assert 400 <= r.status_code < 500 and "error" in r.json(), r.text
+            assert client.request("GET", "/v1/scalebox-regions").status_code == 200
+    assert client.opened == 1
+
+
+def test_an_unexpected_exception_is_a_json_500_that_keeps_the_connection() -> None:
+    """The catch-all middleware of the server's app, on a real uvicorn, with handlers that fail."""
+    secret = "/srv/secret/host/path token=s3cr3t"
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError(secret)
+
+    async def half(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first part"
+            raise RuntimeError(secret)
+
+        return StreamingResponse(body())
+
+    async def ok(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[Route("/boom", boom), Route("/half", half), Route("/ok", ok)], middleware=[Middleware(CatchAll)]
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off", http="h11", ws="none"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started)
+        opened: list[str] = []
+        trace = {"trace": lambda event, info: opened.append(event) if event.endswith("connect_tcp.complete") else None}
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with httpx.Client(base_url=base, limits=httpx.Limits(max_connections=1)) as c:
+            r = c.get("/boom", extensions=trace)
+            assert r.status_code == 500 and "RuntimeError" in r.json()["error"]
+            assert "secret" not in r.text and "/srv" not in r.text
+            assert c.get("/ok", extensions=trace).json() == {"ok": True}
+            r = c.get("/half", extensions=trace)  # a body half sent cannot become an error: it ends there
+            assert r.status_code == 200 and r.content == b"first part"
+            assert c.get("/ok", extensions=trace).json() == {"ok": True}
+        assert len(opened) == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _immutable(path: Path, on: bool) -> None:
+    subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True, capture_output=True)
+
+
+@pytest.mark.timeout(150)
+def test_a_failing_expiry_or_kill_backs_off_logs_once_and_shows_its_problem(
+    server_factory: Callable[..., LocalServer],
+) -> None:
+    """An immutable file in a sandbox's directory (root can set one; the server cannot remove it) makes its
+    removal fail: the kill says so, the reaper retries with a growing delay, and both heal once it is gone."""
+    server = server_factory()
+    stuck: list[Path] = []
+    with server.client() as http:
+        http.timeout = httpx.Timeout(60)
+        expiring = create(http, timeout=2)["sandbox_id"]
+        killed = create(http)["sandbox_id"]
+        try:
+            for sid in (expiring, killed):
+                path = server.data_dir / "sandboxes" / sid / "stuck"
+                path.write_text("cannot go")
+                _immutable(path, True)
+                stuck.append(path)
+
+            def problem(sid: str) -> str | None:
+                r = http.get(f"/v1/sandboxes/{sid}")
+                return r.json()["data"]["problem"] if r.status_code == 200 else None
+
+            body = assert_error(http.delete(f"/v1/sandboxes/{killed}"), 500, "could not be killed", "not permitted")
+            assert str(server.data_dir) not in body["error"]
+            info = http.get(f"/v1/sandboxes/{killed}").json()["data"]
+            assert info["status"] == "terminated" and "Operation not permitted" in info["problem"]
+            wait_for(lambda: bool(problem(expiring)), timeout=30)
+            assert http.get(f"/v1/sandboxes/{expiring}").json()["data"]["status"] == "terminated"
+            listed = http.get("/v1/sandboxes", params={"status": "terminated"}).json()["data"]["sandboxes"]
+            assert {s["sandbox_id"] for s in listed if s["problem"]} == {expiring, killed}
+            assert _listed(http) == set()  # neither reads as running any more
+
+            time.sleep(4)  # retries happen meanwhile: 0.5 s, then 1, 2, 4... apart, never several a second
+            for sid in (expiring, killed):
+                tried = problem(sid) or ""
+                attempts = int(tried.split("tried ")[1].split(" times")[0]) if " times" in tried else 1
+                assert 1 <= attempts <= 6, tried
+            log = server.log_text()
+            assert log.count(f"could not expire sandbox {expiring}") == 1
+            assert log.count(f"could not terminate sandbox {killed}") == 1
+            assert http.get("/v1/scalebox-regions").status_code == 200  # serving all along
+        finally:
+            for path in stuck:
+                _immutable(path, False)
+        # A kill is tried again at once (unless the reaper's retry got there first); the expiry heals by itself.
+        assert http.delete(f"/v1/sandboxes/{killed}").status_code in (200, 404)
+        assert_error(http.get(f"/v1/sandboxes/{killed}"), 404, "killed")
+        wait_for(lambda: http.get(f"/v1/sandboxes/{expiring}").status_code == 404, timeout=60)
+        assert_error(http.get(f"/v1/sandboxes/{expiring}"), 404, "expired")
+        for sid in (expiring, killed):
+            assert not (server.data_dir / "sandboxes" / sid).exists()
+        assert "done after" in server.log_text()
+    server.stop()

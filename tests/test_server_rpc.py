@@ -262,3 +262,112 @@ def test_client_disconnect_interrupts_execute(http: httpx.Client, box: Box) -> N
     assert reply.error is None
     printed = [m.stdout.content for m in reply.messages if m.HasField("stdout")]
     assert printed and int(printed[0]) < 200  # the loop stopped long before its 30 s; the kernel kept `i`
+
+
+# ---- validation at the edge, and one state at a time -----------------------------------------------------------
+
+
+def test_nul_bytes_bad_names_and_huge_sizes_are_invalid_argument(box: Box) -> None:
+    def start_error(request: pb.StartRequest, codec: connect.Codec = connect.PROTO) -> connect.ConnectError:
+        reply = box.stream("sandboxagent.Process/Start", request, pb.StartResponse, codec)
+        assert reply.status == 200 and reply.messages == [] and reply.error is not None
+        return reply.error
+
+    def config(**fields: Any) -> pb.ProcessConfig:
+        return pb.ProcessConfig(**{"cmd": "/bin/echo", **fields})
+
+    cases = [
+        (pb.StartRequest(process=config(cmd="ec\x00ho")), "process.cmd"),
+        (pb.StartRequest(process=config(args=["a", "b\x00"])), "process.args[1]"),
+        (pb.StartRequest(process=config(envs={"A": "x\x00y"})), "process.envs.A"),
+        (pb.StartRequest(process=config(envs={"A-B": "1"})), "environment variable name"),
+        (pb.StartRequest(process=config(envs={"__SCALEBOX_ENV_3": "1"})), "reserved"),
+        (pb.StartRequest(process=config(cwd="/tmp\x00")), "process.cwd"),
+        (pb.StartRequest(process=config(), pty=pb.PTY(size=pb.PTY.Size(cols=70000, rows=24))), "65535"),
+    ]
+    for request, needle in cases:
+        for codec in (connect.PROTO, connect.JSON):
+            error = start_error(request, codec)
+            assert error.code == "invalid_argument" and needle in error.message, (needle, error)
+
+    for fields, needle in (
+        ({"code": "print(1)\x00"}, "code"),
+        ({"code": "1", "language": "py\x00"}, "language"),
+        ({"code": "1", "env_vars": {"NOT-A-NAME": "1"}}, "environment variable name"),
+    ):
+        reply = box.stream(EXECUTE, pb.ExecuteRequest(**fields), pb.ExecuteResponse)
+        assert reply.error is not None and reply.error.code == "invalid_argument" and needle in reply.error.message
+    status, body = box.unary(
+        "sandboxagent.Process/Update",
+        pb.UpdateRequest(process=pb.ProcessSelector(pid=1), pty=pb.PTY(size=pb.PTY.Size(cols=1, rows=2**32 - 1))),
+        pb.UpdateResponse,
+    )
+    assert status == 400 and body["code"] == "invalid_argument" and "pty.size.rows" in body["message"]
+    status, body = box.unary(
+        "sandboxagent.ContextService/CreateContext", pb.CreateContextRequest(cwd="/\x00"), pb.Context
+    )
+    assert status == 400 and body["code"] == "invalid_argument" and "cwd" in body["message"]
+    # A JSON body nested deeper than any request needs: refused before it is parsed.
+    deep = b'{"path": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    r = post(box.http, f"{box.base}/{STAT}", deep, "application/json", box.token)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_argument" and "deeper" in r.json()["message"]
+    assert box.execute("print('still fine')").error is None
+
+
+def _multipart(boundary: str, path: str, content: bytes) -> bytes:
+    return (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="path"\r\n\r\n{path}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+
+def test_truncated_multipart_upload_is_refused_and_leaves_no_file(box: Box) -> None:
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary", "X-Access-Token": box.token}
+    whole = _multipart("b0undary", "/tmp/upload-whole.txt", b"all of it")
+    assert box.http.post(f"{box.base}/upload", content=whole, headers=headers).status_code == 200
+    assert box.ok(STAT, pb.StatRequest(path="/tmp/upload-whole.txt"), pb.StatResponse).entry.size == 9
+    body = _multipart("b0undary", "/tmp/upload-cut.txt", b"the start of a big file")
+    for cut in (body[: -len("--\r\n")], body[: body.index(b"big")], body[: -len("\r\n--b0undary--\r\n")]):
+        r = box.http.post(f"{box.base}/upload", content=cut, headers=headers)
+        assert r.status_code == 400 and "truncated" in r.json()["error"], r.text
+        status, _ = box.unary(STAT, pb.StatRequest(path="/tmp/upload-cut.txt"), pb.StatResponse)
+        assert status == 404
+
+
+def test_download_of_a_too_long_name_is_400(box: Box) -> None:
+    headers = {"X-Access-Token": box.token}
+    r = box.http.get(f"{box.base}/download/tmp/{'a' * 300}", headers=headers)
+    assert r.status_code == 400 and "longer than 255" in r.json()["error"]
+    r = box.http.get(f"{box.base}/download/x", params={"path": "/tmp/" + "b/" * 3000}, headers=headers)
+    assert r.status_code == 400 and "4096" in r.json()["error"]
+
+
+def test_an_expired_sandbox_never_reads_as_paused(local_server: LocalServer, http: httpx.Client) -> None:
+    """Around the moment of expiry every call says running or expired, never paused (which would make a kernel
+    wait for a resume instead of opening a new sandbox)."""
+    short = Box(local_server, http, timeout=1)
+    seen: set[str] = set()
+    expired_calls = 0
+    for _ in range(2000):  # each round is a few requests; the whole loop ends soon after the expiry
+        r = http.get(f"/v1/sandboxes/{short.id}")
+        seen.add(r.json()["data"]["status"] if r.status_code == 200 else r.json()["code"])
+        status, body = short.unary(STAT, pb.StatRequest(path="/"), pb.StatResponse)
+        seen.add("rpc-ok" if status == 200 else f"rpc-{body['code']}")
+        reply = short.stream(EXECUTE, pb.ExecuteRequest(code="1"), pb.ExecuteResponse)
+        seen.add("execute-ok" if reply.error is None else f"execute-{reply.error.code}")
+        if r.status_code == 404:
+            expired_calls += 1
+            if expired_calls > 20:
+                break
+    assert expired_calls > 20
+    # A cell already running when the time runs out ends as its kernel stops ("context ... is shutting down").
+    allowed = {"running", "sandbox_expired", "rpc-ok", "rpc-not_found", "execute-ok", "execute-not_found"}
+    assert seen <= allowed | {"execute-unavailable"}, seen
+    assert {"sandbox_expired", "rpc-not_found", "execute-not_found"} <= seen
+    assert short.id not in {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
+    r = http.post(f"/v1/sandboxes/{short.id}/connect", json={"timeout": 60})
+    assert r.status_code == 404 and r.json()["code"] == "sandbox_expired"

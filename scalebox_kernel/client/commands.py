@@ -13,7 +13,6 @@ from ..errors import CommandExitError, ExecutionTimeout, NotFound, SandboxNotFou
 from ..protocol import pb
 from .callbacks import Callback, call_back
 from .connect_client import ConnectClient
-from .filesystem import stream_read_timeout
 from .models import CommandResult, OutputMessage, ProcessInfo
 
 
@@ -57,9 +56,7 @@ class CommandHandle:
         rpc = self._commands._rpc
         result: CommandResult | None = None
         try:
-            async with rpc.stream(
-                method, request, response_type, what=what, read_timeout=stream_read_timeout(rpc)
-            ) as messages:
+            async with rpc.stream(method, request, response_type, what=what) as messages:
                 async for message in messages:
                     event = message.event  # type: ignore[attr-defined]
                     kind = event.WhichOneof("event")

@@ -69,6 +69,12 @@ class MessageStream(Generic[M]):
                 ServerUnavailable,
                 f"{self._what}: the stream ended without its end-of-stream frame (the server or a proxy cut it off).",
             ) from None
+        except httpx.ReadTimeout:
+            self._done = True
+            raise transport.silence_error(self._what) from None
+        except httpx.TransportError as exc:
+            self._done = True
+            raise transport.broken_stream_error(exc, self._what) from None
         except httpx.HTTPError as exc:
             self._done = True
             raise transport.transport_error(exc, self._what) from None
@@ -81,9 +87,16 @@ class MessageStream(Generic[M]):
                         self._error = self._client.error(error, self._what)
                     return
                 self._pending.append(self._client.codec.decode(payload, self._type))
-        except ConnectError as exc:
+        except ConnectError as exc:  # our own reading failed: the bytes are not a Connect stream of this type
             self._done = True
-            self._error = self._client.error(exc, self._what)
+            if exc.code == "resource_exhausted":
+                message = f"{self._what}: the server sent more than this client accepts at once ({exc.message})."
+            else:
+                message = (
+                    f"{self._what}: the server sent a malformed stream ({exc.message}); the server, or a proxy in "
+                    "between, is not speaking the Connect protocol as it should."
+                )
+            self._error = transport.error(ScaleboxError, message)
 
     async def aclose(self) -> None:
         self._done = True
@@ -143,14 +156,18 @@ class ConnectClient:
 
     @asynccontextmanager
     async def stream(
-        self, method: str, request: Message, response_type: type[M], *, what: str, read_timeout: float | None
+        self, method: str, request: Message, response_type: type[M], *, what: str
     ) -> AsyncIterator[MessageStream[M]]:
-        """A server stream; `read_timeout` bounds the silence between frames (None: wait as long as it takes)."""
+        """A server stream. Silence longer than the connection's `stream_idle_timeout` (no frame, not even a
+        keepalive) ends it with ServerUnavailable; the agent is asked for keepalives four times as often."""
         body = envelope(self.codec.encode(request))
         headers = self._headers(self.codec.stream_content_type)
         headers["Accept-Encoding"] = "identity"
+        idle = self.transport.connection.stream_idle_timeout
+        if idle:
+            headers["Keepalive-Ping-Interval"] = str(max(1, int(idle / 4)))  # whole seconds, as the SDKs send it
         async with self.transport.stream(
-            "POST", self.url(method), what=what, read_timeout=read_timeout, content=body, headers=headers
+            "POST", self.url(method), what=what, content=body, headers=headers
         ) as response:
             media = response.headers.get("content-type", "").split(";", 1)[0].strip()
             if response.status_code != 200 or media != self.codec.stream_content_type:

@@ -13,16 +13,21 @@ from ..local import ensure_local_server, read_runtime_info
 
 @dataclass(frozen=True)
 class Connection:
-    """A resolved control-plane endpoint. `api_url` has no `/v1`; `verify` is what httpx should trust."""
+    """A resolved control-plane endpoint. `api_url` has no `/v1`; `verify` is what httpx should trust;
+    `stream_idle_timeout` (0: none) is how long a stream may stay silent before the server counts as gone."""
 
     api_url: str
     api_key: str
     verify: str | bool
     request_timeout: float
     local: bool = False
+    stream_idle_timeout: float = 60.0
 
     def __repr__(self) -> str:  # never show the key
-        return f"Connection(api_url={self.api_url!r}, local={self.local}, request_timeout={self.request_timeout})"
+        return (
+            f"Connection(api_url={self.api_url!r}, local={self.local}, request_timeout={self.request_timeout}, "
+            f"stream_idle_timeout={self.stream_idle_timeout})"
+        )
 
     @property
     def rest_url(self) -> str:
@@ -44,6 +49,7 @@ async def resolve_connection(
     """The config in effect and the endpoint it designates (starting scalebox-local if allowed and needed)."""
     config = config if config is not None else ScaleboxConfig()
     timeout = float(request_timeout if request_timeout is not None else config.request_timeout)
+    idle = max(float(config.stream_idle_timeout), 0.0)
     key = api_key or config.api_key
     if key:
         url = (api_url or config.api_url or DEFAULT_CLOUD_URL).rstrip("/")
@@ -52,7 +58,7 @@ async def resolve_connection(
             local = read_runtime_info()
             if local is not None and local.url.rstrip("/") == url and local.certfile:
                 verify = local.certfile
-        return config, Connection(url, key, verify, timeout)
+        return config, Connection(url, key, verify, timeout, stream_idle_timeout=idle)
     wanted = (api_url or config.api_url or "").rstrip("/")
     info = read_runtime_info()
     if wanted and (info is None or info.url.rstrip("/") != wanted):  # only scalebox-local can do without a key
@@ -68,7 +74,12 @@ async def resolve_connection(
             "(or set SCALEBOX_LOCAL_AUTOSTART=1), or set SCALEBOX_API_KEY to use the Scalebox cloud."
         )
     return config, Connection(
-        info.url.rstrip("/"), info.api_key, config.ca_file or info.certfile or True, timeout, local=True
+        info.url.rstrip("/"),
+        info.api_key,
+        config.ca_file or info.certfile or True,
+        timeout,
+        local=True,
+        stream_idle_timeout=idle,
     )
 
 

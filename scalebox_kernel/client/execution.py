@@ -23,15 +23,16 @@ class Handlers:
 
 
 async def execute(rpc: ConnectClient, request: pb.ExecuteRequest, handlers: Handlers, limit: float | None) -> Execution:
-    """Run the request's code and collect its events; past `limit` seconds close the stream (an interrupt)."""
+    """Run the request's code and collect its events; past `limit` seconds close the stream (an interrupt).
+
+    `limit` is about the cell; a server that goes silent (no keepalive) ends the call sooner, with
+    ServerUnavailable, after the connection's `stream_idle_timeout`."""
     execution = Execution()
     deadline = asyncio.timeout(limit)
     try:
         async with (
             deadline,
-            rpc.stream(
-                "ExecutionService/Execute", request, pb.ExecuteResponse, what="Running code", read_timeout=None
-            ) as messages,
+            rpc.stream("ExecutionService/Execute", request, pb.ExecuteResponse, what="Running code") as messages,
         ):
             async for message in messages:
                 await _on_event(message, execution, handlers)

@@ -34,12 +34,6 @@ def download_path(path: str) -> str:
     return "/".join(seg.replace(".", "%2E") if seg in (".", "..") else quote(seg, safe="") for seg in segments)
 
 
-def stream_read_timeout(rpc: ConnectClient) -> float | None:
-    """How long a stream with keepalives may stay silent: well above the agent's keepalive interval."""
-    timeout = rpc.transport.connection.request_timeout
-    return max(timeout, 60.0) if timeout else None
-
-
 class WatchHandle:
     """A running watch of a directory; events go to the callback until `stop()`."""
 
@@ -189,7 +183,6 @@ class AsyncFilesystem:
                 pb.WatchDirRequest(path=path, recursive=recursive),
                 pb.WatchDirResponse,
                 what=f"Watching {path}",
-                read_timeout=stream_read_timeout(self._rpc),
             ) as messages:
                 async for message in messages:
                     kind = message.WhichOneof("event")

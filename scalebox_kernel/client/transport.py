@@ -36,10 +36,13 @@ def _ssl_context(verify: str | bool) -> ssl.SSLContext | bool:
         raise ScaleboxError(f"Cannot load the CA file {verify!r} ({exc}); check SCALEBOX_CA_FILE.") from None
 
 
-def _timeout(total: float | None, read: float | None = None, *, streaming: bool = False) -> httpx.Timeout:
-    """`total` bounds connect, write and pool; `read` (streams only) bounds the silence between two chunks."""
+def _timeout(total: float | None, idle: float | None = None, *, streaming: bool = False) -> httpx.Timeout:
+    """`total` bounds connect, write and pool; `idle` (streams only, 0 or None: no bound) the silence between two
+    chunks, response headers included."""
     limit = total or None
-    return httpx.Timeout(limit, connect=min(limit, 10.0) if limit else 10.0, read=read if streaming else limit)
+    return httpx.Timeout(
+        limit, connect=min(limit, 10.0) if limit else 10.0, read=(idle or None) if streaming else limit
+    )
 
 
 def error_body(response: httpx.Response) -> tuple[str | None, str]:
@@ -89,8 +92,9 @@ class Transport:
             setattr(exc, name, value)
         return exc
 
-    def stream_timeout(self, read: float | None) -> httpx.Timeout:
-        return _timeout(self.connection.request_timeout, read, streaming=True)
+    def stream_timeout(self) -> httpx.Timeout:
+        """A stream's timeouts: the request timeout to connect and send, `stream_idle_timeout` between chunks."""
+        return _timeout(self.connection.request_timeout, self.connection.stream_idle_timeout, streaming=True)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -112,11 +116,10 @@ class Transport:
         return await self._send(request, what=what, idempotent=idempotent, stream=False, retry_statuses=retry_statuses)
 
     @asynccontextmanager
-    async def stream(
-        self, method: str, url: str, *, what: str, read_timeout: float | None, **kwargs: Any
-    ) -> AsyncIterator[httpx.Response]:
-        """A streamed response (closed on exit, which tells the server the client went away)."""
-        request = self.http.build_request(method, url, timeout=self.stream_timeout(read_timeout), **kwargs)
+    async def stream(self, method: str, url: str, *, what: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """A streamed response (closed on exit, which tells the server the client went away). Reading it raises
+        httpx.ReadTimeout after `stream_idle_timeout` s of silence: `silence_error` says what that means."""
+        request = self.http.build_request(method, url, timeout=self.stream_timeout(), **kwargs)
         response = await self._send(request, what=what, idempotent=False, stream=True, retry_statuses=RETRY_STATUSES)
         try:
             yield response
@@ -149,6 +152,8 @@ class Transport:
                         "Set SCALEBOX_CA_FILE to the server's certificate.",
                     ) from None
                 failure = exc
+            except httpx.ReadTimeout as exc:
+                raise (self.silence_error(what) if stream else self.transport_error(exc, what)) from None
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 if not idempotent:
                     raise self.transport_error(exc, what) from None
@@ -187,6 +192,31 @@ class Transport:
         return self.error(
             errors.ServerUnavailable,
             f"{what}: cannot reach the Scalebox server at {host} "
+            f"({type(exc).__name__}: {exc or 'connection lost'}).{hint}",
+        )
+
+    def silence_error(self, what: str) -> ScaleboxError:
+        """A stream that carried nothing, not even a keepalive, for `stream_idle_timeout` s: the server is gone."""
+        idle = self.connection.stream_idle_timeout
+        hint = (
+            "Is scalebox-local still running, and not stopped or swamped (`jupyter scalebox serve`)?"
+            if self.connection.local or self.connection.is_loopback
+            else f"Check the network to {self.connection.api_url}."
+        )
+        return self.error(
+            errors.ServerUnavailable,
+            f"{what}: the server sent nothing for {idle:g} s, not even a keepalive, so the call was given up. "
+            f"{hint} If the server is only slow, raise stream_idle_timeout (SCALEBOX_STREAM_IDLE_TIMEOUT).",
+            silent_for=idle,
+        )
+
+    def broken_stream_error(self, exc: Exception, what: str) -> ScaleboxError:
+        """A stream whose connection failed after the server had answered (reset, closed mid-frame)."""
+        local = self.connection.local or self.connection.is_loopback
+        hint = " Is scalebox-local still running (`jupyter scalebox serve`)?" if local else ""
+        return self.error(
+            errors.ServerUnavailable,
+            f"{what}: the connection to the server at {self.connection.api_url} broke mid-stream "
             f"({type(exc).__name__}: {exc or 'connection lost'}).{hint}",
         )
 

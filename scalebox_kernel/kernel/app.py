@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zmq
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases
 from traitlets import DottedObjectName, Type
 
@@ -18,6 +19,15 @@ class ScaleboxKernelApp(IPKernelApp):
     outstream_class = DottedObjectName(None, allow_none=True).tag(config=True)
     classes = [*IPKernelApp.classes, ScaleboxKernel, ScaleboxConfig]
     aliases = {**kernel_aliases, "language": "ScaleboxKernel.language"}
+
+    def init_iopub(self, context: zmq.Context) -> None:
+        """iopub without a high-water mark: a frontend that falls behind a flood of output gets all of it later,
+        instead of ZMQ dropping what does not fit."""
+        context.sndhwm = 0
+        try:
+            super().init_iopub(context)
+        finally:
+            del context.sndhwm
 
 
 def main() -> None:

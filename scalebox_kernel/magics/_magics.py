@@ -25,9 +25,12 @@ T = TypeVar("T")
 HELP = f"""\
 Scalebox magics: run cells in a sandbox (scalebox-local, or the Scalebox cloud with SCALEBOX_API_KEY).
 
-%%scalebox [--language L] [--session NAME] [--timeout S] [--env K=V ...] [-i VAR ...] [-o VAR ...]
+%%scalebox [--language L] [--session NAME] [--timeout S] [--env K=V ...] [-i VAR ...] [-o VAR ...] [--unsafe-pickle]
     Run the cell in the sandbox; output, plots and errors show here as it runs. -i sends local variables in
-    before the cell, -o brings sandbox variables back after it (pickle for Python, JSON for other languages).
+    before the cell (pickle for Python, JSON for other languages). -o brings sandbox variables back after it in
+    safe formats only: JSON, bytes, numpy arrays as .npy (no object dtypes), pandas DataFrames and Series as
+    Arrow (pyarrow on both sides) or pandas' JSON table. --unsafe-pickle lets -o bring Python values back as
+    pickles instead: any value, exactly, but unpickling runs whatever code the sandbox chose on this machine.
 %autoscalebox on [options] | off
     Run every following cell in the sandbox (cells starting with % still run here).
 
@@ -39,12 +42,6 @@ class ScaleboxMagics(Magics):
     """Run cells in Scalebox sandboxes and manage them: `%scalebox help` lists everything."""
 
     max_transfer_mb = Float(50.0, config=True, help="Largest value (serialised, in MB) that -i/-o move.")
-    pickle_outputs = Bool(
-        True,
-        config=True,
-        help="Bring Python values back (-o) as pickles. Unpickling runs code, so this trusts the sandbox's code; "
-        "with False only JSON-able values come back.",
-    )
     progress_delay = Float(0.5, config=True, help="Seconds a wait must last before a progress bar appears.")
     use_widgets = Bool(
         None, allow_none=True, config=True, help="Use ipywidgets for progress and status (default: in kernels)."
@@ -145,6 +142,8 @@ class ScaleboxMagics(Magics):
         entry = self.sessions.entry(opts.session)
         language = canonical_language(opts.language or entry.language)
         names = [*opts.inputs, *opts.outputs]
+        if opts.unsafe_pickle and not opts.outputs:
+            raise UsageError("--unsafe-pickle applies to -o: name the variables to bring back")
         bad = [n for n in names if not n.isidentifier()]
         if bad:
             raise UsageError(f"-i/-o take variable names, not {', '.join(bad)}")
@@ -179,7 +178,7 @@ class ScaleboxMagics(Magics):
             if execution.error is None:
                 for name in opts.outputs:
                     outputs[name] = await receive(
-                        session, name, language, limit_mb=self.max_transfer_mb, use_pickle=self.pickle_outputs
+                        session, name, language, limit_mb=self.max_transfer_mb, allow_pickle=opts.unsafe_pickle
                     )
             return execution, outputs
 

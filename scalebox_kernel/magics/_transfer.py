@@ -1,26 +1,33 @@
 """`-i` / `-o`: moving values between the local namespace and a sandbox context.
 
-Python <-> Python uses pickle (base64 inside run_code, in chunks); other languages get JSON (tables as records).
-Unpickling runs code, so values coming back (`-o`) from a sandbox are trusted like the code that made them;
-set `ScaleboxMagics.pickle_outputs = False` to accept JSON only.
+In (`-i`): pickle for Python (base64 inside run_code, in chunks; the sandbox runs the user's code anyway), JSON
+for other languages. Out (`-o`): the sandbox writes the value to a file with a random name under /tmp, in a typed
+safe format (`_encoder`); it is downloaded through the files API, deleted, and read by `_formats.decode`, which
+runs nothing the sandbox sent. Pickle comes back only with `--unsafe-pickle`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import pickle
+import secrets
 import shlex
+from functools import cache
+from pathlib import Path
 from typing import Any
 
-from ..errors import ScaleboxError
+from ..client import FileType
+from ..errors import NotFound, SandboxNotFound, ScaleboxError
 from ..session import SandboxSession
+from ._encoder import MAGIC
+from ._formats import TransferError, arrow_here, decode
+
+__all__ = ["TransferError", "receive", "send"]
 
 CHUNK = 4 * 1024 * 1024  # characters of base64 per run_code (well below the server's request limit)
-
-
-class TransferError(ScaleboxError):
-    """A value could not be moved between the shell and the sandbox (too large, not serialisable, ...)."""
+OUT_DIR = "/tmp"
 
 
 def _mb(size: int) -> str:
@@ -65,13 +72,46 @@ def _assign_json(language: str, name: str, text: str) -> str:
     raise TransferError(f"-i/-o are not available for {language}.")
 
 
-def _print_json(language: str, name: str) -> str:
-    if language in ("nodejs", "typescript"):
-        return f"console.log(JSON.stringify({name}))"
+@cache
+def _encoder_source() -> str:
+    return (Path(__file__).parent / "_encoder.py").read_text(encoding="utf-8")
+
+
+def _header(fmt: str) -> str:
+    return MAGIC.decode() + json.dumps({"format": fmt}) + "\n"
+
+
+def _write_out(language: str, name: str, path: str, *, allow_pickle: bool) -> str:
+    """Code that makes the sandbox write `name` to `path` (see `_encoder` for Python)."""
+    if language == "python":
+        return (
+            "__scalebox_ns = {}\n"
+            "try:\n"
+            f"    exec({_encoder_source()!r}, __scalebox_ns)\n"
+            f"    __scalebox_ns['write_value']({name}, {path!r}, {allow_pickle!r}, {arrow_here()!r})\n"
+            "finally:\n"
+            "    del __scalebox_ns\n"
+        )
+    if language in ("nodejs", "typescript"):  # tslab's Node.js, Deno's TypeScript
+        write = (
+            f"Deno.writeTextFileSync({path!r}, text)"
+            if language == "typescript"
+            else (f"require('fs').writeFileSync({path!r}, text)")
+        )
+        return (
+            f"(() => {{ const json = JSON.stringify({name}); "
+            f"if (json === undefined) {{ throw new TypeError('{name} has no JSON form'); }} "
+            f"const text = {json.dumps(_header('json'))} + json; {write}; }})();"
+        )
     if language == "r":
-        return f'cat(jsonlite::toJSON({name}, auto_unbox = TRUE, digits = NA, dataframe = "rows"))'
+        return (
+            f"local({{ text <- enc2utf8(paste0({json.dumps(_header('json'))}, jsonlite::toJSON({name}, "
+            f'auto_unbox = TRUE, digits = NA, dataframe = "rows"))); writeBin(charToRaw(text), {json.dumps(path)}); '
+            "invisible(NULL) })"
+        )
     if language == "bash":
-        return f'printf "%s" "${{{name}}}" | python3 -c "import json,sys; print(json.dumps(sys.stdin.read()))"'
+        form = _header("text").replace("\n", "\\n") + "%s"  # one line: printf's format makes the newline
+        return f'printf {shlex.quote(form)} "${{{name}}}" > {shlex.quote(path)}'
     raise TransferError(f"-i/-o are not available for {language}.")
 
 
@@ -120,42 +160,31 @@ async def send(
     await _run(session, _assign_json(language, name, text), language, what)
 
 
-_PY_DUMP = """\
-def __scalebox_dump(value, use_pickle):
-    import base64, json, pickle
-    if not use_pickle:
-        return "j" + json.dumps(value)
-    return "p" + base64.b64encode(pickle.dumps(value, protocol=4)).decode()
-__scalebox_out = __scalebox_dump({name}, {use_pickle})
-del __scalebox_dump
-print(len(__scalebox_out))
-"""
-
-
-async def receive(session: SandboxSession, name: str, language: str, *, limit_mb: float, use_pickle: bool) -> Any:
-    """The value of `name` in the sandbox context of `language`."""
-    what = f"Fetching {name}"
-    if language != "python":
-        text = (await _run(session, _print_json(language, name), language, what)).strip()
-        _check_size(name, len(text.encode()), limit_mb, "out of the sandbox")
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise TransferError(f"{name} did not come back as JSON: {text[:200]!r}") from None
-    size = int((await _run(session, _PY_DUMP.format(name=name, use_pickle=use_pickle), language, what)).strip())
+async def receive(session: SandboxSession, name: str, language: str, *, limit_mb: float, allow_pickle: bool) -> Any:
+    """The value of `name` in the sandbox context of `language`, moved out of band and read by a safe format
+    (a pickle only with `allow_pickle`, for Python)."""
+    allow_pickle = allow_pickle and language == "python"
+    path = f"{OUT_DIR}/.scalebox-out-{secrets.token_hex(16)}"
     try:
-        payload = size * 3 // 4 if use_pickle else size
-        _check_size(name, payload, limit_mb, "out of the sandbox")
-        parts = []
-        for start in range(0, size, CHUNK):
-            code = f"print(__scalebox_out[{start}:{start + CHUNK}], end='')"
-            parts.append(await _run(session, code, language, what))
+        await _run(session, _write_out(language, name, path, allow_pickle=allow_pickle), language, f"Fetching {name}")
+        data = await _fetch(session, name, path, limit_mb)
     finally:
-        await _run(session, "del __scalebox_out", language, what)
-    encoded = "".join(parts)
-    if encoded.startswith("j"):
-        return json.loads(encoded[1:])
+        with contextlib.suppress(ScaleboxError):
+            await session.sandbox.files.remove(path)
+    return decode(data, name, allow_pickle=allow_pickle)
+
+
+async def _fetch(session: SandboxSession, name: str, path: str, limit_mb: float) -> bytes:
+    """The file's bytes, refused by its size before it is downloaded."""
     try:
-        return pickle.loads(base64.b64decode(encoded[1:]))
-    except Exception as exc:
-        raise TransferError(f"Cannot unpickle {name} here: {type(exc).__name__}: {exc}") from None
+        entry = await session.sandbox.files.get_info(path)
+    except SandboxNotFound:
+        raise
+    except NotFound:
+        entry = None
+    if entry is None or entry.type != FileType.FILE:
+        raise TransferError(f"The sandbox wrote no value for {name}; nothing came back.")
+    _check_size(name, entry.size, limit_mb, "out of the sandbox")
+    data = (await session.download([path]))[path]
+    _check_size(name, len(data), limit_mb, "out of the sandbox")  # the file may have grown since
+    return data

@@ -17,18 +17,21 @@ import uvicorn
 from jupyter_core.application import JupyterApp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from traitlets import Bool, Integer, Unicode, default
 
 from .. import __version__
-from ..local import LocalServerInfo, remove_runtime_info, runtime_file, write_runtime_info
+from ..local import API_KEY_ENV, LocalServerInfo, remove_runtime_info, runtime_file, write_runtime_info
 from .bodies import error_response
 from .isolation.sandbox import describe
 from .rest import ControlPlane
 from .rpc import AgentPlane
 from .sandboxes import SandboxManager
+from .scrub import register_data_dir
 from .settings import ServerSettings
 from .tls import ensure_self_signed
 
@@ -55,7 +58,49 @@ def create_app(settings: ServerSettings, manager: SandboxManager, api_key: str) 
     routes = [Route("/health", health, methods=["GET", "HEAD"])]
     routes += ControlPlane(manager, api_key).routes()
     routes += AgentPlane(manager, settings).routes()
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, 500: internal_error})
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(CatchAll)],
+        exception_handlers={HTTPException: http_error, 500: internal_error},
+    )
+
+
+class CatchAll:
+    """Any exception a handler lets out becomes a JSON 500 naming only its type (the traceback goes to the log).
+
+    No exception reaches Starlette's ServerErrorMiddleware, which would re-raise it to uvicorn, which then drops
+    the client's keep-alive connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = ended = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started, ended
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except ClientDisconnect:  # the client left mid-request: nobody to answer
+            log.debug("%s %s: the client went away", scope.get("method"), scope.get("path"))
+        except Exception as exc:
+            log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
+            if not started:
+                reply = error_response(500, f"internal error ({type(exc).__name__}); the server log has the details")
+                with contextlib.suppress(Exception):  # the client may be gone
+                    await reply(scope, receive, send)
+            elif not ended:  # half a body went out already: end it there (the client sees it cut short)
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _is_loopback(ip: str) -> bool:
@@ -117,7 +162,8 @@ class ServeApp(JupyterApp):
     aliases = {
         "ip": "ServeApp.ip",
         "port": "ServeApp.port",
-        "api-key": "ServeApp.api_key",
+        "api-key": "ServeApp.api_key",  # parsed only to refuse it with a clear message (see start)
+        "api-key-file": "ServeApp.api_key_file",
         "certfile": "ServeApp.certfile",
         "keyfile": "ServeApp.keyfile",
         "data-dir": "ServerSettings.data_dir",
@@ -135,8 +181,19 @@ class ServeApp(JupyterApp):
     ip = Unicode("127.0.0.1", config=True, help="Address to listen on (loopback unless an API key is given).")
     port = Integer(0, config=True, help="Port to listen on; 0 picks a free one.")
     api_key = Unicode(
-        "", config=True, help="API key clients must send as X-API-KEY; generated when empty (see the runtime file)."
+        "",
+        config=True,
+        help="API key clients must send as X-API-KEY (or as Authorization: Bearer); generated when empty (see the "
+        f"runtime file). Env: {API_KEY_ENV}. Never on the command line: use --api-key-file.",
     )
+    api_key_file = Unicode(
+        "", config=True, help="File holding the API key (its first line); it must not be readable by other users."
+    )
+
+    @default("api_key")
+    def _default_api_key(self) -> str:
+        return os.environ.get(API_KEY_ENV, "")
+
     certfile = Unicode("", config=True, help="PEM certificate for HTTPS.")
     keyfile = Unicode("", config=True, help="PEM private key for HTTPS.")
     tls = Bool(False, config=True, help="Serve HTTPS with a self-signed certificate (made once in the data dir).")
@@ -147,11 +204,22 @@ class ServeApp(JupyterApp):
 
     def start(self) -> None:
         super().start()
+        if "api_key" in self.cli_config.get("ServeApp", {}):
+            self.log.critical(
+                "An API key on the command line is visible to every user of this machine (ps). Put it in a file "
+                "only you can read and pass --api-key-file FILE, or set %s.",
+                API_KEY_ENV,
+            )
+            self.exit(2)
+        if self.api_key_file:
+            self.api_key = self._read_key_file(self.api_key_file)
         if not _is_loopback(self.ip) and not self.api_key:
             self.log.critical(
-                "Refusing to listen on %s without --api-key: anyone who can reach that address could run code "
-                "here. Pass --api-key KEY (and use --tls or --certfile/--keyfile), or listen on 127.0.0.1.",
+                "Refusing to listen on %s without an API key: anyone who can reach that address could run code "
+                "here. Pass --api-key-file FILE or set %s (and use --tls or --certfile/--keyfile), or listen on "
+                "127.0.0.1.",
                 self.ip,
+                API_KEY_ENV,
             )
             self.exit(2)
         if bool(self.certfile) != bool(self.keyfile):
@@ -164,11 +232,28 @@ class ServeApp(JupyterApp):
             self.log.critical("scalebox-local could not start: %s", exc)
             self.exit(1)
 
+    def _read_key_file(self, path: str) -> str:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            with os.fdopen(fd) as handle:
+                if os.fstat(handle.fileno()).st_mode & 0o077:
+                    self.log.critical("%s is readable by other users; chmod 600 it first.", path)
+                    self.exit(2)
+                key = handle.readline().strip()
+        except OSError as exc:
+            self.log.critical("Cannot read the API key file %s: %s", path, exc.strerror or exc)
+            self.exit(2)
+        if not key:
+            self.log.critical("The API key file %s is empty.", path)
+            self.exit(2)
+        return key
+
     async def _serve(self) -> None:
         settings = ServerSettings(parent=self)
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
         os.chmod(data, 0o700)
+        register_data_dir(data)
         api_key = self.api_key or secrets.token_urlsafe(32)
         certfile, keyfile = self.certfile, self.keyfile
         if self.tls and not certfile:

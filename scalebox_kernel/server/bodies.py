@@ -5,6 +5,8 @@ from __future__ import annotations
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from .scrub import scrub
+
 #: After a body went over the limit, this much more is read and dropped so the client still sees the error
 #: (closing mid-upload makes most clients report a broken pipe instead of the 413).
 _DRAIN_LIMIT = 1024 * 1024 * 1024
@@ -41,5 +43,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
 
 
 def error_response(status: int, message: str, code: str | int | None = None) -> JSONResponse:
-    """`{"error", "message", "code"}`: the Python SDK needs `error`, JS and OpenAPI read `message`."""
+    """`{"error", "message", "code"}`: the Python SDK needs `error`, JS and OpenAPI read `message` (with no host
+    path of the server in it)."""
+    message = scrub(message)
     return JSONResponse({"error": message, "message": message, "code": status if code is None else code}, status)

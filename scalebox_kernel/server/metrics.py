@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .isolation import SandboxCgroups, Usage, capabilities
+from .isolation.tree import MAX_OPEN_DEPTH, walk_fd
 from .store import SandboxRecord, iso
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -73,17 +74,24 @@ def sandbox_processes(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def tree_size(root: Path) -> int:
-    """Bytes the sandbox's files take on disk."""
+    """Bytes the sandbox's files take on disk (fd-relative, never following links, MAX_OPEN_DEPTH levels deep)."""
     total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    with contextlib.suppress(OSError):
+        top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for _, _, entry in walk_fd(top, "/", MAX_OPEN_DEPTH):
+                total += entry.info.st_blocks * 512
+        finally:
+            os.close(top)
     return total
 
 
 async def measure(
-    record: SandboxRecord, root: Path, interval: float = 0.2, usage: Callable[[], Usage | None] | None = None
+    record: SandboxRecord,
+    root: Path,
+    interval: float = 0.2,
+    usage: Callable[[], Usage | None] | None = None,
+    disk: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """One metrics sample, in the shape both SDKs read (PROTOCOL.md 1.9); from the sandbox's cgroup counters
     when `usage` gives them (an isolated sandbox), else from its processes in /proc."""
@@ -105,8 +113,11 @@ async def measure(
         ticks = sum(cpu - first[pid][0] for pid, (cpu, _) in second.items() if pid in first)
         cpu_pct = 100.0 * ticks / _CLOCK_TICKS / elapsed / max(record.cpu_count, 1)
         mem_used = sum(rss for _, rss in second.values()) * _PAGE_SIZE
-    disk_used = await asyncio.to_thread(tree_size, root) if root.exists() else 0
-    disk_total = shutil.disk_usage(root if root.exists() else root.anchor).total
+    if disk is not None:  # the sandbox's own disk image
+        disk_total, disk_used = disk
+    else:
+        disk_used = await asyncio.to_thread(tree_size, root) if root.exists() else 0
+        disk_total = shutil.disk_usage(root if root.exists() else root.anchor).total
     return {
         "cpu_count": record.cpu_count,
         "cpu_used_pct": round(min(cpu_pct, 100.0), 2),

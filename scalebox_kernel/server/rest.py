@@ -16,7 +16,9 @@ from starlette.routing import Route
 
 from .bodies import BodyTooLarge, error_response, read_limited
 from .sandboxes import BadRequest, Conflict, CreateSpec, SandboxError, SandboxManager
+from .settings import ServerSettings
 from .store import PAUSED, RUNNING, STATES, SandboxRecord, iso
+from .validation import InvalidJson, load_json
 
 ENVD_VERSION = "1.0.0"
 REGIONS = [{"id": "local", "name": "scalebox-local"}]
@@ -41,9 +43,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        body = load_json(raw)
+    except InvalidJson as exc:
+        raise BadRequest(str(exc)) from None
     if body is None:
         return {}
     if not isinstance(body, dict):
@@ -51,14 +53,21 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _shown(value: Any) -> str:
+    """A JSON value for an error message, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    """An integer field (1e3 is 1000); its range is checked where it is used."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, not {json.dumps(value)}")
+        raise BadRequest(f"{name} must be an integer, not {_shown(value)}")
     return value
 
 
@@ -67,7 +76,7 @@ def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise BadRequest(f"{name} must be true or false, not {json.dumps(value)}")
+        raise BadRequest(f"{name} must be true or false, not {_shown(value)}")
     return value
 
 
@@ -76,27 +85,51 @@ def _str_map(body: dict[str, Any], name: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BadRequest(f"{name} must be an object of strings, not {json.dumps(value)}")
+        raise BadRequest(f"{name} must be an object of strings, not {_shown(value)}")
     for key, item in value.items():
         if not isinstance(item, str):
-            raise BadRequest(f"{name}.{key} must be a string, not {json.dumps(item)}")
+            raise BadRequest(f"{name}.{key[:64]} must be a string, not {_shown(item)}")
     return dict(value)
 
 
-def parse_create(body: dict[str, Any], default_timeout: int) -> CreateSpec:
+def _disk_mb(body: dict[str, Any], max_disk_mb: int) -> int | None:
+    """`disk_mb`, or the OpenAPI's `storage_gb` (GiB) as its alias."""
+    disk_mb = _int(body, "disk_mb", None)
+    storage_gb = _int(body, "storage_gb", None)
+    if storage_gb is None:
+        return disk_mb
+    if not 1 <= storage_gb <= max_disk_mb // 1024:
+        raise BadRequest(f"storage_gb must be from 1 to {max_disk_mb // 1024} GiB on this server, not {storage_gb}")
+    if disk_mb is not None and disk_mb != storage_gb * 1024:
+        raise BadRequest("give disk_mb or storage_gb, not both (they disagree)")
+    return storage_gb * 1024
+
+
+def parse_create(body: dict[str, Any], settings: ServerSettings) -> CreateSpec:
+    """The create body as a spec, every field of the right type (the spec checks the ranges)."""
     template = body.get("template")
     if template is None or template == "":
         template = "base"
-    if not isinstance(template, str) or len(template) > 128:
-        raise BadRequest("template must be a string of at most 128 characters")
+    if not isinstance(template, str):
+        raise BadRequest(f"template must be a string, not {_shown(template)}")
     if body.get("object_storage"):
         raise BadRequest("object_storage mounts are not supported by scalebox-local")
     if body.get("net_proxy_country"):
         raise BadRequest("net_proxy_country is not supported by scalebox-local")
+    _bool(body, "is_async", False)  # creating is quick: the answer always comes when the sandbox runs
     locality = body.get("locality")
-    if isinstance(locality, dict) and locality.get("force") and locality.get("region") not in (None, "local"):
-        raise Conflict(f"region {locality.get('region')!r} is not available; the only region is 'local'")
-    timeout = _int(body, "timeout", default_timeout)
+    if locality is not None:
+        if not isinstance(locality, dict):
+            raise BadRequest(f"locality must be an object, not {_shown(locality)}")
+        region = locality.get("region")
+        if region is not None and not isinstance(region, str):
+            raise BadRequest(f"locality.region must be a string, not {_shown(region)}")
+        force = locality.get("force")
+        if force is not None and not isinstance(force, bool):
+            raise BadRequest(f"locality.force must be true or false, not {_shown(force)}")
+        if force and region not in (None, "", "local"):
+            raise Conflict(f"region {region[:64]!r} is not available; the only region is 'local'")
+    timeout = _int(body, "timeout", settings.default_timeout)
     assert timeout is not None
     return CreateSpec(
         template=template,
@@ -108,6 +141,7 @@ def parse_create(body: dict[str, Any], default_timeout: int) -> CreateSpec:
         secure=_bool(body, "secure", False),
         cpu_count=_int(body, "cpu_count", None),
         memory_mb=_int(body, "memory_mb", None),
+        disk_mb=_disk_mb(body, settings.max_disk_mb),
     )
 
 
@@ -115,8 +149,8 @@ def _query_int(request: Request, *names: str, default: int, minimum: int) -> int
     for name in names:
         raw = request.query_params.get(name)
         if raw is not None and raw != "":
-            if not raw.isdigit() or int(raw) < minimum:
-                raise BadRequest(f"query parameter {name} must be an integer >= {minimum}, not {raw!r}")
+            if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or int(raw) < minimum:
+                raise BadRequest(f"query parameter {name} must be an integer >= {minimum}, not {raw[:40]!r}")
             return int(raw)
     return default
 
@@ -199,9 +233,11 @@ class ControlPlane:
             "sandbox_id": record.sandbox_id,
             "template_id": record.template,
             "name": record.template,
-            "status": record.state,
+            "status": self.manager.state(record),
             "cpu_count": record.cpu_count,
             "memory_mb": record.memory_mb,
+            "disk_mb": record.disk_mb,
+            "problem": record.problem or None,
             "created_at": iso(record.created_at),
             "started_at": iso(record.created_at),
             "end_at": iso(record.end_at),
@@ -214,12 +250,12 @@ class ControlPlane:
     # ---- handlers -------------------------------------------------------------------------------------------------
 
     async def create(self, request: Request) -> Response:
-        spec = parse_create(await _json_body(request), self.manager.settings.default_timeout)
+        spec = parse_create(await _json_body(request), self.manager.settings)
         record = await self.manager.create(spec)
         return _ok(self.sandbox_data(record), 201)
 
     async def get(self, request: Request) -> Response:
-        record = self.manager.get(request.path_params["sandbox_id"])
+        record = self.manager.inspect(request.path_params["sandbox_id"])
         data = self.sandbox_data(record)
         # The Python SDK reads metadata, alias and envdVersion of get-info from the top level (PROTOCOL.md 1.6).
         return _ok(data, metadata=data["metadata"], alias=data["alias"], envdVersion=ENVD_VERSION)
@@ -284,8 +320,10 @@ class ControlPlane:
         return _ok({**sample, "metrics": [sample]})
 
     async def status(self, request: Request) -> Response:
-        record = self.manager.get(request.path_params["sandbox_id"])
-        data = {"sandbox_id": record.sandbox_id, "status": record.state, "reason": record.reason}
+        record = self.manager.inspect(request.path_params["sandbox_id"])
+        data = {"sandbox_id": record.sandbox_id, "status": self.manager.state(record), "reason": record.reason}
+        if record.problem:
+            data["problem"] = record.problem
         return _ok(data)
 
     async def regions(self, request: Request) -> Response:

@@ -25,21 +25,37 @@ from ..protocol.connect import Codec, ConnectError
 from .agent import RPCS, CallInfo, SandboxAgent
 from .bodies import BodyTooLarge, error_response, read_limited
 from .sandboxes import SandboxError, SandboxManager, SandboxNotFound, SandboxPaused
+from .scrub import scrub
 from .settings import ServerSettings
+from .validation import MAX_JSON_DEPTH, json_depth_exceeds, path_problem, request_problem
 
 log = logging.getLogger("scalebox_kernel.server")
 
 #: The Python SDK polls and stops file watchers without any headers (PROTOCOL.md 2.3).
 LENIENT_METHODS = {"sandboxagent.Filesystem/GetWatcherEvents", "sandboxagent.Filesystem/RemoveWatcher"}
-_QUEUE_FRAMES = 16
+#: Bytes of encoded frames a stream holds between its handler and the socket (the handler's own buffer, e.g. a
+#: cell's `StreamBuffer`, holds the rest); also the most that goes out in one write.
+_QUEUE_BYTES = 1024 * 1024
+
+
+def _public(error: ConnectError) -> ConnectError:
+    """The error as a client may read it: no host path of the server in its message."""
+    return ConnectError(error.code, scrub(error.message))
 
 
 def _unary_error(error: ConnectError, status: int | None = None) -> Response:
-    return JSONResponse(error.to_dict(), status or error.http_status)
+    return JSONResponse(_public(error).to_dict(), status or error.http_status)
 
 
 def _stream_error(codec: Codec, error: ConnectError) -> Response:
-    return Response(connect.end_stream(error), media_type=codec.stream_content_type)
+    return Response(connect.end_stream(_public(error)), media_type=codec.stream_content_type)
+
+
+def _decode(codec: Codec, data: bytes, request_type: type[Message]) -> Any:
+    """The request message; JSON nested deeper than any request needs is refused before it is parsed."""
+    if codec is connect.JSON and json_depth_exceeds(data):
+        raise ConnectError("invalid_argument", f"{request_type.__name__} nests deeper than {MAX_JSON_DEPTH} levels")
+    return codec.decode(data, request_type)
 
 
 class _RpcStream(StreamingResponse):
@@ -47,11 +63,15 @@ class _RpcStream(StreamingResponse):
 
     The handler is decoupled from the response so that a client disconnect cancels it exactly once (a plain
     asyncio cancel it can react to, e.g. by interrupting a kernel), rather than under anyio's cancel scope,
-    which would cancel every await of its clean-up too.
+    which would cancel every await of its clean-up too. At most `_QUEUE_BYTES` of frames wait here: a client
+    that reads slowly holds the handler back, and frames that are ready together go out in one write.
     """
 
     def __init__(self, frames: AsyncIterator[Message], codec: Codec, method: str, tasks: set[asyncio.Task[Any]]):
-        self._queue: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue(maxsize=_QUEUE_FRAMES)
+        self._queue: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
+        self._queued = 0  # bytes in the queue
+        self._space = asyncio.Event()
+        self._gone = False  # the response is over (sent, or the client left)
         self._frames = frames
         self._codec = codec
         self._method = method
@@ -66,14 +86,25 @@ class _RpcStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self._gone = True
+            self._space.set()
             if not self._producer.done():  # the client went away: stop the handler (interrupts a cell)
                 self._producer.cancel()
+
+    async def _put(self, frame: bytes, last: bool) -> None:
+        while self._queued >= _QUEUE_BYTES and not self._gone:
+            self._space.clear()
+            await self._space.wait()
+        if self._gone:  # even if the handler swallowed its cancellation (asyncio.wait_for can, before 3.12)
+            raise asyncio.CancelledError
+        self._queued += len(frame)
+        self._queue.put_nowait((frame, last))
 
     async def _produce(self) -> None:
         error: ConnectError | None = None
         try:
             async for message in self._frames:
-                await self._queue.put((connect.envelope(self._codec.encode(message)), False))
+                await self._put(connect.envelope(self._codec.encode(message)), False)
         except ConnectError as exc:
             error = exc
         except Exception as exc:
@@ -83,12 +114,19 @@ class _RpcStream(StreamingResponse):
             aclose = getattr(self._frames, "aclose", None)
             if aclose is not None:
                 await aclose()
-        await self._queue.put((connect.end_stream(error), True))
+        await self._put(connect.end_stream(_public(error) if error is not None else None), True)
 
     async def _body(self) -> AsyncIterator[bytes]:
         while True:
             frame, last = await self._queue.get()
-            yield frame
+            frames, size = [frame], len(frame)
+            while not last and not self._queue.empty() and size < _QUEUE_BYTES:
+                frame, last = self._queue.get_nowait()
+                frames.append(frame)
+                size += len(frame)
+            self._queued -= size
+            self._space.set()
+            yield frames[0] if len(frames) == 1 else b"".join(frames)
             if last:
                 return
 
@@ -149,6 +187,9 @@ class AgentPlane:
         agent = await self._file_endpoint_agent(request)
         if isinstance(agent, Response):
             return agent
+        problem = path_problem(request.query_params.get("path") or request.path_params["path"])
+        if problem:
+            return error_response(400, f"download: {problem}")
         return await agent.download(request, request.path_params["path"])
 
     # ---- Connect --------------------------------------------------------------------------------------------------
@@ -176,6 +217,9 @@ class AgentPlane:
                 raise ConnectError("invalid_argument", f"{key} is {kind} RPC; send it with Content-Type {wanted}")
             agent = self.manager.agent(sandbox_id)
             message = await self._read_message(request, codec, rpc.request_type, streaming)
+            problem = request_problem(message)
+            if problem:
+                raise ConnectError("invalid_argument", problem)
         except SandboxError as exc:
             code = exc.connect_code if isinstance(exc, SandboxNotFound | SandboxPaused) else "failed_precondition"
             return reply_error(ConnectError(code, exc.message))
@@ -184,6 +228,9 @@ class AgentPlane:
             return _stream_error(codec, error) if streaming else _unary_error(error, 413)
         except ConnectError as exc:
             return reply_error(exc)
+        except Exception as exc:  # a request no check foresaw: still a Connect error, and logged
+            log.exception("%s: reading the request failed", key)
+            return reply_error(ConnectError("internal", f"{key} failed: {type(exc).__name__}"))
         info = self._call_info(request, codec)
         if streaming:
             return _RpcStream(self._open_stream(rpc.handler, agent, message, info), codec, key, self._tasks)
@@ -216,7 +263,7 @@ class AgentPlane:
     async def _read_message(self, request: Request, codec: Codec, request_type: type[Message], streaming: bool) -> Any:
         limit = self.settings.max_request_bytes
         if not streaming:
-            return codec.decode(await read_limited(request, limit), request_type)
+            return _decode(codec, await read_limited(request, limit), request_type)
         body = await read_limited(request, limit + connect.PREFIX_SIZE)
         reader = connect.EnvelopeReader(max_message_bytes=limit)
         frames = list(reader.feed(body))
@@ -228,13 +275,13 @@ class AgentPlane:
                 "invalid_argument",
                 f"a server-streaming request must be exactly one enveloped message, got {len(frames)} frames",
             )
-        return codec.decode(data[0], request_type)
+        return _decode(codec, data[0], request_type)
 
     def _call_info(self, request: Request, codec: Codec) -> CallInfo:
         """Connect-Timeout-Ms is ignored on purpose: the SDKs send their request timeout there, and a long command
         must not be killed on it."""
         interval = self.settings.keepalive_interval
         ping = request.headers.get("keepalive-ping-interval", "")
-        if ping.isdigit() and int(ping) > 0:
+        if ping.isascii() and ping.isdigit() and len(ping) <= 9 and int(ping) > 0:
             interval = min(interval, float(ping))
         return CallInfo(codec=codec, keepalive_interval=interval)

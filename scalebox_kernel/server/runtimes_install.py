@@ -65,7 +65,12 @@ def canonical_language(name: str) -> str:
 
 
 #: Tools that confine sandboxes -> the Debian package that has them.
-ISOLATION_TOOLS = {"bwrap": "bubblewrap", "slirp4netns": "slirp4netns"}
+ISOLATION_TOOLS = {
+    "bwrap": "bubblewrap",
+    "slirp4netns": "slirp4netns",  # a sandbox's internet (without it: no network at all)
+    "ip": "iproute2",  # the routes that keep that internet off the host
+    "mkfs.ext4": "e2fsprogs",  # per-sandbox disk images (the disk limit)
+}
 
 
 class Installer:
@@ -162,9 +167,10 @@ class Installer:
         return [lang for lang in todo if lang not in needs]
 
     def _isolation_tools(self) -> None:
-        """bubblewrap and slirp4netns, which scalebox-local confines sandboxes with (issue 6); best effort: the
-        server still runs without them and says which protections are missing."""
-        missing = [pkg for tool, pkg in ISOLATION_TOOLS.items() if not shutil.which(tool)]
+        """The tools scalebox-local confines sandboxes with; best effort: the server still runs without them and
+        says which protections are missing."""
+        path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+        missing = [pkg for tool, pkg in ISOLATION_TOOLS.items() if not shutil.which(tool, path=path)]
         if not missing or sys.platform != "linux":
             return
         if not (self.is_root and shutil.which("apt-get")):

@@ -8,19 +8,36 @@ import logging
 import secrets
 import shutil
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import metrics
 from .agent import SandboxAgent
+from .isolation.jail import clean_stale_links
 from .isolation.sandbox import SandboxIsolation
+from .isolation.tree import remove_path
 from .settings import ServerSettings
 from .store import PAUSED, RUNNING, TERMINATED, SandboxRecord, SandboxStore, iso
+from .validation import MAX_ENV_BYTES, env_problem, map_problem, name_problem, range_problem
 
 log = logging.getLogger("scalebox_kernel.server")
 
 RESTART_REASON = "scalebox-local restarted"
+#: Free space (MiB) on the data dir's filesystem that no sandbox's disk may be promised.
+DISK_RESERVE_MB = 1024
+#: Smallest memory and disk (MiB) a create request may ask for: a kernel does not start in less.
+MIN_MEMORY_MB = 64
+MIN_DISK_MB = 16
+MAX_TEMPLATE_CHARS = 128
+MAX_METADATA_ITEMS = 256
+MAX_METADATA_KEY_CHARS = 256
+MAX_METADATA_CHARS = 8192
+MAX_ENV_ITEMS = 1024
+#: Seconds before the reaper retries an expiry or kill that failed, doubling up to the cap.
+RETRY_FIRST = 0.5
+RETRY_MAX = 60.0
 
 
 class SandboxError(Exception):
@@ -43,6 +60,18 @@ class StartFailed(SandboxError):
     status = 500
     code: str | int = 500
     connect_code = "internal"
+
+
+class CleanupFailed(StartFailed):
+    """A kill that could not finish; the reaper keeps retrying it."""
+
+
+class NotEnoughDisk(SandboxError):
+    """The host cannot hold the disk a sandbox asks for."""
+
+    status = 507
+    code: str | int = 507
+    connect_code = "resource_exhausted"
 
 
 class SandboxNotFound(SandboxError):
@@ -78,6 +107,40 @@ class CreateSpec:
     secure: bool = False
     cpu_count: int | None = None
     memory_mb: int | None = None
+    disk_mb: int | None = None
+
+    def validate(self, settings: ServerSettings) -> None:
+        """Every field in its range (BadRequest naming the first that is not), before anything is created."""
+        problem = (
+            range_problem("timeout", self.timeout, 1, settings.max_timeout, "seconds")
+            or range_problem("cpu_count", self.cpu_count, 1, settings.max_cpu_count, "CPUs")
+            or range_problem("memory_mb", self.memory_mb, MIN_MEMORY_MB, settings.max_memory_mb, "MiB")
+            or range_problem("disk_mb", self.disk_mb, MIN_DISK_MB, settings.max_disk_mb, "MiB")
+            or name_problem("template", self.template, MAX_TEMPLATE_CHARS)
+            or map_problem("metadata", self.metadata, MAX_METADATA_ITEMS, MAX_METADATA_KEY_CHARS, MAX_METADATA_CHARS)
+            or map_problem("env_vars", self.envs, MAX_ENV_ITEMS, MAX_ENV_BYTES, MAX_ENV_BYTES)
+            or env_problem("env_vars", self.envs)
+        )
+        if problem:
+            raise BadRequest(problem)
+
+
+@dataclass
+class _Retry:
+    """A reaper step that failed for one sandbox: how often, and when to try it again."""
+
+    attempts: int = 0
+    at: float = 0.0
+
+
+_STEP_VERBS = {"end": "terminate", "expire": "expire", "stop": "stop the processes of"}
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception in a few words, without the host paths an OSError carries."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 class SandboxManager:
@@ -93,6 +156,8 @@ class SandboxManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._wake = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
+        self._ending: dict[str, str] = {}  # sandbox id -> "expired"/"killed", from the start of its termination
+        self._retries: dict[str, _Retry] = {}  # sandbox id -> its failed expiry, kill or stop, to try again
 
     # ---- lifetime of the manager -------------------------------------------------------------------------------
 
@@ -105,13 +170,16 @@ class SandboxManager:
                 continue
             self._lost[record.sandbox_id] = RESTART_REASON
             if record.state == RUNNING and record.end_at <= now:
-                await self._expire(record)
+                await self._settle(record, "expire", self._expire(record))
             elif record.state == RUNNING:
                 try:
                     await self._start_agent(record)
                 except Exception:
                     log.exception("could not restart sandbox %s; marking it terminated", record.sandbox_id)
-                    await self._terminate(record, "failed to restart")
+                    self._ending[record.sandbox_id] = "failed to restart"
+                    await self._settle(record, "end", self._end(record))
+        live = {sid for sid, record in self._records.items() if record.state == RUNNING}
+        await asyncio.to_thread(clean_stale_links, self.settings.data_path, live)
         self._reaper = asyncio.create_task(self._reap_forever(), name="scalebox-reaper")
 
     async def close(self) -> None:
@@ -135,25 +203,50 @@ class SandboxManager:
     def domain(self, sandbox_id: str) -> str:
         return f"{self.public_host}/sbx/{sandbox_id}"
 
+    def state(self, record: SandboxRecord, now: float | None = None) -> str:
+        """The state a sandbox is in right now. One whose time ran out reads as expired (or, with auto_pause,
+        paused) at once, and one being terminated as terminated, before the reaper's work is done."""
+        if record.state != RUNNING:
+            return record.state
+        if record.sandbox_id in self._ending:
+            return TERMINATED
+        if record.end_at <= (now or time.time()):
+            return PAUSED if record.auto_pause else TERMINATED
+        return RUNNING
+
     def get(self, sandbox_id: str) -> SandboxRecord:
         """The record of a live (running or paused) sandbox; SandboxNotFound/SandboxExpired otherwise."""
         record = self._records.get(sandbox_id)
         if record is None:
             raise SandboxNotFound(f"sandbox {sandbox_id} not found")
-        if record.state == TERMINATED:
-            if record.expired:
-                raise SandboxExpired(f"sandbox {sandbox_id} expired at {iso(record.ended_at)}; its state is gone")
-            raise SandboxNotFound(
-                f"sandbox {sandbox_id} not found (it was {record.reason or 'killed'} at {iso(record.ended_at)})"
-            )
+        if self.state(record) == TERMINATED:
+            raise self._gone(record)
         return record
+
+    def inspect(self, sandbox_id: str) -> SandboxRecord:
+        """Like `get`, for get-info: a sandbox whose expiry or kill keeps failing is still shown (terminated, with
+        its `problem`) until its clean-up succeeds."""
+        record = self._records.get(sandbox_id)
+        if record is not None and record.problem and record.state != TERMINATED:
+            return record
+        return self.get(sandbox_id)
+
+    def _gone(self, record: SandboxRecord) -> SandboxNotFound:
+        sandbox_id = record.sandbox_id
+        reason = record.reason if record.state == TERMINATED else self._ending.get(sandbox_id, "expired")
+        when = record.ended_at if record.state == TERMINATED else min(record.end_at, time.time())
+        if reason == "expired":
+            return SandboxExpired(f"sandbox {sandbox_id} expired at {iso(when)}; its state is gone")
+        return SandboxNotFound(f"sandbox {sandbox_id} not found (it was {reason or 'killed'} at {iso(when)})")
 
     def agent(self, sandbox_id: str) -> SandboxAgent:
         """The agent of a running sandbox; paused, expired and unknown sandboxes raise."""
         record = self.get(sandbox_id)
-        agent = self._agents.get(sandbox_id)
-        if record.state == PAUSED or agent is None:
+        if self.state(record) == PAUSED:
             raise SandboxPaused(f"sandbox {sandbox_id} is paused; connect to resume it")
+        agent = self._agents.get(sandbox_id)
+        if agent is None:  # running on paper while its processes are being stopped
+            raise self._gone(record)
         return agent
 
     def token_of(self, sandbox_id: str) -> str | None:
@@ -161,16 +254,17 @@ class SandboxManager:
         return record.token if record else None
 
     def list(self, states: set[str], metadata: dict[str, str]) -> list[SandboxRecord]:
+        now = time.time()
         return [
             r
             for r in self._records.values()
-            if r.state in states and all(r.metadata.get(k) == v for k, v in metadata.items())
+            if self.state(r, now) in states and all(r.metadata.get(k) == v for k, v in metadata.items())
         ]
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
     async def create(self, spec: CreateSpec) -> SandboxRecord:
-        self._check_timeout(spec.timeout)
+        spec.validate(self.settings)
         now = time.time()
         record = SandboxRecord(
             sandbox_id="sbx-" + secrets.token_hex(8),
@@ -186,6 +280,7 @@ class SandboxManager:
             secure=spec.secure,
             cpu_count=spec.cpu_count or self.settings.cpu_count,
             memory_mb=spec.memory_mb or self.settings.memory_mb,
+            disk_mb=spec.disk_mb,
         )
         agent = self._new_agent(record)
         if not spec.allow_internet_access and "network" in agent.isolation().get("missing", []):
@@ -193,25 +288,51 @@ class SandboxManager:
                 "allow_internet_access=false needs network isolation, which this scalebox-local cannot provide "
                 f"(isolation: {agent.isolation().get('mode', 'none')})"
             )
+        self._check_disk(agent)
         async with self._lock(record.sandbox_id):
             try:
                 await agent.start()
+                self.store.save(record)
             except Exception as exc:
                 await self._shutdown_agent(record.sandbox_id, agent)
-                shutil.rmtree(self._tree(record.sandbox_id), ignore_errors=True)
+                await self._remove_files(record.sandbox_id, agent)
                 log.exception("sandbox %s failed to start", record.sandbox_id)
                 raise StartFailed(f"sandbox failed to start: {exc}") from exc
             self._agents[record.sandbox_id] = agent
             self._records[record.sandbox_id] = record
-            self.store.save(record)
         self._wake.set()
         return record
 
+    def _check_disk(self, agent: SandboxAgent) -> None:
+        """Refuse a disk limit the host's filesystem cannot hold now (the images are sparse: each takes what it
+        is filled with, so no single sandbox may be promised more than there is)."""
+        wanted = agent.confinement.disk_limit_mb()
+        if not wanted:
+            return
+        free = shutil.disk_usage(self.settings.data_path).free // (1024 * 1024)
+        if wanted + DISK_RESERVE_MB > free:
+            raise NotEnoughDisk(
+                f"a sandbox with disk_mb={wanted} does not fit: the server's disk has {free} MiB free and keeps "
+                f"{DISK_RESERVE_MB} MiB for itself; ask for less disk_mb (or free space on the server)"
+            )
+
     async def kill(self, sandbox_id: str) -> None:
-        record = self.get(sandbox_id)
+        """Terminate a sandbox (again, at once, when an earlier kill of it failed); CleanupFailed if it cannot."""
+        record = self._records.get(sandbox_id)
+        if record is None or sandbox_id not in self._ending:
+            record = self.get(sandbox_id)
         async with self._lock(sandbox_id):
-            if record.state != TERMINATED:
-                await self._terminate(record, "killed")
+            if record.state == TERMINATED:
+                return
+            self._ending[sandbox_id] = "killed"
+            try:
+                await self._end(record)
+            except Exception as exc:
+                self._failed(record, "end", exc)
+                raise CleanupFailed(
+                    f"sandbox {sandbox_id} could not be killed ({_describe(exc)}); scalebox-local keeps trying"
+                ) from None
+            self._succeeded(record)
 
     def set_timeout(self, sandbox_id: str, seconds: int) -> SandboxRecord:
         """Extend or shorten the sandbox's life to `seconds` from now."""
@@ -225,15 +346,21 @@ class SandboxManager:
 
     async def connect(self, sandbox_id: str, timeout: int | None) -> SandboxRecord:
         """Resume a paused sandbox (new timeout); for a running one only a longer timeout changes anything."""
-        record = self.get(sandbox_id)
+        self.get(sandbox_id)
         if timeout is not None:
             self._check_timeout(timeout)
         async with self._lock(sandbox_id):
+            record = self.get(sandbox_id)  # it may have ended while we waited
             now = time.time()
             if record.state == PAUSED:
                 await self._resume(record)
                 record.timeout = timeout or record.timeout
                 record.end_at = now + record.timeout
+            elif self.state(record, now) == PAUSED:  # ran out with auto_pause, not paused yet: it simply goes on
+                record.timeout = timeout or record.timeout
+                record.end_at = now + record.timeout
+                self._retries.pop(sandbox_id, None)
+                record.problem = ""
             elif timeout is not None and now + timeout > record.end_at:
                 record.timeout = timeout
                 record.end_at = now + timeout
@@ -242,8 +369,9 @@ class SandboxManager:
         return record
 
     async def pause(self, sandbox_id: str) -> SandboxRecord:
-        record = self.get(sandbox_id)
+        self.get(sandbox_id)
         async with self._lock(sandbox_id):
+            record = self.get(sandbox_id)  # it may have ended while we waited
             if record.state == PAUSED:
                 raise Conflict(f"sandbox {sandbox_id} is already paused")
             await self._pause(record, "paused")
@@ -253,7 +381,8 @@ class SandboxManager:
         record = self.get(sandbox_id)
         agent = self._agents.get(sandbox_id)
         usage = agent.confinement.usage if agent is not None and agent.confinement.active else None
-        return await metrics.measure(record, self.settings.sandbox_root(sandbox_id), usage=usage)
+        disk = agent.confinement.disk_usage() if agent is not None else None
+        return await metrics.measure(record, self.settings.sandbox_root(sandbox_id), usage=usage, disk=disk)
 
     # ---- internals ----------------------------------------------------------------------------------------------
 
@@ -276,6 +405,7 @@ class SandboxManager:
             settings=self.settings,
             memory_mb=record.memory_mb,
             cpu_count=record.cpu_count,
+            disk_mb=record.disk_mb,
             allow_internet_access=record.allow_internet_access,
         )
 
@@ -295,6 +425,12 @@ class SandboxManager:
             await agent.shutdown()
         except Exception:
             log.exception("error while shutting down sandbox %s", sandbox_id)
+
+    async def _remove_files(self, sandbox_id: str, agent: SandboxAgent | None) -> None:
+        """Delete a dead sandbox's directory (tree, disk image, private files) and give back its uid."""
+        if agent is not None:
+            agent.release()
+        await asyncio.to_thread(remove_path, self._tree(sandbox_id))
 
     async def _pause(self, record: SandboxRecord, reason: str) -> None:
         agent = self._agents.get(record.sandbox_id)
@@ -319,7 +455,7 @@ class SandboxManager:
         agent = self._agents.pop(record.sandbox_id, None)
         if agent is not None:
             await self._shutdown_agent(record.sandbox_id, agent, paused=record.state == PAUSED)
-        await asyncio.to_thread(shutil.rmtree, self._tree(record.sandbox_id), True)
+        await self._remove_files(record.sandbox_id, agent)
         record.state = TERMINATED
         record.reason = reason
         record.ended_at = time.time()
@@ -331,27 +467,92 @@ class SandboxManager:
         if record.auto_pause:
             await self._pause(record, "timeout")
         else:
-            await self._terminate(record, "expired")
+            self._ending[record.sandbox_id] = "expired"
+            await self._end(record)
+
+    async def _end(self, record: SandboxRecord) -> None:
+        """Terminate a sandbox for the reason in `_ending` (kept there, and so retried, if this fails)."""
+        await self._terminate(record, self._ending[record.sandbox_id])
+        del self._ending[record.sandbox_id]
+
+    # ---- the reaper ---------------------------------------------------------------------------------------------
 
     async def _reap_forever(self) -> None:
+        """Expire sandboxes when their time is up, stop long-paused ones; a step that fails is retried with an
+        exponential back-off, logged once and shown as the sandbox's `problem`."""
         while True:
-            now = time.time()
             for record in list(self._records.values()):
-                if not (self._due(record, now) or self._should_stop_paused(record, now)):
-                    continue
-                try:
+                step = self._reap_step(record, time.time())
+                if step is not None:
                     async with self._lock(record.sandbox_id):
-                        if self._due(record, time.time()):
-                            await self._expire(record)
-                        elif self._should_stop_paused(record, time.time()):
-                            await self._stop_paused(record)
-                except Exception:
-                    log.exception("could not expire sandbox %s", record.sandbox_id)
-            running = [r.end_at for r in self._records.values() if r.state == RUNNING]
-            wait = min([*running, now + 5.0]) - time.time()
+                        if self._reap_step(record, time.time()) == step:  # nobody got there first
+                            await self._settle(record, step, self._reap(record, step))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, wait))
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, self._next_reap() - time.time()))
+
+    def _reap_step(self, record: SandboxRecord, now: float) -> str | None:
+        """What the reaper has to do for a sandbox now: "end" (finish a termination that failed), "expire",
+        "stop" (a long-paused one's processes), or nothing."""
+        retry = self._retries.get(record.sandbox_id)
+        if record.state == TERMINATED or (retry is not None and retry.at > now):
+            return None
+        if record.sandbox_id in self._ending:
+            return "end"
+        if self._due(record, now):
+            return "expire"
+        if self._should_stop_paused(record, now):
+            return "stop"
+        return None
+
+    async def _reap(self, record: SandboxRecord, step: str) -> None:
+        if step == "end":
+            await self._end(record)
+        elif step == "expire":
+            await self._expire(record)
+        else:
+            await self._stop_paused(record)
+
+    def _next_reap(self) -> float:
+        """When the reaper has something to do next (at most 5 s from now, for long-paused sandboxes)."""
+        times = [time.time() + 5.0, *(retry.at for retry in self._retries.values())]
+        times += [r.end_at for r in self._records.values() if r.state == RUNNING and r.sandbox_id not in self._retries]
+        return min(times)
+
+    async def _settle(self, record: SandboxRecord, step: str, work: Awaitable[None]) -> None:
+        """Run one reaper step, noting its failure (for a retry) or its success."""
+        try:
+            await work
+        except Exception as exc:
+            self._failed(record, step, exc)
+        else:
+            self._succeeded(record)
+
+    def _failed(self, record: SandboxRecord, step: str, exc: Exception) -> None:
+        """Schedule the step again (0.5 s, doubling, at most a minute); log it the first time only."""
+        sandbox_id = record.sandbox_id
+        retry = self._retries.setdefault(sandbox_id, _Retry())
+        retry.attempts += 1
+        delay = min(RETRY_FIRST * 2 ** (retry.attempts - 1), RETRY_MAX)
+        retry.at = time.time() + delay
+        verb = _STEP_VERBS[step]
+        if retry.attempts == 1:
+            log.warning("could not %s sandbox %s; retrying with back-off", verb, sandbox_id, exc_info=exc)
+        else:
+            log.debug("could not %s sandbox %s (attempt %d)", verb, sandbox_id, retry.attempts)
+        times = "once" if retry.attempts == 1 else f"{retry.attempts} times"
+        record.problem = f"could not {verb} it: {_describe(exc)}; tried {times}, next in {delay:g} s"
+        with contextlib.suppress(Exception):
+            self.store.save(record)
+
+    def _succeeded(self, record: SandboxRecord) -> None:
+        retry = self._retries.pop(record.sandbox_id, None)
+        if retry is not None:
+            log.info("sandbox %s: done after %d failed attempts", record.sandbox_id, retry.attempts)
+        if record.problem:
+            record.problem = ""
+            with contextlib.suppress(Exception):
+                self.store.save(record)
 
     @staticmethod
     def _due(record: SandboxRecord, now: float) -> bool:

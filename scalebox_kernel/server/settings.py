@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-from traitlets import CaselessStrEnum, Float, Int, Unicode, default
+from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, default
 from traitlets.config import Configurable
 
 from ..config import ScaleboxConfig
@@ -21,7 +22,10 @@ class ServerSettings(Configurable):
         return ScaleboxConfig().data_dir
 
     keepalive_interval = Float(
-        10.0, config=True, help="Seconds between keepalive frames on quiet streams (clients time out at 30 s)."
+        10.0,
+        config=True,
+        help="Seconds between keepalive frames on quiet streams, at most (a client's Keepalive-Ping-Interval "
+        "header asks for them sooner; ours gives up after stream_idle_timeout, 60 s by default).",
     )
     default_timeout = Int(300, config=True, help="Seconds a sandbox lives when its create request names none.")
     max_timeout = Int(86400, config=True, help="Longest timeout a sandbox may ask for, in seconds.")
@@ -30,6 +34,14 @@ class ServerSettings(Configurable):
     )
     max_upload_bytes = Int(1024 * 1024 * 1024, config=True, help="Largest file accepted by /upload, in bytes.")
     kernel_start_timeout = Float(60.0, config=True, help="Seconds a language kernel may take to start.")
+    stream_buffer_mb = Int(
+        4,
+        min=1,
+        config=True,
+        help="MiB of output the server holds in memory per Execute or Process stream whose client reads slower "
+        "than the cell or command writes. Beyond it a cell's output spills to a file beside the sandbox's tree "
+        "and a command's pipe is no longer read (which pauses the command) until the client catches up.",
+    )
     pause_stop_after = Float(
         0.0,
         config=True,
@@ -52,12 +64,66 @@ class ServerSettings(Configurable):
     max_processes = Int(
         1024, config=True, help="Processes and threads a sandbox may have at once when isolated (0: no limit)."
     )
+    disk_mb = Int(
+        4096,
+        config=True,
+        help="Disk (MiB) of a sandbox whose create request names none: its files live on a sparse ext4 image of "
+        "that size when isolated (root with loop devices), so filling it stops that sandbox only; 0: no limit.",
+    )
+    allow_private_networks = Bool(
+        False,
+        config=True,
+        help="Let sandboxes with internet access reach the private ranges (10/8, 172.16/12, 192.168/16, "
+        "100.64/10) and the host's attached subnets. The host's own addresses, loopback and link-local (cloud "
+        "metadata) stay unreachable either way.",
+    )
+    max_cpu_count = Int(
+        config=True, help="Most CPUs a create request may ask for (cpu_count); defaults to this machine's CPUs."
+    )
+
+    @default("max_cpu_count")
+    def _default_max_cpu_count(self) -> int:
+        return max(os.cpu_count() or 1, self.cpu_count)
+
+    max_memory_mb = Int(
+        config=True, help="Most memory (MiB) a create request may ask for (memory_mb); defaults to this machine's."
+    )
+
+    @default("max_memory_mb")
+    def _default_max_memory_mb(self) -> int:
+        try:
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+        except (ValueError, OSError):
+            physical = 0
+        return max(physical, self.memory_mb)
+
+    max_disk_mb = Int(
+        config=True,
+        help="Most disk (MiB) a create request may ask for (disk_mb, or storage_gb); defaults to the size of the "
+        "file system that holds the data dir.",
+    )
+
+    @default("max_disk_mb")
+    def _default_max_disk_mb(self) -> int:
+        place = Path(self.data_dir).absolute()
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        try:
+            total = shutil.disk_usage(place).total // (1024 * 1024)
+        except OSError:
+            total = 0
+        return max(total, self.disk_mb)
+
     sandbox_uid_base = Int(
         600_000, config=True, help="First uid given to isolated sandboxes (each gets its own, from a range of 65536)."
     )
     public_host = Unicode(
         "", config=True, help="Host[:port] put in sandbox_domain; defaults to the address the server listens on."
     )
+
+    @property
+    def stream_buffer_bytes(self) -> int:
+        return self.stream_buffer_mb * 1024 * 1024
 
     @property
     def data_path(self) -> Path:

@@ -48,13 +48,11 @@ class SandboxRecord:
     reason: str = ""
     paused_at: float | None = None
     ended_at: float | None = None
+    disk_mb: int | None = None  # None: the server's default
+    problem: str = ""  # why the last expiry or kill of it failed (it is being retried), if one did
 
     def __repr__(self) -> str:  # never show the token
         return f"SandboxRecord({self.sandbox_id!r}, state={self.state!r}, reason={self.reason!r})"
-
-    @property
-    def expired(self) -> bool:
-        return self.state == TERMINATED and self.reason == "expired"
 
     def remaining(self, now: float | None = None) -> float:
         return max(0.0, self.end_at - (now or time.time()))
@@ -82,9 +80,13 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     memory_mb INTEGER NOT NULL DEFAULT 2048,
     reason TEXT NOT NULL DEFAULT '',
     paused_at REAL,
-    ended_at REAL
+    ended_at REAL,
+    disk_mb INTEGER,
+    problem TEXT NOT NULL DEFAULT ''
 )
 """
+#: Columns added since the first release, with their definitions: added to older databases when they open.
+_ADDED_COLUMNS = {"disk_mb": "INTEGER", "problem": "TEXT NOT NULL DEFAULT ''"}
 
 
 class SandboxStore:
@@ -98,6 +100,10 @@ class SandboxStore:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(sandboxes)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE sandboxes ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         self._db.close()

@@ -21,6 +21,7 @@ from ..errors import (
     SandboxExpired,
     SandboxNotFound,
     ScaleboxError,
+    ServerUnavailable,
 )
 from ._packages import PYTHON_PROBE, R_PROBE, canonical, install_command, parse_probe, run_install
 from ._progress import ProgressCallback, Tracker
@@ -275,6 +276,8 @@ class SandboxSession:
         except ScaleboxError as exc:
             if isinstance(exc, NotFound):
                 raise
+            if isinstance(exc, ServerUnavailable) and exc.silent_for is not None:
+                raise  # the server went silent: asking it about the sandbox would only wait as long again
             try:
                 info = await self.sandbox.get_info()
             except SandboxNotFound as gone:

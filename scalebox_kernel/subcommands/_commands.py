@@ -58,6 +58,7 @@ def cell_parser() -> argparse.ArgumentParser:
     cell.add_argument("--env", "-e", action="append", default=[], metavar="K=V")
     cell.add_argument("-i", dest="inputs", action="extend", nargs="+", default=[], metavar="VAR")
     cell.add_argument("-o", dest="outputs", action="extend", nargs="+", default=[], metavar="VAR")
+    cell.add_argument("--unsafe-pickle", action="store_true", help="-o may return pickles (runs sandbox code here)")
     return cell
 
 

@@ -64,6 +64,7 @@ class SandboxAgent:
         registry: RuntimeRegistry | None = None,
         memory_mb: int | None = None,
         cpu_count: float | None = None,
+        disk_mb: int | None = None,
         allow_internet_access: bool = True,
     ) -> None:
         self.sandbox_id = sandbox_id
@@ -79,18 +80,25 @@ class SandboxAgent:
             private_dir=self.private_dir,
             memory_mb=memory_mb,
             cpu_count=cpu_count,
+            disk_mb=disk_mb,
             internet=allow_internet_access,
             runtime=[str(runtimes_dir())],
         )
-        self.paths = SandboxPaths(self.root, owner=self.confinement.own)
-        self.files = Filesystem(self.paths)
-        self.watchers = Watchers(self.paths)
-        self.processes = ProcessManager(self._command_cwd, self.sandbox_env, launcher=self.confinement.command)
+        self.tree = self.confinement.tree
+        self.paths = SandboxPaths(self.root, self.tree)
+        self.files = Filesystem(self.paths, self.tree)
+        self.watchers = Watchers(self.paths, self.tree)
+        self.processes = ProcessManager(
+            self._command_cwd,
+            self.sandbox_env,
+            launcher=self.confinement.command,
+            buffer_bytes=settings.stream_buffer_bytes,
+        )
         self.contexts = Contexts(
             registry=registry or default_registry(),
             paths=self.paths,
             settings=settings,
-            runtime_dir=self.private_dir / "runtime",
+            runtime_dir=self.confinement.kernel_dir,
             env=self.sandbox_env,
             isolation=self.confinement,
         )
@@ -98,20 +106,21 @@ class SandboxAgent:
     # ------------------------------------------------------------------ lifetime
 
     async def start(self) -> None:
-        """Make the sandbox's tree and start the default Python kernel in the background."""
-        await asyncio.to_thread(self._make_tree)
+        """Make the sandbox's tree (its jail, when confined) and home, and start the default Python kernel in the
+        background."""
+        if not self.confinement.active:
+            self.root.mkdir(parents=True, exist_ok=True)
         await self.confinement.start()
+        await self.tree.run(self._set_up_home)
         self.contexts.warm_default("python")
 
-    def _make_tree(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
+    def _set_up_home(self) -> None:
+        """The sandbox's own directories and login profile, made as the sandbox (on the tree's threads): a link
+        or anything else the sandbox left at those names is never followed or overwritten."""
         for directory in USER_DIRS:
-            (self.root / directory.lstrip("/")).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root / "tmp", 0o1777)
-        profile = self.root / HOME.lstrip("/") / ".profile"
-        if not profile.exists():
-            profile.write_text(_PROFILE.format(bin_dir=os.pathsep.join(sandbox_bin_dirs())))
+            self.tree.makedirs(directory)
+        profile = _PROFILE.format(bin_dir=os.pathsep.join(sandbox_bin_dirs())).encode()
+        self.tree.write_new(f"{HOME}/.profile", profile)
 
     async def pause(self) -> None:
         """Freeze every process of the sandbox (the cgroup freezer, where there is one: it also stops what left
@@ -131,6 +140,10 @@ class SandboxAgent:
         await self.watchers.close()
         await asyncio.gather(self.contexts.shutdown(), self.processes.shutdown())
         await self.confinement.stop()
+
+    def release(self) -> None:
+        """After `shutdown`, for a sandbox that is gone for good: give back what it held on this machine."""
+        self.confinement.release()
 
     def mark_state_lost(self, reason: str) -> None:
         self.contexts.mark_state_lost(reason)
@@ -164,8 +177,8 @@ class SandboxAgent:
 
     async def upload(self, request: Request) -> Response:
         """POST /upload: multipart `file` + `path`."""
-        return await transfer.upload(request, self.paths, self.private_dir / "uploads", self.settings.max_upload_bytes)
+        return await transfer.upload(request, self.paths, self.tree, self.settings.max_upload_bytes)
 
     async def download(self, request: Request, path: str) -> Response:
         """GET /download/<path>: the raw bytes."""
-        return await transfer.download(request, path, self.paths)
+        return await transfer.download(request, path, self.paths, self.tree)

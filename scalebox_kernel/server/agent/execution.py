@@ -88,6 +88,7 @@ class Contexts:
             name=context_id,
             start_timeout=self._settings.kernel_start_timeout,
             isolation=self._isolation,
+            buffer_bytes=self._settings.stream_buffer_bytes,
         )
         if self._paused:
             kernel.pause()

@@ -1,6 +1,9 @@
-"""The Filesystem service's unary RPCs: Stat, MakeDir, Move, ListDir and Remove, inside one sandbox's root.
+"""The Filesystem service's unary RPCs: Stat, MakeDir, Move, ListDir and Remove, inside one sandbox.
 
-Errors carry the texts the SDKs match on (PROTOCOL.md 3.6) and name sandbox paths, never host paths.
+Every call runs on the sandbox's own file threads (`..isolation.tree`): paths are resolved inside the sandbox as
+its processes would resolve them (a symlink to `/etc` means the sandbox's `/etc`), permissions are checked for the
+sandbox's uid, and nothing can reach the host. Errors carry the texts the SDKs match on (PROTOCOL.md 3.6) and
+name sandbox paths, never host paths.
 """
 
 from __future__ import annotations
@@ -9,16 +12,21 @@ import contextlib
 import errno
 import grp
 import os
+import posixpath
 import pwd
-import shutil
 import stat
-from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ...protocol import pb
 from ...protocol.connect import ConnectError
+from ..isolation.layout import SANDBOX_USER
+from ..isolation.tree import SandboxTree, split
 from .paths import SandboxPaths
+
+#: Most levels a ListDir or a recursive watch goes down; most entries one ListDir returns.
+MAX_DEPTH = 64
+MAX_ENTRIES = 50_000
 
 
 def missing(path: str, op: str = "stat") -> ConnectError:
@@ -27,19 +35,35 @@ def missing(path: str, op: str = "stat") -> ConnectError:
 
 
 def os_error(exc: OSError, op: str, path: str) -> ConnectError:
-    """An OSError as a Connect error that names the sandbox path (the exception's text names the host path)."""
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.ENOENT:
+    """An OSError as a Connect error that names the sandbox path (the exception's own text is never used: it may
+    name a host path)."""
+    code = exc.errno
+    reason = os.strerror(code).lower() if code else "failed"
+    if code == errno.ENOENT:
         return missing(path, op)
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ConnectError("permission_denied", f"{op} {path}: permission denied")
-    if exc.errno == errno.EEXIST:
+    if code == errno.EEXIST:
         return ConnectError("already_exists", f"{op} {path}: file already exists")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ConnectError("resource_exhausted", f"{op} {path}: no space left on device")
-    if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EINVAL, errno.ELOOP, errno.ENAMETOOLONG):
-        return ConnectError("invalid_argument", f"{op} {path}: {reason.lower()}")
-    return ConnectError("internal", f"{op} {path}: {reason.lower()}")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return ConnectError("resource_exhausted", f"{op} {path}: no space left on device (the sandbox's disk is full)")
+    if code == errno.EBUSY:
+        return ConnectError("failed_precondition", f"{op} {path}: busy (a mount point of the sandbox)")
+    if code == errno.EXDEV:
+        return ConnectError("invalid_argument", f"{op} {path}: cannot move across file systems of the sandbox")
+    if code in (errno.ENXIO, errno.ENODEV, errno.ESPIPE):  # a socket or device: nothing a file API reads
+        return ConnectError("invalid_argument", f"{op} {path}: not a regular file")
+    if code == errno.E2BIG:
+        return ConnectError("resource_exhausted", f"{op} {path}: too many entries; ask for a subdirectory")
+    if code in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EINVAL, errno.ELOOP, errno.ENAMETOOLONG):
+        return ConnectError("invalid_argument", f"{op} {path}: {reason}")
+    return ConnectError("internal", f"{op} {path}: {reason}")
+
+
+def text(name: str) -> str:
+    """A path or name as valid UTF-8 for the wire: bytes that are not UTF-8 (which os.listdir keeps as
+    surrogates) become U+FFFD, since protobuf strings cannot carry them."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _user_name(uid: int) -> str:
@@ -57,24 +81,24 @@ def _group_name(gid: int) -> str:
 
 
 class Filesystem:
-    """Stat, MakeDir, Move, ListDir, Remove over a sandbox's tree (blocking calls; run them in a thread)."""
+    """Stat, MakeDir, Move, ListDir, Remove over a sandbox's files (blocking: run them on the tree's threads)."""
 
-    def __init__(self, paths: SandboxPaths) -> None:
+    def __init__(self, paths: SandboxPaths, tree: SandboxTree) -> None:
         self.paths = paths
+        self.tree = tree
 
-    def entry_info(self, host: Path) -> pb.EntryInfo:
-        """EntryInfo for a host path inside the root; a symlink reports its target's type and size when the
-        target is inside the sandbox, and its own otherwise."""
-        info = os.lstat(host)
+    def _owner(self, uid: int) -> str:
+        return SANDBOX_USER if self.tree.uid == uid else _user_name(uid)
+
+    def entry_info(self, path: str, info: os.stat_result) -> pb.EntryInfo:
+        """EntryInfo for the entry at sandbox `path` whose lstat is `info`; a symlink reports its target's type
+        and size (as the sandbox resolves it) unless it dangles."""
         target: str | None = None
         if stat.S_ISLNK(info.st_mode):
-            resolved = Path(os.path.realpath(host))
-            if self.paths.contains(resolved):
-                target = self.paths.to_sandbox(resolved)
-                with contextlib.suppress(OSError):  # a dangling link: describe the link itself
-                    info = os.stat(host)
-            else:
-                target = os.readlink(host)
+            link = self.tree.readlink(path)
+            target = posixpath.normpath(posixpath.join(split(path)[0], link))
+            with contextlib.suppress(OSError):  # a dangling link: describe the link itself
+                info = self.tree.stat(path)
         if stat.S_ISDIR(info.st_mode):
             kind = pb.FILE_TYPE_DIRECTORY
         elif stat.S_ISLNK(info.st_mode):
@@ -83,109 +107,89 @@ class Filesystem:
             kind = pb.FILE_TYPE_FILE
         modified = Timestamp()
         modified.FromNanoseconds(info.st_mtime_ns)
-        sandbox_path = self.paths.to_sandbox(host)
         entry = pb.EntryInfo(
-            name=host.name if sandbox_path != "/" else "/",
+            name=text(split(path)[1] or "/"),
             type=kind,
-            path=sandbox_path,
+            path=text(path),
             size=info.st_size,
             mode=stat.S_IMODE(info.st_mode),
             permissions=stat.filemode(info.st_mode)[1:],
-            owner=_user_name(info.st_uid),
-            group=_group_name(info.st_gid),
+            owner=self._owner(info.st_uid),
+            group=_group_name(info.st_gid) if self.tree.uid != info.st_gid else SANDBOX_USER,
             modified_time=modified,
         )
         if target is not None:
-            entry.symlink_target = target
+            entry.symlink_target = text(target)
         return entry
 
+    def _info(self, path: str, op: str) -> pb.EntryInfo:
+        try:
+            return self.entry_info(path, self.tree.lstat(path))
+        except OSError as exc:
+            raise os_error(exc, op, path) from None
+
     def stat(self, request: pb.StatRequest) -> pb.StatResponse:
-        path = self.paths.normalize(request.path)
-        host = self.paths.to_host(path)
-        if not os.path.lexists(host):
-            raise missing(path)
-        return pb.StatResponse(entry=self._info(host, "stat", path))
+        return pb.StatResponse(entry=self._info(self.paths.normalize(request.path), "stat"))
 
     def make_dir(self, request: pb.MakeDirRequest) -> pb.MakeDirResponse:
         path = self.paths.normalize(request.path)
-        host = self.paths.to_host(path)
-        if host.is_dir():
-            raise ConnectError("already_exists", f"directory already exists: {path}")
-        if os.path.lexists(host):
-            raise ConnectError("already_exists", f"mkdir {path}: a file with that name exists (not a directory)")
         try:
-            os.makedirs(host)
+            if self.tree.exists(path, follow=False):
+                if self.tree.is_dir(path):
+                    raise ConnectError("already_exists", f"directory already exists: {path}")
+                raise ConnectError("already_exists", f"mkdir {path}: a file with that name exists (not a directory)")
+            self.tree.makedirs(path)
         except OSError as exc:
             if exc.errno == errno.EEXIST:
                 raise ConnectError("already_exists", f"directory already exists: {path}") from None
             raise os_error(exc, "mkdir", path) from None
-        self.paths.own(host)
-        return pb.MakeDirResponse(entry=self._info(host, "mkdir", path))
+        return pb.MakeDirResponse(entry=self._info(path, "mkdir"))
 
     def move(self, request: pb.MoveRequest) -> pb.MoveResponse:
         source = self.paths.normalize(request.source)
         destination = self.paths.normalize(request.destination)
-        source_host = self.paths.to_host(source, follow=False)
-        destination_host = self.paths.to_host(destination, follow=False)
-        if source_host == self.paths.root:
+        if source == "/" or destination == "/":
             raise ConnectError("permission_denied", "cannot move the sandbox's root directory")
-        if not os.path.lexists(source_host):
-            raise missing(source, "rename")
-        if destination_host.is_relative_to(source_host) and destination_host != source_host:
+        if destination.startswith(source + "/"):
             raise ConnectError("invalid_argument", f"cannot move {source} into itself ({destination})")
         try:
-            destination_host.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source_host, destination_host)
+            if not self.tree.exists(source, follow=False):
+                raise missing(source, "rename")
+            self.tree.makedirs(split(destination)[0])
+            self.tree.rename(source, destination)
         except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise ConnectError("invalid_argument", f"cannot move {source} into itself ({destination})") from None
             raise os_error(exc, "rename", source) from None
-        self.paths.own(destination_host)
-        return pb.MoveResponse(entry=self._info(destination_host, "rename", destination))
+        return pb.MoveResponse(entry=self._info(destination, "rename"))
 
     def list_dir(self, request: pb.ListDirRequest) -> pb.ListDirResponse:
         path = self.paths.normalize(request.path)
-        host = self.paths.to_host(path)
-        if not os.path.lexists(host):
-            raise missing(path, "list")
-        if not host.is_dir():
-            raise ConnectError("invalid_argument", f"list {path}: not a directory")
-        depth = max(1, request.depth)  # proto3 JSON omits 0; the SDKs mean 1
-        entries: list[pb.EntryInfo] = []
-        self._walk(host, depth, entries, path)
-        return pb.ListDirResponse(entries=entries)
-
-    def _walk(self, directory: Path, depth: int, entries: list[pb.EntryInfo], path: str) -> None:
+        depth = min(max(1, request.depth), MAX_DEPTH)  # proto3 JSON omits 0; the SDKs mean 1
         try:
-            names = sorted(os.listdir(directory))
+            if not self.tree.exists(path):
+                raise missing(path, "list")
+            if not self.tree.is_dir(path):
+                raise ConnectError("invalid_argument", f"list {path}: not a directory")
+            found = self.tree.walk(path, depth, MAX_ENTRIES)
+            entries = []
+            for item in found:
+                try:
+                    entries.append(self.entry_info(item.path, item.info))
+                except FileNotFoundError:
+                    continue  # removed while we listed
         except OSError as exc:
-            raise os_error(exc, "list", self.paths.to_sandbox(directory)) from None
-        for name in names:
-            child = directory / name
-            try:
-                entries.append(self.entry_info(child))
-            except FileNotFoundError:
-                continue  # removed while we listed
-            # Never descend through symlinks: they may loop or lead out of the sandbox.
-            if depth > 1 and child.is_dir() and not child.is_symlink():
-                self._walk(child, depth - 1, entries, path)
+            raise os_error(exc, "list", path) from None
+        return pb.ListDirResponse(entries=entries)
 
     def remove(self, request: pb.RemoveRequest) -> pb.RemoveResponse:
         path = self.paths.normalize(request.path)
-        host = self.paths.to_host(path, follow=False)  # a symlink is removed itself, never its target
-        if host == self.paths.root:
+        if path == "/":
             raise ConnectError("permission_denied", "cannot remove the sandbox's root directory")
-        if not os.path.lexists(host):
-            raise missing(path, "remove")
         try:
-            if host.is_dir() and not host.is_symlink():
-                shutil.rmtree(host)
-            else:
-                host.unlink()
+            if not self.tree.exists(path, follow=False):
+                raise missing(path, "remove")
+            self.tree.remove(path)  # a symlink is removed itself, never its target
         except OSError as exc:
             raise os_error(exc, "remove", path) from None
         return pb.RemoveResponse()
-
-    def _info(self, host: Path, op: str, path: str) -> pb.EntryInfo:
-        try:
-            return self.entry_info(host)
-        except OSError as exc:
-            raise os_error(exc, op, path) from None

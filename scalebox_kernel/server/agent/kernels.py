@@ -3,6 +3,12 @@
 Each cell runs in a task of its own that the Execute stream only reads from, so a client that disconnects can
 not cancel it half way: the task interrupts the kernel, waits for it to settle, and only then lets the next cell
 in. A kernel that dies mid-cell is reported in the cell and restarted.
+
+Nothing a cell prints is lost on the way: the kernel's iopub is drained all the time (`iopub.IopubReader`) into
+the cell's `StreamBuffer`, which spills to a file beside the sandbox's tree when the client reads slower than the
+cell prints. A cell ends on its execute_reply (the shell channel never drops) plus its idle status; if the idle
+does not come, a kernel_info round trip stands in for it (its own status comes after everything before it on
+iopub), so a lost message can never hang a cell. Messages that went missing are reported on the cell's stderr.
 """
 
 from __future__ import annotations
@@ -10,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
+import os
 import signal
 from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import zmq
 from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
@@ -23,20 +30,26 @@ from traitlets import Instance
 
 from ...protocol import pb
 from ...protocol.connect import ConnectError
-from ...protocol.mime import bundle_to_fields
 from ..isolation.sandbox import SandboxIsolation
+from ..scrub import scrub
+from ..streaming import MiB, StreamBuffer
+from .events import cell_events, merge_following, stderr_event
+from .iopub import IopubReader
 from .process import signal_group
 from .runtimes import KernelLaunch, Runtime
 
 log = logging.getLogger(__name__)
 
-POLL = 0.2  # seconds between iopub polls (also how fast a disconnect is noticed)
+POLL = 0.2  # seconds between looks at a running cell (also how fast a disconnect is noticed)
 ALIVE_CHECK = 0.5  # seconds between checks that the kernel process still runs
 INTERRUPT_GRACE = 10.0  # seconds an interrupted cell may take to stop before the kernel is restarted
 SILENT_TIMEOUT = 30.0  # seconds for a silent helper request (env vars) to be answered
-LATE_OUTPUT_WAIT = 2.0  # seconds to wait for the barrier that collects output a kernel sends after idle
-
-_Item = pb.ExecuteResponse | ConnectError | None
+IDLE_WAIT = 1.0  # seconds of quiet iopub after the reply before a barrier stands in for a missing idle
+BARRIER_WAIT = 2.0  # seconds a barrier may take (it also collects output a kernel sends after idle)
+BARRIER_TRIES = 3  # barriers sent for a missing idle before the cell ends without one
+LOSS_WAIT = 0.5  # seconds a numbered message may trail its successors before it counts as lost
+#: Messages of a kernel started through IOPUB_LAUNCHER that wait for the iopub reader in the server's memory.
+IOPUB_RCVHWM = 16
 
 
 class _OneSpec(KernelSpecManager):
@@ -51,21 +64,37 @@ class _OneSpec(KernelSpecManager):
 class _Cell:
     """What flows from a cell's task to its Execute stream, and whether that stream is still there."""
 
-    def __init__(self) -> None:
-        self.items: asyncio.Queue[_Item] = asyncio.Queue()
+    def __init__(self, output: StreamBuffer[pb.ExecuteResponse]) -> None:
+        self.output = output
         self.abandoned = asyncio.Event()
 
-    def put(self, item: _Item) -> None:
-        self.items.put_nowait(item)
+    def put(self, event: pb.ExecuteResponse) -> None:
+        self.output.put(event)
+
+
+class _CellEnd:
+    """How far a running cell has come towards its end: iopub traffic, its idle, and the barrier's idle."""
+
+    def __init__(self) -> None:
+        self.idle = False
+        self.barrier_idle = False
+        self.last_activity = asyncio.get_running_loop().time()
+        self.changed = asyncio.Event()
+
+    def touch(self) -> None:
+        self.last_activity = asyncio.get_running_loop().time()
+        self.changed.set()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.changed.wait()
+        self.changed.clear()
 
 
 def restarted_notice(runtime: Runtime, why: str) -> str:
     """The stderr line a cell gets before it runs in a kernel that lost the state of earlier cells."""
     return f"scalebox-local: the {runtime.name} kernel {why}; variables from earlier cells are gone.\n"
-
-
-def _stderr(text: str) -> pb.ExecuteResponse:
-    return pb.ExecuteResponse(stderr=pb.Output(content=text))
 
 
 class Kernel:
@@ -81,6 +110,7 @@ class Kernel:
         name: str,
         start_timeout: float,
         isolation: SandboxIsolation,
+        buffer_bytes: int = 4 * MiB,
     ) -> None:
         self.runtime = runtime
         self._launch = launch
@@ -89,10 +119,12 @@ class Kernel:
         self._name = name
         self._start_timeout = start_timeout
         self._isolation = isolation
+        self._buffer_bytes = buffer_bytes  # per Execute stream; beyond it output spills to runtime_dir
         self.lock = asyncio.Lock()
         self.notice: str | None = None  # stderr line written before the next cell runs
         self._km: AsyncKernelManager | None = None
         self._kc: AsyncKernelClient | None = None
+        self._iopub: IopubReader | None = None
         self._log: IO[bytes] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused = False
@@ -129,7 +161,7 @@ class Kernel:
 
     async def _start(self) -> None:
         launch = self._launch()
-        self._isolation.own_paths_in(launch.env)  # package directories the runtime made for the kernel
+        await self._isolation.make_dirs_in(launch.env)  # package directories, made as the sandbox
         spec = KernelSpec(
             argv=launch.argv,
             env={},
@@ -152,26 +184,40 @@ class Kernel:
             await km.start_kernel(env=launch.env, cwd=str(self._cwd), stdout=self._log, stderr=self._log)
             kc: AsyncKernelClient = km.client()
             self._kc = kc
+            # Kernels of ours never drop on iopub (no SNDHWM): a small RCVHWM makes them hold what the reader has
+            # not taken yet. Others drop at their SNDHWM once our side stops taking, so ours takes everything.
+            kc.context.setsockopt(zmq.RCVHWM, IOPUB_RCVHWM if self.runtime.ipykernel_based else 0)
             kc.start_channels()
             await kc.wait_for_ready(timeout=self._start_timeout)
+            self._iopub = IopubReader(kc.iopub_channel.socket, kc.session.auth, self._name)
+            self._iopub.start()
             startup = self.runtime.startup_code()
             if startup:
                 await self._silent(startup)
         except Exception as exc:
             await self._stop()
             reason = str(exc) or type(exc).__name__
-            raise ConnectError(
-                "unavailable", f"the {self.runtime.name} kernel did not start: {reason} (see {self._log_name})"
-            ) from None
+            tail = self._log_tail()
+            said = f"; it said: {tail}" if tail else ""
+            raise ConnectError("unavailable", f"the {self.runtime.name} kernel did not start: {reason}{said}") from None
         if self._paused:
             self.signal_group(signal.SIGSTOP)
 
-    @property
-    def _log_name(self) -> str:
-        return f"kernel-{self._name}.log in the sandbox's runtime directory"
+    def _log_tail(self, lines: int = 5) -> str:
+        """The last lines the kernel wrote (its log is the server's, beside the sandbox, out of its reach)."""
+        path = self._runtime_dir / f"kernel-{self._name}.log"
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(max(0, os.fstat(handle.fileno()).st_size - 4096))
+                text = handle.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return scrub(" / ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()))
 
     async def _stop(self) -> None:
-        km, kc, self._km, self._kc = self._km, self._kc, None, None
+        km, kc, iopub, self._km, self._kc, self._iopub = self._km, self._kc, self._iopub, None, None, None
+        if iopub is not None:
+            await iopub.stop()
         if kc is not None:
             kc.stop_channels()
         if km is not None:
@@ -215,61 +261,66 @@ class Kernel:
         self, code: str, env_vars: Mapping[str, str], *, json_in_extra: bool, keepalive: float
     ) -> AsyncGenerator[pb.ExecuteResponse, None]:
         """Run one cell; yields its output as it arrives and an empty message when quiet for `keepalive` s."""
-        cell = _Cell()
+        output = StreamBuffer(pb.ExecuteResponse, self._buffer_bytes, spill_dir=self._runtime_dir)
+        cell = _Cell(output)
         self._spawn(self._run_cell(cell, code, env_vars, json_in_extra), "cell")
         done = False
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(cell.items.get(), keepalive)
+                    async with asyncio.timeout(keepalive):  # not wait_for: before 3.12 it can swallow a cancel
+                        event = await output.get()
                 except TimeoutError:
                     yield pb.ExecuteResponse()
                     continue
-                if item is None:
+                except ConnectError:
+                    done = True
+                    raise
+                if event is None:
                     done = True
                     return
-                if isinstance(item, ConnectError):
-                    done = True
-                    raise item
-                yield item
+                yield merge_following(event, output)
         finally:
             if not done:
                 cell.abandoned.set()  # the client went away: the cell's task interrupts the kernel
+            output.discard()
 
     async def _run_cell(self, cell: _Cell, code: str, env_vars: Mapping[str, str], json_in_extra: bool) -> None:
+        error: ConnectError | None = None
         async with self.lock:
             try:
                 if cell.abandoned.is_set():
                     return  # the client left before its turn came
                 await self._ensure_started()
                 if self.notice:
-                    cell.put(_stderr(self.notice))
+                    cell.put(stderr_event(self.notice))
                     self.notice = None
                 env_code = self.runtime.env_code(env_vars) if env_vars else None
                 if env_vars and env_code is None:
-                    cell.put(_stderr(self._no_env_notice()))
+                    cell.put(stderr_event(self._no_env_notice()))
                 if env_code:
                     await self._silent(env_code[0])
                 await self._run(cell, code, json_in_extra)
                 if env_code and self._kc is not None:  # after a restart this finds nothing to restore
                     await self._silent(env_code[1])
             except ConnectError as exc:
-                cell.put(exc)
+                error = exc
             except asyncio.CancelledError:
-                cell.put(ConnectError("unavailable", f"context {self._name} is shutting down"))
+                error = ConnectError("unavailable", f"context {self._name} is shutting down")
                 raise
             except Exception as exc:
                 log.exception("cell failed in %s", self._name)
-                cell.put(ConnectError("internal", f"scalebox-local failed to run the cell: {exc}"))
+                error = ConnectError("internal", f"scalebox-local failed to run the cell: {exc}")
             finally:
-                cell.put(None)
+                cell.output.close(error)
 
     async def _silent(self, code: str) -> None:
         """Run helper code that must not show up as output or in history, and wait for it."""
         assert self._kc is not None
         msg_id = self._kc.execute(code, silent=True, store_history=False, allow_stdin=False)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._reply(msg_id), SILENT_TIMEOUT)
+            async with asyncio.timeout(SILENT_TIMEOUT):
+                await self._reply(msg_id)
 
     async def _reply(self, msg_id: str) -> dict[str, Any]:
         assert self._kc is not None
@@ -279,25 +330,42 @@ class Kernel:
                 return msg
 
     async def _run(self, cell: _Cell, code: str, json_in_extra: bool) -> None:
-        kc, km = self._kc, self._km
-        assert kc is not None and km is not None
+        kc, km, iopub = self._kc, self._km, self._iopub
+        assert kc is not None and km is not None and iopub is not None
         loop = asyncio.get_running_loop()
         output = self.runtime.cell_output(code)
-        msg_id = kc.execute(code, silent=False, store_history=True, allow_stdin=False)
-        reply = asyncio.ensure_future(self._reply(msg_id))
-        idle = failed = False
+        end = _CellEnd()
+        failed = False
 
         def deliver(msg_type: str, content: dict[str, Any]) -> None:
             nonlocal failed
             for normal_type, normal in output.message(msg_type, content):
-                for event in self._events(normal_type, normal, json_in_extra):
+                for event in cell_events(normal_type, normal, json_in_extra):
                     failed = failed or event.HasField("error")
                     cell.put(event)
 
+        def on_cell(msg_type: str, content: dict[str, Any]) -> None:  # called by the iopub reader
+            end.touch()
+            if msg_type != "status":
+                deliver(msg_type, content)
+            elif content.get("execution_state") == "idle":
+                end.idle = True
+
+        def on_barrier(msg_type: str, content: dict[str, Any]) -> None:
+            if msg_type == "status" and content.get("execution_state") == "idle":
+                end.barrier_idle = True
+                end.touch()
+
+        msg_id = kc.execute(code, silent=False, store_history=True, allow_stdin=False)
+        iopub.route(msg_id, on_cell)
+        reply = asyncio.ensure_future(self._reply(msg_id))
+        reply.add_done_callback(lambda _: end.touch())
+        barriers: list[str] = []
+        barrier_sent = 0.0
         interrupt_deadline: float | None = None
         next_alive_check = loop.time() + ALIVE_CHECK
         try:
-            while not (idle and reply.done()):
+            while True:
                 if cell.abandoned.is_set() and interrupt_deadline is None:
                     interrupt_deadline = loop.time() + INTERRUPT_GRACE
                     if await self._interrupt():
@@ -308,54 +376,67 @@ class Kernel:
                     self.notice = restarted_notice(self.runtime, "did not stop when interrupted, so it was restarted")
                     await self.restart()
                     return
-                if idle:  # only the reply is missing now: wait for it, not for more iopub
-                    await asyncio.wait({reply}, timeout=POLL)
-                    msg = None
-                else:
-                    try:
-                        msg = await kc.get_iopub_msg(timeout=POLL)
-                    except queue.Empty:
-                        msg = None
-                if msg is not None and msg["parent_header"].get("msg_id") == msg_id:
-                    if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
-                        idle = True
-                    else:
-                        deliver(msg["msg_type"], msg["content"])
+                if reply.done():
+                    if end.barrier_idle or (end.idle and not self.runtime.flush_barrier):
+                        break
+                    now = loop.time()
+                    if self._paused:
+                        barrier_sent = max(barrier_sent, now)  # a stopped kernel cannot answer yet
+                    elif not barriers and (end.idle or now - end.last_activity >= IDLE_WAIT):
+                        barriers.append(self._barrier(kc, iopub, on_barrier))
+                        barrier_sent = now
+                    elif barriers and now - barrier_sent >= BARRIER_WAIT:
+                        if end.idle:
+                            break  # the barrier only collects late output, and none came in time
+                        if len(barriers) >= BARRIER_TRIES:
+                            cell.put(stderr_event(self._no_end_notice()))
+                            break
+                        barriers.append(self._barrier(kc, iopub, on_barrier))
+                        barrier_sent = now
+                await end.wait(POLL)
                 if loop.time() >= next_alive_check:
                     next_alive_check = loop.time() + ALIVE_CHECK
                     if not await km.is_alive():
                         cell.put(self._died())
                         await self.restart()
                         return
-            if self.runtime.flush_barrier:
-                await self._late_output(kc, msg_id, deliver)
+            await self._report_losses(cell, iopub)
             reply_content = reply.result()["content"]
             failed = failed or reply_content.get("status") == "error"
             for msg_type, content in output.reply(reply_content):
-                for event in self._events(msg_type, content, json_in_extra):
+                for event in cell_events(msg_type, content, json_in_extra):
                     failed = failed or event.HasField("error")
                     cell.put(event)
             if failed and self.runtime.settle_after_error:
                 await asyncio.sleep(self.runtime.settle_after_error)
         finally:
             reply.cancel()
+            iopub.unroute(msg_id, *barriers)
 
-    async def _late_output(
-        self, kc: AsyncKernelClient, msg_id: str, deliver: Callable[[str, dict[str, Any]], None]
-    ) -> None:
-        """Output the kernel sent after idle: a kernel_info round trip is the barrier (its idle comes after)."""
+    @staticmethod
+    def _barrier(kc: AsyncKernelClient, iopub: IopubReader, handler: Callable[[str, dict[str, Any]], None]) -> str:
+        """Send a kernel_info request; its idle on iopub comes after everything the kernel sent before it."""
         barrier = kc.kernel_info()
-        deadline = asyncio.get_running_loop().time() + LATE_OUTPUT_WAIT
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                msg = await kc.get_iopub_msg(timeout=POLL)
-            except queue.Empty:
-                continue
-            parent = msg["parent_header"].get("msg_id")
-            if parent == msg_id and msg["msg_type"] != "status":
-                deliver(msg["msg_type"], msg["content"])
-            elif parent == barrier and msg["content"].get("execution_state") == "idle":
-                return
+        iopub.route(barrier, handler)
+        return barrier
+
+    async def _report_losses(self, cell: _Cell, iopub: IopubReader) -> None:
+        """Tell the cell how many numbered iopub messages never arrived (waiting briefly for stragglers)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOSS_WAIT
+        while iopub.losses.missing() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        lost = iopub.losses.settle()
+        if lost:
+            log.warning("%d iopub messages of %s were lost", lost, self._name)
+            what = "1 output message was" if lost == 1 else f"{lost} output messages were"
+            cell.put(stderr_event(f"scalebox-local: {what} lost on the way from the kernel.\n"))
+
+    def _no_end_notice(self) -> str:
+        return (
+            f"scalebox-local: the {self.runtime.name} kernel never confirmed the end of this cell's output; "
+            "some of it may be missing.\n"
+        )
 
     def _no_env_notice(self) -> str:
         return (
@@ -382,26 +463,3 @@ class Kernel:
             name = "OutOfMemory"
             value = f"{out_of_memory}; the {self.runtime.name} kernel was restarted and its state lost"
         return pb.ExecuteResponse(error=pb.Error(name=name, value=value, traceback=value))
-
-    def _events(self, msg_type: str, content: dict[str, Any], json_in_extra: bool) -> list[pb.ExecuteResponse]:
-        """One (normalised) kernel message as protocol events; clear_output has no place in the protocol."""
-        if msg_type == "stream":
-            output = pb.Output(content=content.get("text", ""))
-            if content.get("name") == "stderr":
-                return [pb.ExecuteResponse(stderr=output)]
-            return [pb.ExecuteResponse(stdout=output)]
-        if msg_type in ("execute_result", "display_data", "update_display_data"):
-            # update_display_data cannot update anything on the wire; its new content arrives as one more result.
-            fields = bundle_to_fields(content.get("data", {}), json_in_extra=json_in_extra)
-            if msg_type == "execute_result":
-                count = content.get("execution_count") or 0
-                return [pb.ExecuteResponse(result=pb.Result(**fields, is_main_result=True, execution_count=count))]
-            return [pb.ExecuteResponse(result=pb.Result(**fields, is_main_result=False))]
-        if msg_type == "error":
-            error = pb.Error(
-                name=content.get("ename", ""),
-                value=content.get("evalue", ""),
-                traceback="\n".join(content.get("traceback", [])),
-            )
-            return [pb.ExecuteResponse(error=error)]
-        return []

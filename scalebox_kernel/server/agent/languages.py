@@ -79,12 +79,6 @@ class RRuntime(Runtime):
     name = "r"
     display_name = "R"
 
-    def kernel_env(self, context: LaunchContext, env: Mapping[str, str]) -> dict[str, str]:
-        # R ignores R_LIBS_USER when the directory does not exist.
-        if env.get("R_LIBS_USER"):
-            os.makedirs(env["R_LIBS_USER"], exist_ok=True)
-        return {}
-
     def env_code(self, env_vars: Mapping[str, str]) -> tuple[str, str]:
         names = ", ".join(json.dumps(k) for k in env_vars)
         values = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in env_vars.items())
@@ -378,6 +372,7 @@ class BashOutput(CellOutput):
 class BashRuntime(Runtime):
     name = "bash"
     display_name = "Bash"
+    ipykernel_based = True
 
     def env_code(self, env_vars: Mapping[str, str]) -> tuple[str, str]:
         names = [k for k in env_vars if _ENV_NAME.match(k)]

@@ -2,7 +2,13 @@
 
 A command outlives the stream that started it: a client that disconnects (or a background `commands.run`)
 leaves it running, and `Connect` re-attaches. The stream ends when the command itself exits, even when a
-background child still holds its output open (that output is drained and dropped, as the SDKs expect).
+background child still holds its output open: what is already in the pipe still arrives (up to OUTPUT_GRACE of
+quiet after the exit, at most DRAIN_LIMIT of further output), and the child's later output is drained and
+dropped, as the SDKs expect.
+
+Each attached stream buffers at most `ServerSettings.stream_buffer_mb`; while one is full, the command's output is
+not read, so a client that reads slowly slows the command down (its writes block) instead of filling the server's
+memory.
 """
 
 from __future__ import annotations
@@ -21,11 +27,17 @@ from pathlib import Path
 
 from ...protocol import pb
 from ...protocol.connect import ConnectError
+from ..streaming import MiB, StreamBuffer
+from ..validation import request_problem
 
 #: Seconds a finished command stays findable by Connect (which then reports how it ended).
 FINISHED_TTL = 60.0
-#: Seconds to wait for the rest of a command's output after it exited.
+#: Seconds of quiet on a command's output, after it exited, before its stream ends.
 OUTPUT_GRACE = 0.2
+#: Seconds a background child's output may keep an exited command's stream open (not counting a slow client).
+DRAIN_LIMIT = 2.0
+#: Seconds between looks at whether a command exited (asyncio's wait() also waits for its pipes to close).
+EXIT_POLL = 0.05
 READ_SIZE = 64 * 1024
 
 #: (argv, env, cwd) -> the same, to run inside the sandbox (raises OSError for a program it does not have).
@@ -43,30 +55,41 @@ def _end_event(returncode: int) -> pb.ProcessEvent.EndEvent:
 
 
 class Command:
-    """One started command: its config, its output readers, and the queues of the streams attached to it."""
+    """One started command: its config, its output readers, and the buffers of the streams attached to it."""
 
-    def __init__(self, config: pb.ProcessConfig, tag: str | None, master_fd: int | None) -> None:
+    def __init__(self, config: pb.ProcessConfig, tag: str | None, master_fd: int | None, buffer_bytes: int) -> None:
         self.config = config
         self.tag = tag
         self.master_fd = master_fd
         self.process: asyncio.subprocess.Process | None = None
         self.pid = 0
-        self.subscribers: set[asyncio.Queue[pb.ProcessEvent]] = set()
+        self.subscribers: set[StreamBuffer[pb.ProcessEvent]] = set()
         self.end: pb.ProcessEvent | None = None
         self.finished_at = 0.0
         self.tasks: list[asyncio.Task[None]] = []
+        self._buffer_bytes = buffer_bytes
 
-    def subscribe(self) -> asyncio.Queue[pb.ProcessEvent]:
-        queue: asyncio.Queue[pb.ProcessEvent] = asyncio.Queue()
+    def subscribe(self) -> StreamBuffer[pb.ProcessEvent]:
+        buffer = StreamBuffer(pb.ProcessEvent, self._buffer_bytes)
         if self.end is not None:
-            queue.put_nowait(self.end)
+            buffer.put(self.end)
+            buffer.close()
         else:
-            self.subscribers.add(queue)
-        return queue
+            self.subscribers.add(buffer)
+        return buffer
+
+    def unsubscribe(self, buffer: StreamBuffer[pb.ProcessEvent]) -> None:
+        self.subscribers.discard(buffer)
+        buffer.discard()
 
     def publish(self, event: pb.ProcessEvent) -> None:
-        for queue in self.subscribers:
-            queue.put_nowait(event)
+        for buffer in self.subscribers:
+            buffer.put(event)
+
+    async def room(self) -> None:
+        """Wait until every attached stream has room for more output."""
+        while full := [buffer for buffer in self.subscribers if not buffer.has_room]:
+            await full[0].room()
 
     def info(self) -> pb.ProcessInfo:
         info = pb.ProcessInfo(config=self.config, pid=self.pid)
@@ -84,42 +107,117 @@ def signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-async def _read_pipe(stream: asyncio.StreamReader, emit: Callable[[bytes], None]) -> None:
-    while chunk := await stream.read(READ_SIZE):
-        emit(chunk)
+class _Output:
+    """Reads one output of a command (stdout, stderr or its terminal) into its streams, pausing while one is full."""
+
+    def __init__(self, command: Command, kind: str) -> None:
+        self.command = command
+        self.kind = kind
+        self.waiting = False  # waiting for the command to write (not for a client to read)
+        self.last_data = 0.0
+        self.done = False
+
+    def _emit(self, chunk: bytes) -> None:
+        self.last_data = asyncio.get_running_loop().time()
+        if self.command.end is None:  # after the end, output is drained and dropped
+            self.command.publish(pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(**{self.kind: chunk})))
+
+    async def _wait_for_room(self) -> None:
+        await self.command.room()
+        self.last_data = asyncio.get_running_loop().time()
+
+    async def read_pipe(self, stream: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                self.waiting = True
+                chunk = await stream.read(READ_SIZE)
+                self.waiting = False
+                if not chunk:
+                    return
+                self._emit(chunk)
+                await self._wait_for_room()
+        finally:
+            self.done, self.waiting = True, False
+
+    async def read_pty(self, master_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self.waiting = True
+                await _readable(loop, master_fd)
+                self.waiting = False
+                try:
+                    chunk = os.read(master_fd, READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:  # EIO: every holder of the terminal's slave side is gone
+                    return
+                if not chunk:
+                    return
+                self._emit(chunk)
+                await self._wait_for_room()
+        finally:
+            self.done, self.waiting = True, False
 
 
-async def _read_pty(master_fd: int, emit: Callable[[bytes], None]) -> None:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
 
     def readable() -> None:
-        try:
-            chunk = os.read(master_fd, READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:  # EIO: every holder of the terminal's slave side is gone
-            chunk = b""
-        if chunk:
-            emit(chunk)
-        elif not done.done():
-            done.set_result(None)
+        if not ready.done():
+            ready.set_result(None)
 
-    loop.add_reader(master_fd, readable)
+    loop.add_reader(fd, readable)
     try:
-        await done
+        await ready
     finally:
-        loop.remove_reader(master_fd)
+        loop.remove_reader(fd)
+
+
+async def _exit_code(process: asyncio.subprocess.Process) -> int:
+    """The exit status as soon as the process exits; asyncio's wait() alone would also wait for every holder of
+    its pipes (a background child) to close them."""
+    waiter = asyncio.ensure_future(process.wait())
+    try:
+        while not waiter.done() and process.returncode is None:
+            await asyncio.wait({waiter}, timeout=EXIT_POLL)
+    finally:
+        waiter.cancel()
+    returncode = process.returncode
+    assert returncode is not None
+    return returncode
+
+
+async def _drain_after_exit(outputs: list[_Output]) -> None:
+    """Let output the command wrote before it exited arrive: until every output is closed, or has been quiet for
+    OUTPUT_GRACE, or DRAIN_LIMIT has passed while no client held it back."""
+    loop = asyncio.get_running_loop()
+    exited = loop.time()
+    active = 0.0
+    while not all(output.done for output in outputs):
+        now = loop.time()
+        quiet = [o.done or (o.waiting and now - max(o.last_data, exited) >= OUTPUT_GRACE) for o in outputs]
+        if all(quiet) or active >= DRAIN_LIMIT:
+            return
+        await asyncio.sleep(EXIT_POLL)
+        if all(output.done or output.waiting for output in outputs):
+            active += EXIT_POLL
 
 
 class ProcessManager:
     """Every command of one sandbox: Start, Connect, List, SendInput, SendSignal, Update; pause and shutdown."""
 
     def __init__(
-        self, resolve_cwd: Callable[[str], Path], env: Callable[[], dict[str, str]], launcher: Launcher | None = None
+        self,
+        resolve_cwd: Callable[[str], Path],
+        env: Callable[[], dict[str, str]],
+        launcher: Launcher | None = None,
+        *,
+        buffer_bytes: int = 4 * MiB,
     ) -> None:
         self._resolve_cwd = resolve_cwd
         self._env = env
+        self._buffer_bytes = buffer_bytes  # per attached stream; beyond it the command's output is not read
         self._launcher = launcher  # turns (argv, env, cwd) into a launch inside the sandbox's jail
         self._commands: dict[int, Command] = {}
         self._paused = False
@@ -141,32 +239,38 @@ class ProcessManager:
     async def _follow(self, command: Command, keepalive: float) -> AsyncIterator[pb.ProcessEvent]:
         """Events for one attached stream, the start event first, until the command ends; leaving early leaves the
         command running."""
-        queue = command.subscribe()
+        buffer = command.subscribe()
         try:
             yield pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=command.pid))
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), keepalive)
+                    async with asyncio.timeout(keepalive):  # not wait_for: before 3.12 it can swallow a cancel
+                        event = await buffer.get()
                 except TimeoutError:
                     yield pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive())
                     continue
+                if event is None:
+                    return
                 yield event
                 if event.HasField("end"):
                     return
         finally:
-            command.subscribers.discard(queue)
+            command.unsubscribe(buffer)
 
     async def _spawn(self, request: pb.StartRequest) -> Command:
         config = request.process
         if not config.cmd:
             raise ConnectError("invalid_argument", "process.cmd must name the program to run")
+        problem = request_problem(request)  # NUL bytes, environment names, a terminal's size
+        if problem:
+            raise ConnectError("invalid_argument", problem)
         cwd = self._resolve_cwd(config.cwd if config.HasField("cwd") and config.cwd else "")
         env = self._env()
         env.update(config.envs)
         use_pty = request.HasField("pty")
         if use_pty:
             env.setdefault("TERM", "xterm-256color")
-        command = Command(config, request.tag if request.HasField("tag") else None, None)
+        command = Command(config, request.tag if request.HasField("tag") else None, None, self._buffer_bytes)
         argv = [config.cmd, *config.args]
         try:
             if self._launcher is not None:
@@ -220,28 +324,23 @@ class ProcessManager:
         """Read output until the command exits, then tell every attached stream how it ended."""
         process = command.process
         assert process is not None
-
-        def emitter(kind: str) -> Callable[[bytes], None]:
-            def emit(chunk: bytes) -> None:
-                if command.end is None:
-                    command.publish(pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(**{kind: chunk})))
-
-            return emit
-
         if command.master_fd is not None:
-            readers = [asyncio.create_task(_read_pty(command.master_fd, emitter("pty")))]
+            outputs = [_Output(command, "pty")]
+            readers = [asyncio.create_task(outputs[0].read_pty(command.master_fd))]
         else:
             assert process.stdout is not None and process.stderr is not None
+            outputs = [_Output(command, "stdout"), _Output(command, "stderr")]
             readers = [
-                asyncio.create_task(_read_pipe(process.stdout, emitter("stdout"))),
-                asyncio.create_task(_read_pipe(process.stderr, emitter("stderr"))),
+                asyncio.create_task(outputs[0].read_pipe(process.stdout)),
+                asyncio.create_task(outputs[1].read_pipe(process.stderr)),
             ]
-        returncode = await process.wait()
-        # A background child may keep the output open for long after; send what is there, then end.
-        await asyncio.wait(readers, timeout=OUTPUT_GRACE)
+        returncode = await _exit_code(process)
+        await _drain_after_exit(outputs)
         command.end = pb.ProcessEvent(end=_end_event(returncode))
         command.finished_at = time.monotonic()
         command.publish(command.end)
+        for buffer in command.subscribers:
+            buffer.close()
         command.subscribers.clear()
         await asyncio.gather(*readers, return_exceptions=True)  # keep draining so writers never block
         if command.master_fd is not None:

@@ -6,7 +6,6 @@ Handlers raise `ConnectError` for errors; streaming handlers are async generator
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,10 +38,10 @@ class Rpc:
 
 
 def _in_thread(method: str) -> Handler:
-    """A unary Filesystem call; file system work (rmtree, deep listings) runs off the event loop."""
+    """A unary Filesystem call, on the sandbox's own file threads (as its uid, off the event loop)."""
 
     async def handler(agent: SandboxAgent, request: Any, info: CallInfo) -> Message:
-        result: Message = await asyncio.to_thread(getattr(agent.files, method), request)
+        result: Message = await agent.tree.run(getattr(agent.files, method), request)
         return result
 
     return handler

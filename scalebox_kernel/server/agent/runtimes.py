@@ -20,6 +20,7 @@ from typing import Any
 from ...protocol.connect import ConnectError
 from ..runtimes_store import LANGUAGES, RuntimeStore
 from ..settings import ServerSettings
+from .iopub import SEQUENCE_KEY
 
 _CANONICAL = {alias: name for name, aliases in LANGUAGES.items() for alias in aliases}
 
@@ -44,6 +45,50 @@ class KernelLaunch:
 
 
 Message = tuple[str, dict[str, Any]]  # (Jupyter msg_type, content)
+
+# Run in place of `python -m <module>` for kernels built on ipykernel (python, bash). Their iopub socket gets no
+# high-water mark, so it never drops a message when the server is briefly behind (it queues in the kernel, inside
+# the sandbox's memory limit), and every iopub message they really send carries a per-process number in its
+# metadata, from which the server tells a lost message (server/agent/iopub.py, SEQUENCE_KEY).
+IOPUB_LAUNCHER = """\
+import itertools, os, runpy, sys
+import zmq
+SEQUENCE_KEY = "@KEY@"
+from ipykernel.iostream import BackgroundSocket, IOPubThread
+from jupyter_client.session import Session
+
+_socket = zmq.Context.socket
+def _lossless_socket(self, socket_type, *args, **kwargs):
+    sock = _socket(self, socket_type, *args, **kwargs)
+    if socket_type in (zmq.PUB, zmq.XPUB):
+        sock.sndhwm = 0
+    return sock
+zmq.Context.socket = _lossless_socket
+
+_send = Session.send
+_counters = {}
+def _numbered_send(self, stream, msg_or_type, content=None, parent=None, ident=None, buffers=None, track=False,
+                   header=None, metadata=None):
+    iopub = isinstance(stream, (BackgroundSocket, IOPubThread)) or (
+        isinstance(stream, zmq.Socket) and stream.type in (zmq.PUB, zmq.XPUB))
+    if iopub and not (self.check_pid and os.getpid() != self.pid):
+        if not isinstance(msg_or_type, dict):
+            msg_or_type = self.msg(msg_or_type, content=content, parent=parent, header=header, metadata=metadata)
+        pid = os.getpid()
+        counter = _counters.get(pid) or _counters.setdefault(pid, itertools.count())
+        msg_or_type["metadata"] = {**(msg_or_type.get("metadata") or {}), SEQUENCE_KEY: [pid, next(counter)]}
+    return _send(self, stream, msg_or_type, content, parent, ident, buffers, track, header, metadata)
+Session.send = _numbered_send
+
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+""".replace("@KEY@", SEQUENCE_KEY)
+
+
+def lossless_iopub_argv(argv: list[str]) -> list[str]:
+    """`[python, -m, module, *args]` as `[python, -c, IOPUB_LAUNCHER, module, *args]`; other argv unchanged."""
+    if len(argv) >= 3 and argv[1] == "-m":
+        return [argv[0], "-c", IOPUB_LAUNCHER, argv[2], *argv[3:]]
+    return argv
 
 
 class CellOutput:
@@ -80,6 +125,8 @@ class Runtime:
     ipc_transport = True
     #: After idle, wait for a kernel_info round trip so output the kernel sends late still reaches the cell.
     flush_barrier = False
+    #: Built on ipykernel and started with `python -m module`: launched through IOPUB_LAUNCHER.
+    ipykernel_based = False
 
     def __init__(self, store: RuntimeStore | None = None) -> None:
         self.store = store or RuntimeStore()
@@ -108,8 +155,9 @@ class Runtime:
         env = {**dict(context.env), **{str(k): str(v) for k, v in spec.get("env", {}).items()}}
         env["HOME"] = str(context.home)
         env.update(self.kernel_env(context, env))
+        argv = [str(arg) for arg in spec["argv"]]
         return KernelLaunch(
-            argv=[str(arg) for arg in spec["argv"]],
+            argv=lossless_iopub_argv(argv) if self.ipykernel_based else argv,
             env=env,
             interrupt_mode=str(spec.get("interrupt_mode", "signal")),
         )
@@ -137,6 +185,7 @@ class PythonRuntime(Runtime):
 
     name = "python"
     display_name = "Python"
+    ipykernel_based = True
 
     def available(self) -> bool:
         return self.store.spec(self.name) is not None or importlib.util.find_spec("ipykernel") is not None
@@ -147,15 +196,12 @@ class PythonRuntime(Runtime):
         argv = argv if spec else [*argv, "-f", "{connection_file}"]
         env = dict(context.env)
         env["HOME"] = str(context.home)
-        if env.get("PYTHONPATH"):  # the sandbox's own packages: a directory missing at start is never looked at
-            for directory in env["PYTHONPATH"].split(os.pathsep):
-                os.makedirs(directory, exist_ok=True)
         # One font cache for every sandbox: building it makes the first plot take seconds.
         env["MPLCONFIGDIR"] = str(context.settings.cache_dir / "matplotlib")
         env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # silences debugpy's frozen-modules warning on stderr
         # No MPLBACKEND from the server: ipykernel then picks its inline backend, so plots become image/png.
         env.pop("MPLBACKEND", None)
-        return KernelLaunch(argv=argv, env=env)
+        return KernelLaunch(argv=lossless_iopub_argv(argv), env=env)
 
     def env_code(self, env_vars: Mapping[str, str]) -> tuple[str, str]:
         values = json.dumps(dict(env_vars))

@@ -1,31 +1,40 @@
 """`POST /upload` and `GET /download/<path>`: files in and out of a sandbox over plain HTTP (PROTOCOL.md 4).
 
-Uploads are parsed as they stream in and written to a staging file beside the sandbox's tree, then renamed into
-place, so a failed or oversized upload never leaves a partial file behind.
+Both run as the sandbox's own uid, on its file threads (`..isolation.tree`), with paths resolved inside the
+sandbox. An upload streams into an anonymous file (O_TMPFILE) on the sandbox's own disk, so it counts against the
+sandbox's disk limit, and only a complete one gets its name, atomically (whatever had that name, a symlink
+included, is replaced, never followed); a failed, oversized or truncated upload leaves nothing behind. A
+download opens the file once (never blocking on a FIFO) and streams from that fd.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
-import tempfile
-from pathlib import Path
+import secrets
+import stat
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ...protocol.connect import ConnectError
 from ..bodies import error_response
-from .filesystem import missing, os_error
+from ..isolation.tree import SandboxTree, split
+from .filesystem import os_error
 from .paths import SandboxPaths
 
 #: Bytes of non-file form fields (`path`) accepted in one upload.
 MAX_FIELD_BYTES = 64 * 1024
+#: Where an upload is staged inside the sandbox (its own scratch space, on its own disk).
+STAGING_DIR = "/tmp"
+DOWNLOAD_CHUNK = 1024 * 1024
 
 
 class _UploadError(Exception):
@@ -43,13 +52,13 @@ def _connect_error_response(exc: ConnectError) -> JSONResponse:
 class _MultipartUpload:
     """Callbacks for python-multipart: the `file` part goes to a staging file, small fields to memory."""
 
-    def __init__(self, staging: Path, limit: int) -> None:
+    def __init__(self, stage: Callable[[], int], limit: int) -> None:
         self.limit = limit
         self.fields: dict[str, str] = {}
         self.filename: str | None = None
         self.size = 0
-        self._staging_dir = staging
-        self.staged: Path | None = None
+        self._stage = stage
+        self.staged: int | None = None  # fd of the anonymous file the `file` part goes to
         self._fd: int | None = None
         self._header_field = bytearray()
         self._header_value = bytearray()
@@ -58,9 +67,11 @@ class _MultipartUpload:
         self._is_file = False
         self._value = bytearray()
         self._field_bytes = 0
+        self.complete = False  # the closing boundary arrived
 
     def callbacks(self) -> Any:
         return {
+            "on_end": self._end,
             "on_part_begin": self._part_begin,
             "on_header_field": lambda data, start, end: self._header_field.extend(data[start:end]),
             "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
@@ -69,6 +80,9 @@ class _MultipartUpload:
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
         }
+
+    def _end(self) -> None:
+        self.complete = True
 
     def _part_begin(self) -> None:
         self._headers = {}
@@ -89,8 +103,7 @@ class _MultipartUpload:
                 raise _UploadError(400, "one file per upload request: the multipart body has two 'file' parts")
             self._is_file = True
             self.filename = options.get(b"filename", b"").decode("utf-8", "replace") or None
-            self._fd, name = tempfile.mkstemp(dir=self._staging_dir, prefix="upload-")
-            self.staged = Path(name)
+            self.staged = self._fd = self._stage()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._is_file:
@@ -115,15 +128,14 @@ class _MultipartUpload:
             self.fields[self._part] = self._value.decode("utf-8", "replace")
 
     def close_file(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """The part is complete (the staged fd stays open until the file is placed)."""
+        self._fd = None
 
     def discard(self) -> None:
-        self.close_file()
+        """Close the staged file; unless it was placed, it disappears with its last fd."""
+        self._fd = None
         if self.staged is not None:
-            with contextlib.suppress(OSError):
-                self.staged.unlink()
+            os.close(self.staged)
             self.staged = None
 
 
@@ -135,7 +147,12 @@ def _boundary(request: Request) -> bytes:
     return boundary
 
 
-async def upload(request: Request, paths: SandboxPaths, staging: Path, limit: int) -> Response:
+def _stage(tree: SandboxTree) -> int:
+    """An anonymous file in the sandbox's scratch space, as the sandbox (blocking: on the tree's threads)."""
+    return tree.open(STAGING_DIR, os.O_WRONLY | os.O_TMPFILE, 0o644)
+
+
+async def upload(request: Request, paths: SandboxPaths, tree: SandboxTree, limit: int) -> Response:
     """Handle one multipart upload: `file` (its filename is the destination) and `path`, in either order."""
     try:
         declared = int(request.headers.get("content-length") or 0)
@@ -146,73 +163,107 @@ async def upload(request: Request, paths: SandboxPaths, staging: Path, limit: in
         return error_response(400, "malformed Content-Length header")
     except _UploadError as exc:
         return error_response(exc.status, exc.message)
-    staging.mkdir(parents=True, exist_ok=True)
-    form = _MultipartUpload(staging, limit)
+    form = _MultipartUpload(lambda: tree.call(_stage, tree), limit)
     parser = MultipartParser(boundary, form.callbacks())
     try:
         async for chunk in request.stream():
             if chunk:
                 await asyncio.to_thread(parser.write, chunk)
         await asyncio.to_thread(parser.finalize)
+        if not form.complete:
+            raise _UploadError(400, "truncated multipart body: its closing boundary is missing; nothing was written")
         form.close_file()
-        return await asyncio.to_thread(_place, form, request.query_params.get("path"), paths)
+        return await tree.run(_place, form, request.query_params.get("path"), paths, tree)
     except _UploadError as exc:
         return error_response(exc.status, exc.message)
     except FormParserError as exc:
         return error_response(400, f"malformed multipart body: {exc}")
     except ConnectError as exc:
         return _connect_error_response(exc)
+    except OSError as exc:  # staging or writing the file (a full disk, say)
+        return _connect_error_response(os_error(exc, "upload", "the uploaded file"))
     finally:
         form.discard()
 
 
-def _place(form: _MultipartUpload, query_path: str | None, paths: SandboxPaths) -> Response:
-    """Move the staged file to its destination, creating parent directories."""
+def _place(form: _MultipartUpload, query_path: str | None, paths: SandboxPaths, tree: SandboxTree) -> Response:
+    """Give the staged file its name (creating parent directories), as the sandbox, on the tree's threads."""
     if form.staged is None:
         raise _UploadError(400, "the multipart body has no 'file' part")
     target = query_path or form.fields.get("path") or form.filename
     if not target:
         raise _UploadError(400, "no destination: send a 'path' part (or the file's full path as its filename)")
     sandbox_path = paths.normalize(target)
-    host = paths.to_host(sandbox_path)
-    if host.is_dir():
-        raise _UploadError(400, f"upload to {sandbox_path}: is a directory")
+    if sandbox_path == "/":
+        raise _UploadError(400, "upload to /: is a directory")
+    parent, name = split(sandbox_path)
     try:
-        host.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(form.staged, 0o644)
-        os.replace(form.staged, host)
-        paths.own(host)
+        if tree.is_dir(sandbox_path) and not stat.S_ISLNK(tree.lstat(sandbox_path).st_mode):
+            raise _UploadError(400, f"upload to {sandbox_path}: is a directory")
+        tree.makedirs(parent)
+        with tree.parent(sandbox_path) as (dir_fd, _):
+            temp = f".{name[:200]}.{secrets.token_hex(6)}.upload"
+            os.link(f"/proc/self/fd/{form.staged}", temp, dst_dir_fd=dir_fd, follow_symlinks=True)
+            try:
+                os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=dir_fd)
+                raise
     except OSError as exc:
+        if exc.errno == errno.EISDIR:
+            raise _UploadError(400, f"upload to {sandbox_path}: is a directory") from None
         raise os_error(exc, "upload to", sandbox_path) from None
-    form.staged = None
-    return JSONResponse({"path": sandbox_path, "name": host.name, "type": "file"})
+    return JSONResponse({"path": sandbox_path, "name": name, "type": "file"})
 
 
-async def download(request: Request, path: str, paths: SandboxPaths) -> Response:
+def _open_for_download(candidates: list[str], paths: SandboxPaths, tree: SandboxTree) -> tuple[str, int, int]:
+    """(sandbox path, fd, size) of the first candidate that exists (blocking: on the tree's threads)."""
+    sandbox_path = paths.normalize(candidates[0])
+    try:
+        for other in candidates[1:]:
+            if tree.exists(sandbox_path):
+                break
+            if tree.exists(paths.normalize(other)):
+                sandbox_path = paths.normalize(other)
+        fd = tree.open(sandbox_path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise os_error(exc, "open", sandbox_path) from None
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode):
+        os.set_blocking(fd, True)
+        return sandbox_path, fd, info.st_size
+    os.close(fd)
+    what = "is a directory, not a file" if stat.S_ISDIR(info.st_mode) else "is not a regular file"
+    raise _UploadError(400, f"download {sandbox_path}: {what}")
+
+
+async def _read_fd(fd: int, size: int) -> AsyncIterator[bytes]:
+    """The first `size` bytes of the file (what Content-Length promised, even if it grows meanwhile)."""
+    try:
+        while size > 0 and (chunk := await asyncio.to_thread(os.read, fd, min(DOWNLOAD_CHUNK, size))):
+            size -= len(chunk)
+            yield chunk
+    finally:
+        os.close(fd)
+
+
+async def download(request: Request, path: str, paths: SandboxPaths, tree: SandboxTree) -> Response:
     """The raw bytes of one file. The SDKs strip the leading slash, so `a.txt` is `/a.txt` first and, if that
     does not exist, `/home/user/a.txt` (where an upload of the relative path `a.txt` put it)."""
     query_path = request.query_params.get("path")
+    if query_path:
+        candidates = [query_path]
+    elif path.startswith("/"):
+        candidates = [path]
+    else:
+        candidates = ["/" + path, path] if path else ["/"]
     try:
-        if query_path:
-            candidates = [query_path]
-        elif path.startswith("/"):
-            candidates = [path]
-        else:
-            candidates = ["/" + path, path] if path else ["/"]
-        sandbox_path = paths.normalize(candidates[0])
-        host = paths.to_host(sandbox_path)
-        for other in candidates[1:]:
-            if os.path.lexists(host):
-                break
-            other_host = paths.to_host(other)
-            if os.path.lexists(other_host):
-                sandbox_path, host = paths.normalize(other), other_host
-        if not host.exists():
-            raise missing(sandbox_path, "open")
-        if host.is_dir():
-            return error_response(400, f"download {sandbox_path}: is a directory, not a file")
-        if not os.access(host, os.R_OK):
-            return error_response(403, f"download {sandbox_path}: permission denied")
+        _, fd, size = await tree.run(_open_for_download, candidates, paths, tree)
     except ConnectError as exc:
         return _connect_error_response(exc)
-    return FileResponse(host, media_type="application/octet-stream")
+    except _UploadError as exc:
+        return error_response(exc.status, exc.message)
+    return StreamingResponse(
+        _read_fd(fd, size), media_type="application/octet-stream", headers={"Content-Length": str(size)}
+    )

@@ -1,6 +1,8 @@
 """Directory watching for the Filesystem service (WatchDir streams and polled watchers), by comparing snapshots.
 
 Polling every 0.2 s needs no dependency and works the same on every platform; renames show as remove + create.
+The watched directory is opened once, inside the sandbox and as its uid, and every snapshot reads through that
+fd: swapping the directory for a symlink afterwards changes nothing about what is read.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import os
 import secrets
 import stat
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from ...protocol import pb
 from ...protocol.connect import ConnectError
-from .filesystem import missing
+from ..isolation.tree import SandboxTree, walk_fd
+from .filesystem import MAX_DEPTH, MAX_ENTRIES, missing, os_error, text
 from .paths import SandboxPaths
 
 POLL_INTERVAL = 0.2
@@ -25,26 +27,22 @@ MAX_PENDING_EVENTS = 10_000
 Snapshot = dict[str, tuple[int, int, int]]  # relative name -> (mtime_ns, size, mode)
 
 
-def snapshot(directory: Path, recursive: bool) -> Snapshot:
-    """What is in a directory now (one level, or the whole tree without following symlinks)."""
+def snapshot(directory: int, recursive: bool) -> Snapshot:
+    """What is in the directory open at fd `directory` now (one level, or the tree without following links)."""
     found: Snapshot = {}
-    pending = [(directory, "")]
-    while pending:
-        current, prefix = pending.pop()
-        try:
-            children = list(os.scandir(current))
-        except OSError:
-            continue
-        for child in children:
-            try:
-                info = child.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            name = prefix + child.name
-            found[name] = (info.st_mtime_ns, info.st_size, info.st_mode)
-            if recursive and stat.S_ISDIR(info.st_mode):
-                pending.append((Path(child.path), name + "/"))
+    try:
+        for _, _, entry in walk_fd(directory, "", MAX_DEPTH if recursive else 1):
+            found[text(entry.path.lstrip("/"))] = (entry.info.st_mtime_ns, entry.info.st_size, entry.info.st_mode)
+            if len(found) >= MAX_ENTRIES:
+                break
+    except OSError:
+        pass
     return found
+
+
+def _gone(directory: int) -> bool:
+    """Whether the directory open at fd `directory` was removed."""
+    return os.fstat(directory).st_nlink == 0
 
 
 def diff(before: Snapshot, after: Snapshot) -> list[pb.FilesystemEvent]:
@@ -66,61 +64,71 @@ def diff(before: Snapshot, after: Snapshot) -> list[pb.FilesystemEvent]:
 class _Watcher:
     """A polled watcher: a task that collects events until the client fetches them."""
 
-    def __init__(self, directory: Path, recursive: bool) -> None:
+    def __init__(self, tree: SandboxTree, directory: int, recursive: bool) -> None:
+        self.tree = tree
         self.directory = directory
         self.recursive = recursive
         self.events: list[pb.FilesystemEvent] = []
         self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        before = await asyncio.to_thread(snapshot, self.directory, self.recursive)
-        while True:
-            await asyncio.sleep(POLL_INTERVAL)
-            after = await asyncio.to_thread(snapshot, self.directory, self.recursive)
-            self.events.extend(diff(before, after))
-            del self.events[:-MAX_PENDING_EVENTS]
-            before = after
+        try:
+            before = await self.tree.run(snapshot, self.directory, self.recursive)
+            while True:
+                await asyncio.sleep(POLL_INTERVAL)
+                after = await self.tree.run(snapshot, self.directory, self.recursive)
+                self.events.extend(diff(before, after))
+                del self.events[:-MAX_PENDING_EVENTS]
+                before = after
+        finally:
+            os.close(self.directory)
 
 
 class Watchers:
     """WatchDir, CreateWatcher, GetWatcherEvents and RemoveWatcher for one sandbox."""
 
-    def __init__(self, paths: SandboxPaths) -> None:
+    def __init__(self, paths: SandboxPaths, tree: SandboxTree) -> None:
         self.paths = paths
+        self.tree = tree
         self._watchers: dict[str, _Watcher] = {}
 
-    def _directory(self, path: str) -> tuple[str, Path]:
-        sandbox_path = self.paths.normalize(path)
-        host = self.paths.to_host(sandbox_path)
-        if not os.path.lexists(host):
-            raise missing(sandbox_path, "watch")
-        if not host.is_dir():
-            raise ConnectError("invalid_argument", f"watch {sandbox_path}: not a directory")
-        return sandbox_path, host
+    def _open(self, path: str) -> int:
+        """An fd of the directory to watch (blocking: on the tree's threads)."""
+        try:
+            if not self.tree.exists(path):
+                raise missing(path, "watch")
+            if not self.tree.is_dir(path):
+                raise ConnectError("invalid_argument", f"watch {path}: not a directory")
+            return self.tree.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise os_error(exc, "watch", path) from None
 
     async def watch_dir(self, request: pb.WatchDirRequest, keepalive: float) -> AsyncIterator[pb.WatchDirResponse]:
         """The WatchDir stream: a start event, then filesystem events, with keepalives when quiet."""
-        _, host = self._directory(request.path)
-        before = await asyncio.to_thread(snapshot, host, request.recursive)
-        yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
-        loop = asyncio.get_running_loop()
-        last_sent = loop.time()
-        while True:
-            await asyncio.sleep(POLL_INTERVAL)
-            after = await asyncio.to_thread(snapshot, host, request.recursive)
-            for event in diff(before, after):
-                yield pb.WatchDirResponse(filesystem=event)
-                last_sent = loop.time()
-            before = after
-            if not host.is_dir():
-                return  # the watched directory itself is gone: nothing more can happen
-            if loop.time() - last_sent >= keepalive:
-                yield pb.WatchDirResponse(keepalive=pb.WatchDirResponse.KeepAlive())
-                last_sent = loop.time()
+        directory = await self.tree.run(self._open, self.paths.normalize(request.path))
+        try:
+            before = await self.tree.run(snapshot, directory, request.recursive)
+            yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
+            loop = asyncio.get_running_loop()
+            last_sent = loop.time()
+            while True:
+                await asyncio.sleep(POLL_INTERVAL)
+                after = await self.tree.run(snapshot, directory, request.recursive)
+                for event in diff(before, after):
+                    yield pb.WatchDirResponse(filesystem=event)
+                    last_sent = loop.time()
+                before = after
+                if _gone(directory):
+                    return  # the watched directory itself is gone: nothing more can happen
+                if loop.time() - last_sent >= keepalive:
+                    yield pb.WatchDirResponse(keepalive=pb.WatchDirResponse.KeepAlive())
+                    last_sent = loop.time()
+        finally:
+            os.close(directory)
 
     async def create(self, request: pb.CreateWatcherRequest) -> pb.CreateWatcherResponse:
-        _, host = self._directory(request.path)
-        watcher = _Watcher(host, request.recursive)
+        directory = await self.tree.run(self._open, self.paths.normalize(request.path))
+        watcher = _Watcher(self.tree, directory, request.recursive)
         watcher_id = "w-" + secrets.token_hex(8)
         watcher.task = asyncio.create_task(watcher.run(), name=f"scalebox watcher {watcher_id}")
         self._watchers[watcher_id] = watcher

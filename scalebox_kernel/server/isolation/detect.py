@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .disk import can_limit_disk
+
 #: cgroup v1 controllers a sandbox uses (cpuacct gives its CPU time).
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
 #: cgroup v2 controllers a sandbox uses when they can be enabled for our subtree.
@@ -72,7 +74,7 @@ class Capabilities:
     @property
     def private_network(self) -> bool:
         """Whether a sandbox with internet access can have its own network namespace (slirp4netns)."""
-        return self.namespaces and bool(self.tools.get("slirp4netns"))
+        return self.namespaces and bool(self.tools.get("slirp4netns")) and bool(self.tools.get("ip"))
 
     def missing(self) -> list[str]:
         """Protections sandboxes do not get here (the names `isolation()` reports)."""
@@ -80,13 +82,14 @@ class Capabilities:
         if not self.namespaces:
             missing += ["namespaces", "network", "uid"]
         elif not self.private_network:
-            missing.append("private-network")
+            missing.append("internet")  # no slirp4netns: sandboxes get no network rather than the host's
         for feature, name in (("memory", "memory-limit"), ("pids", "process-limit"), ("cpu", "cpu-limit")):
             if not self.cgroups.has(feature):
                 missing.append(name)
         if not self.cgroups.has("freezer"):
             missing.append("freezer")
-        missing.append("disk-limit")  # no quota support: the tree's size is only reported in metrics
+        if not self.namespaces or can_limit_disk() is not None:
+            missing.append("disk-limit")
         return missing
 
     def summary(self) -> str:
@@ -95,7 +98,11 @@ class Capabilities:
             head = "isolation: none - sandbox code runs on the host as the server's user"
         else:
             parts = ["bubblewrap namespaces", "a uid per sandbox"]
-            parts.append("private network (slirp4netns)" if self.private_network else "host network when allowed")
+            parts.append(
+                "private network off the host (slirp4netns)" if self.private_network else "no network (no slirp4netns)"
+            )
+            if can_limit_disk() is None:
+                parts.append("a disk image per sandbox")
             limits = [f for f in ("memory", "pids", "cpu") if self.cgroups.has(f)]
             if limits:
                 parts.append(f"cgroup {self.cgroups.version} limits ({', '.join(limits)})")
@@ -244,7 +251,9 @@ def detect_capabilities() -> Capabilities:
         return Capabilities(
             linux=False, root=root, bwrap=None, tools={}, cgroups=CgroupLayout(), problems=tuple(problems)
         )
-    tools: dict[str, str | None] = {name: shutil.which(name) for name in ("setpriv", "nsenter", "slirp4netns")}
+    system_path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+    names = ("setpriv", "nsenter", "slirp4netns", "ip")
+    tools: dict[str, str | None] = {name: shutil.which(name, path=system_path) for name in names}
     tools["env"] = _env_ignores_signals()
     bwrap = shutil.which("bwrap")
     if not root:
@@ -262,7 +271,9 @@ def detect_capabilities() -> Capabilities:
     if tools["env"] is None:
         problems.append("env lacks --ignore-signal (coreutils 9 or newer is needed)")
     if tools["slirp4netns"] is None and root and bwrap:
-        problems.append("slirp4netns is not installed, so sandboxes with internet share the host's network")
+        problems.append("slirp4netns is not installed, so sandboxes get no network at all")
+    elif tools["ip"] is None and root and bwrap:
+        problems.append("ip (iproute2) is not installed, so sandboxes get no network (it keeps the host out)")
     cgroups = detect_cgroups() if root else CgroupLayout()
     if root and not cgroups.v1 and cgroups.v2 is None:
         problems.append("no writable cgroup hierarchy, so there are no resource limits and pause uses SIGSTOP")

@@ -6,10 +6,13 @@ uid and sleeps). Each process of the sandbox is then launched on the host as
     sh -c 'echo $$ > <each cgroup.procs>; exec "$@"'                    # join the sandbox's cgroups
       env --ignore-signal=INT nsenter --target <holder> --mount --pid ...  # enter its namespaces (SIGINT-proof)
         setpriv --reuid U ... --no-new-privs --                            # drop to the sandbox's uid
-          env -i --default-signal=INT -C <cwd> K=V... <argv>               # the real program, its env, SIGINT back
+          env --default-signal=INT -C <cwd> sh -c 'NAME="$__SCALEBOX_ENV_0"; export NAME; ...; exec "$@"' <argv>
 
-with a clean environment until the privileges are gone (LD_PRELOAD in a sandbox's envs must not reach a root
-process), so one PID namespace, one network namespace and one loopback serve every process of the sandbox.
+The sandbox's environment never appears in an argv, and never reaches a privileged process under its own
+name (LD_PRELOAD in a sandbox's envs must not reach a root process): each value travels as an inert
+`__SCALEBOX_ENV_<n>` variable, and the last, unprivileged shell of the chain turns them back into their names,
+drops everything else and execs the program. One PID namespace, one network namespace and one loopback serve
+every process of the sandbox.
 """
 
 from __future__ import annotations
@@ -17,38 +20,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import platform
 import re
 import shlex
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import network
 from .cgroups import Limits, SandboxCgroups, Usage
 from .detect import Capabilities
-from .layout import (
-    HOME,
-    RESERVED,
-    SANDBOX_RELAY,
-    SANDBOX_RUN,
-    SYSTEM_DIRS,
-    Identity,
-    allocate_identity,
-    own_tree,
-    prepare_root,
-    runtime_paths,
-    write_etc,
-)
+from .disk import DiskImage, can_limit_disk
+from .layout import HOME, HOST_ONLY, SANDBOX_RELAY, SANDBOX_RUN, own_tree, prepare_root, runtime_paths, write_etc
+from .tree import SandboxTree
+from .uids import RECORD, Identity, claim, release
 
 #: PATH of the privileged part of the launch chain (never the sandbox's PATH).
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-SLIRP_NAMESERVER = "10.0.2.3"
-#: Short host paths to sandboxes' runtime directories: a unix socket path must fit in 108 bytes.
+#: Short host paths to sandboxes' host-only socket directories: a unix socket path must fit in 108 bytes.
 LINKS_DIR = Path("/run/scalebox-local")
+#: A uid's user keyrings outlive its processes (Linux keeps them with the uid), so a uid that passes from one sandbox
+#: to the next would hand over what the first stored there: its holder clears them first (keyctl KEYCTL_CLEAR of
+#: the user and user-session keyrings, as that uid).
+_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(platform.machine())
+_CLEAR_KEYRINGS = (  # clear @u and @us, then link @u into @us again (as the kernel makes them), so it is possessed
+    f"import ctypes; c = ctypes.CDLL(None); [c.syscall({_KEYCTL}, 7, r) for r in (-4, -5)]; "
+    f"c.syscall({_KEYCTL}, 8, -4, -5)"
+    if _KEYCTL
+    else ""
+)
+#: Environment names that can cross the jail (the last shell exports them by name).
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 START_TIMEOUT = 10.0
 RELAY_SOURCE = Path(__file__).with_name("relay.py")
+
+
+log = logging.getLogger("scalebox_kernel.server")
 
 
 class JailError(RuntimeError):
@@ -61,6 +71,8 @@ class JailOptions:
 
     limits: Limits = field(default_factory=Limits)
     internet: bool = True
+    allow_private_networks: bool = False  # the private ranges and the host's subnets (never the host itself)
+    disk_mb: int | None = None  # the tree on a loop-mounted image of this size; None: no disk limit
     uid_base: int = 600_000
     uid_count: int = 65_536
     runtime: tuple[str, ...] = ()  # extra host directories the kernels need (bound read-only)
@@ -72,53 +84,81 @@ class JailOptions:
 class Jail:
     """Namespaces, uid and cgroups of one sandbox; `wrap()` turns a command line into one that runs inside."""
 
-    def __init__(self, caps: Capabilities, *, sandbox_id: str, root: Path, private_dir: Path, options: JailOptions):
+    def __init__(
+        self,
+        caps: Capabilities,
+        *,
+        sandbox_id: str,
+        root: Path,
+        private_dir: Path,
+        options: JailOptions,
+        tree: SandboxTree | None = None,
+    ):
         if not caps.namespaces:
             raise JailError("this machine cannot confine sandboxes: " + "; ".join(caps.problems))
         self.caps = caps
         self.sandbox_id = sandbox_id
         self.root = Path(root)
         self.private_dir = Path(private_dir)
-        self.run_dir = self.private_dir / "runtime"  # the sandbox's /run/scalebox
-        self.link_dir = LINKS_DIR / sandbox_id  # symlink to run_dir, for socket paths the host connects to
+        self.tree = tree or SandboxTree(self.root)
+        self.run_dir = self.root / SANDBOX_RUN.lstrip("/")  # kernels' connection files and sockets (the sandbox's)
+        self.host_dir = self.root / HOST_ONLY.lstrip("/")  # links to those sockets that only root can change
+        self.link_dir = LINKS_DIR / sandbox_id  # symlink to host_dir, for socket paths the host connects to
         self.options = options
         self.cgroups = SandboxCgroups(caps.cgroups, sandbox_id) if caps.cgroups.v1 or caps.cgroups.v2 else None
         self.identity: Identity | None = None
-        self.network = "none" if not options.internet else ("private" if caps.private_network else "host")
+        # Without slirp4netns a sandbox gets no network at all: sharing the host's would put the host in reach.
+        self.network = "private" if options.internet and caps.private_network else "none"
+        self.disk_problem = None if options.disk_mb else "no disk limit was asked for"
+        if options.disk_mb:
+            self.disk_problem = can_limit_disk()
+        self.disk = DiskImage(self.private_dir, self.root, options.disk_mb) if options.disk_mb else None
         self._holder: asyncio.subprocess.Process | None = None
         self._holder_pid = 0  # host pid of the namespaces' init (bwrap's pid 1)
         self._namespaces: dict[str, int] = {}
         self._slirp: asyncio.subprocess.Process | None = None
         self._slirp_exit_fd: int | None = None
         self._lock = asyncio.Lock()
+        self._fresh_uid = False  # the uid was just claimed: what an earlier holder left in its keyrings goes
 
     # ------------------------------------------------------------------ lifetime
 
     async def start(self) -> None:
-        """Prepare the tree, uid and cgroups, and start the holder (and its network); idempotent."""
+        """Claim the uid, mount the disk, prepare the tree and cgroups, start the holder (and its network);
+        idempotent."""
         async with self._lock:
             if self.running:
                 return
             await self._stop_processes()
-            identity, new = allocate_identity(
-                self.private_dir, base=self.options.uid_base, count=self.options.uid_count
+            identity, new = await asyncio.to_thread(
+                claim, self.private_dir / RECORD, base=self.options.uid_base, count=self.options.uid_count
             )
             self.identity = identity
+            self.tree.set_identity(identity.uid, identity.gid)
+            await self._mount_disk()
             runtime = runtime_paths(self.options.runtime)
-            mounts = await asyncio.to_thread(prepare_root, self.root, runtime)
-            await asyncio.to_thread(own_tree, self.root, identity, recursive=new)
-            await asyncio.to_thread(self._copy_seeds)
-            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chown(self.run_dir, identity.uid, identity.gid)
-            os.chmod(self.run_dir, 0o700)
-            self._link_run_dir()
-            nameserver = SLIRP_NAMESERVER if self.network == "private" else None
+            mounts = await asyncio.to_thread(prepare_root, self.root, runtime, identity)
+            if new:
+                await asyncio.to_thread(own_tree, self.root, identity)
+            self._fresh_uid = new
+            self._link_host_dir()
+            nameserver = network.SLIRP_NAMESERVER if self.network == "private" else None
             etc = write_etc(self.private_dir / "etc", identity, self.sandbox_id, nameserver=nameserver)
             if self.cgroups is not None:
                 await self.cgroups.create(self.options.limits)
             await self._start_holder(mounts, etc)
             if self.network == "private":
-                await self._start_slirp()
+                await self._start_network()
+            await self._copy_seeds()
+
+    async def _mount_disk(self) -> None:
+        """Put the tree on its disk image, when a limit was asked for and this machine can enforce it."""
+        if self.disk is None or self.disk_problem is not None:
+            return
+        if not self.disk.exists and self.root.is_dir() and any(self.root.iterdir()):
+            self.disk_problem = "the sandbox was created before disk limits (its files are not on an image)"
+            return
+        await self.disk.mount()
 
     @property
     def running(self) -> bool:
@@ -132,9 +172,7 @@ class Jail:
     def _bwrap_argv(self, mounts: list[tuple[str, str]], etc: dict[str, Path], info_fd: int) -> list[str]:
         assert self.caps.bwrap is not None and self.identity is not None
         argv = [self.caps.bwrap, "--info-fd", str(info_fd), "--die-with-parent"]
-        argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-        if self.network != "host":
-            argv.append("--unshare-net")
+        argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--unshare-net"]
         argv += ["--hostname", self.sandbox_id, "--bind", str(self.root), "/"]
         for kind, path in mounts:
             if kind == "ro":
@@ -143,10 +181,13 @@ class Jail:
             if Path("/etc", name).exists():
                 argv += ["--ro-bind", str(host), f"/etc/{name}"]
         argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm"]
-        argv += ["--bind", str(self.run_dir), SANDBOX_RUN, "--ro-bind", str(RELAY_SOURCE), SANDBOX_RELAY]
+        argv += ["--ro-bind", str(RELAY_SOURCE), SANDBOX_RELAY]
         argv += ["--chdir", HOME, "--"]
         # The one task of the holder: tell the server the mounts are in place, then wait as the sandbox's uid.
-        argv += [*self._drop_privileges(), "/bin/sh", "-c", "echo ready; exec sleep infinity"]
+        script = "echo ready; exec sleep infinity"
+        if self._fresh_uid and _CLEAR_KEYRINGS and os.path.exists("/usr/bin/python3"):
+            script = f"/usr/bin/python3 -I -S -c '{_CLEAR_KEYRINGS}' && {script}"
+        argv += [*self._drop_privileges(), "/bin/sh", "-c", script]
         return argv
 
     def _drop_privileges(self) -> list[str]:
@@ -171,25 +212,22 @@ class Jail:
         script = f'for f in {files}; do echo $$ > "$f" || exit 125; done; exec "$@"'
         return ["/bin/sh", "-c", script, "scalebox-jail", *argv]
 
-    def _copy_seeds(self) -> None:
+    async def _copy_seeds(self) -> None:
+        """Shared caches copied into the sandbox on its first start, as the sandbox's own files."""
         for host, inside in self.options.seeds:
-            target = self.root / inside.lstrip("/")
-            if not Path(host).is_dir() or os.path.lexists(target):
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(host, target, symlinks=True)
-            self.own_created(target.parent)
-            for dirpath, dirnames, filenames in os.walk(target):
-                for name in [".", *dirnames, *filenames]:
-                    self.own(os.path.join(dirpath, name))
+            try:
+                if Path(host).is_dir() and not await self.tree.run(self.tree.exists, inside, follow=False):
+                    await self.tree.run(self.tree.copy_in, host, inside)
+            except OSError as exc:  # the sandbox made that place unusable (a link to /etc, say): its loss only
+                log.info("sandbox %s: no copy of the shared cache at %s: %s", self.sandbox_id, inside, exc.strerror)
 
-    def _link_run_dir(self) -> None:
+    def _link_host_dir(self) -> None:
         LINKS_DIR.mkdir(mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            if os.readlink(self.link_dir) == str(self.run_dir):
+            if os.readlink(self.link_dir) == str(self.host_dir):
                 return
             self.link_dir.unlink()
-        self.link_dir.symlink_to(self.run_dir)
+        self.link_dir.symlink_to(self.host_dir)
 
     async def _start_holder(self, mounts: list[tuple[str, str]], etc: dict[str, Path]) -> None:
         info_read, info_write = os.pipe()
@@ -223,48 +261,50 @@ class Jail:
             raise JailError("the sandbox's namespaces did not start: " + (" / ".join(tail) or "bwrap failed"))
         self._namespaces = json.loads(info)
         self._holder_pid = int(self._namespaces["child-pid"])
+        self._attach_root()
 
-    async def _start_slirp(self) -> None:
-        """Connect the sandbox's network namespace to the outside through slirp4netns (no host loopback)."""
-        slirp = self.caps.tools["slirp4netns"]
-        assert slirp is not None
-        ready_read, ready_write = os.pipe()
-        exit_read, exit_write = os.pipe()
-        argv = [slirp, "--configure", "--mtu=65520", "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp"]
-        argv += [f"--ready-fd={ready_write}", f"--exit-fd={exit_read}", str(self._holder_pid), "tap0"]
+    def _attach_root(self) -> None:
+        """Resolve sandbox paths against the jail's own `/` from now on (its mounts are what the sandbox sees)."""
+        fd = os.open(f"/proc/{self._holder_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        mine, theirs = os.stat(self.root), os.fstat(fd)
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            os.close(fd)
+            raise JailError(f"sandbox {self.sandbox_id}'s namespaces do not have its tree as their root")
+        self.tree.attach(fd)
+
+    async def _start_network(self) -> None:
+        """slirp4netns for the internet, and unreachable routes for the host and the networks around it."""
+        slirp, nsenter, ip = self.caps.tools["slirp4netns"], self.caps.tools["nsenter"], self.caps.tools["ip"]
+        assert slirp is not None and nsenter is not None and ip is not None
+        env = {"PATH": SYSTEM_PATH}
         try:
-            with open(self.private_dir / "jail.log", "ab") as log:
-                self._slirp = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    env={"PATH": SYSTEM_PATH},
-                    pass_fds=(ready_write, exit_read),
-                    start_new_session=True,
-                )
-            os.close(ready_write)
-            ready_write = -1
-            self._slirp_exit_fd = exit_write
-            exit_write = -1
-            ready = await asyncio.wait_for(asyncio.to_thread(os.read, ready_read, 1), START_TIMEOUT)
+            self._slirp, self._slirp_exit_fd = await network.start_slirp(
+                slirp, self._holder_pid, self.private_dir / "jail.log", env
+            )
+            blocked = await asyncio.to_thread(
+                network.blocked_networks, allow_private=self.options.allow_private_networks, ip=ip
+            )
+            await network.block(nsenter, ip, self._holder_pid, blocked, env)
         except (OSError, TimeoutError) as exc:
+            await self._stop_processes()
             raise JailError(f"the sandbox's network did not start: {exc}") from None
-        finally:
-            for fd in (ready_read, ready_write, exit_read, exit_write):
-                if fd >= 0:
-                    os.close(fd)
-        if not ready:
-            raise JailError("the sandbox's network did not start (see jail.log in its private directory)")
 
     async def stop(self) -> None:
-        """Kill every process of the sandbox, its holder and network, and remove its cgroups (files stay)."""
+        """Kill every process of the sandbox, its holder and network, remove its cgroups and unmount its disk
+        (files stay)."""
         async with self._lock:
             await self._stop_processes()
             if self.cgroups is not None:
                 await self.cgroups.remove()
             with contextlib.suppress(OSError):
                 self.link_dir.unlink()
+            self.tree.close()
+            if self.disk is not None:
+                await self.disk.unmount()
+
+    def release(self) -> None:
+        """The sandbox is gone for good: give its uid back to the machine (call after `stop`)."""
+        release(self.private_dir / RECORD)
 
     async def _stop_processes(self) -> None:
         if self.cgroups is not None:
@@ -279,17 +319,22 @@ class Jail:
             self._slirp_exit_fd = None
         self._holder = self._slirp = None
         self._holder_pid = 0
+        self.tree.attach(None)
 
     # ------------------------------------------------------------------ processes
 
     def wrap(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: str) -> tuple[list[str], dict[str, str]]:
         """(host argv, host env) that run `argv` inside the sandbox as its uid, in sandbox directory `cwd`, with
         exactly `env` (host paths into the sandbox's tree turned into its own). A SIGINT to the new process group
-        reaches only `argv`."""
+        reaches only `argv`. No value of `env` is put in an argv, and none reaches a privileged process under its
+        own name."""
         if not self.running:
             raise JailError(f"sandbox {self.sandbox_id} is not running (its namespaces are gone)")
-        if not argv or "=" in argv[0]:
-            raise JailError(f"cannot run {argv[:1]!r} in a sandbox: the program name must not contain '='")
+        if not argv:
+            raise JailError("cannot run an empty command in a sandbox")
+        bad = [name for name in env if not _ENV_NAME.match(name) or name.startswith("__SCALEBOX_ENV_")]
+        if bad:
+            raise JailError(f"environment variable name {bad[0]!r} is not valid (letters, digits and _ only)")
         tools = self.caps.tools
         assert tools["env"] is not None and tools["nsenter"] is not None
         enter = [tools["env"], "--ignore-signal=INT", tools["nsenter"], f"--target={self._holder_pid}"]
@@ -297,25 +342,31 @@ class Jail:
         if "cgroup-namespace" in self._namespaces:
             enter.append("--cgroup")
         enter += ["--root", "--wd"]
-        variables = [f"{name}={self.sandbox_value(value)}" for name, value in env.items() if name and "=" not in name]
-        final = [tools["env"], "-i", "--default-signal=INT", f"--chdir={cwd}", *variables, *argv]
         host_env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"}
+        script = []
+        for index, (name, value) in enumerate(env.items()):
+            host_env[f"__SCALEBOX_ENV_{index}"] = self.sandbox_value(value)
+            script.append(f'{name}="$__SCALEBOX_ENV_{index}"; export {name}')
+        leftovers = sorted({"PWD", "OLDPWD", *host_env} - set(env))
+        script.append("unset " + " ".join(leftovers))
+        script.append('exec "$@"')
+        final = [tools["env"], "--default-signal=INT", f"--chdir={cwd}", "/bin/sh", "-c", "; ".join(script)]
+        final += ["scalebox-env", *argv]
         return self._join_cgroups(enter + self._drop_privileges() + final), host_env
 
     def sandbox_path(self, host: Path | str) -> str:
-        """The path inside the sandbox of a host path in its tree or its private runtime directory."""
+        """The path inside the sandbox of a host path in its tree (or of a socket path below `link_dir`)."""
         host = Path(os.path.abspath(host))
-        for run_dir in (self.run_dir, self.link_dir):
-            if host.is_relative_to(run_dir):
-                return (Path(SANDBOX_RUN) / host.relative_to(run_dir)).as_posix()
+        if host.is_relative_to(self.link_dir):
+            return (Path(SANDBOX_RUN) / host.relative_to(self.link_dir)).as_posix()
         if host.is_relative_to(self.root):
             return "/" + host.relative_to(self.root).as_posix() if host != self.root else "/"
-        raise JailError(f"{host} is not visible inside sandbox {self.sandbox_id}")
+        raise JailError(f"a path of the server is not visible inside sandbox {self.sandbox_id}")
 
     def sandbox_value(self, value: str) -> str:
         """An environment value with every host path into the sandbox turned into the path it has inside, wherever
         it appears (PATH-style lists, `-Duser.home=...` in JVM options)."""
-        mapping = [(self.run_dir, SANDBOX_RUN), (self.link_dir, SANDBOX_RUN), (self.root, "")]
+        mapping = [(self.link_dir, SANDBOX_RUN), (self.root, "")]
         mapping += [(Path(host), inside) for host, inside in self.options.seeds]
         for host, inside in mapping:
             prefix = re.escape(str(host))
@@ -323,45 +374,15 @@ class Jail:
             value = re.sub(prefix + r"(?=$|[:;,'\"\s])", inside or "/", value)  # the directory itself
         return value
 
-    def host_view(self, sandbox_path: str) -> Path:
-        """Where a path inside the sandbox is on the host (system and runtime mounts, or the tree)."""
-        path = Path(os.path.normpath("/" + sandbox_path.lstrip("/")))
-        if path.is_relative_to(SANDBOX_RUN):
-            return self.run_dir / path.relative_to(SANDBOX_RUN)
-        mounted = [Path(p) for p in SYSTEM_DIRS] + runtime_paths(self.options.runtime)
-        if any(path.is_relative_to(m) for m in mounted):
-            return path
-        return self.root / path.relative_to("/")
-
     def has_program(self, program: str, path_env: str) -> bool:
-        """Whether `program` (a path, or a name looked up on the sandbox's PATH) exists inside the sandbox."""
+        """Whether `program` (a path, or a name looked up on the sandbox's PATH) exists inside the sandbox, as the
+        sandbox sees it (blocking: call on the tree's threads)."""
         if "/" in program:
             candidates = [program if program.startswith("/") else f"{HOME}/{program}"]
         else:
             directories = [self.sandbox_value(d) for d in path_env.split(os.pathsep) if d.startswith("/")]
             candidates = [f"{d.rstrip('/')}/{program}" for d in directories]
-        return any(os.path.exists(self.host_view(c)) for c in candidates)
-
-    def own_created(self, path: Path) -> None:
-        """chown `path`, and the directories above it that the server made (still root's), to the sandbox."""
-        if self.identity is None:
-            return
-        current = path
-        while current != self.root and current.is_relative_to(self.root):
-            if current.parent == self.root and current.name in RESERVED:
-                break
-            info = os.lstat(current)
-            if current != path and info.st_uid != 0:
-                break
-            os.chown(current, self.identity.uid, self.identity.gid, follow_symlinks=False)
-            current = current.parent
-
-    def own(self, path: Path | str, mode: int | None = None) -> None:
-        """Hand a host file or directory (written by the server) to the sandbox's uid."""
-        if self.identity is not None:
-            os.chown(path, self.identity.uid, self.identity.gid, follow_symlinks=False)
-        if mode is not None:
-            os.chmod(path, mode)
+        return any(self.tree.exists(os.path.normpath(c)) for c in candidates)
 
     # ------------------------------------------------------------------ pause and usage
 
@@ -387,22 +408,56 @@ class Jail:
 
     def info(self) -> dict[str, Any]:
         """What confines this sandbox, for get_info's `isolation` field."""
-        missing = [m for m in self.caps.missing() if not (m == "private-network" and self.network == "none")]
-        enforced = self.cgroups.enforced() if self.cgroups is not None else {}
+        missing = [m for m in self.caps.missing() if m not in ("internet", "disk-limit")]
+        reasons: list[str] = []
+        if self.options.internet and self.network == "none":
+            missing.append("internet")
+            reasons.append("no internet: slirp4netns is not installed (jupyter scalebox runtimes install)")
+        enforced: dict[str, Any] = dict(self.cgroups.enforced()) if self.cgroups is not None else {}
         wanted = self.options.limits
         for name, value in (("memory_mb", wanted.memory_mb), ("cpu_count", wanted.cpu_count)):
             if value is not None and name not in enforced and f"{name}-unenforced" not in missing:
                 missing.append(f"{name}-unenforced")
-        return {
+        if self.disk is not None and self.disk_problem is None:
+            enforced["disk_mb"] = self.disk.size_mb
+        else:
+            missing.append("disk-limit")
+            reasons.append(f"no disk limit: {self.disk_problem}")
+        info: dict[str, Any] = {
             "mode": "bwrap",
             "uid": self.identity.uid if self.identity else None,
-            "namespaces": ["mount", "pid", "ipc", "uts", "cgroup"] + ([] if self.network == "host" else ["net"]),
+            "namespaces": ["mount", "pid", "ipc", "uts", "cgroup", "net"],
             "network": self.network,
+            "private_networks": self.options.allow_private_networks if self.network == "private" else False,
             "limits": enforced,
             "cgroups": self.caps.cgroups.version,
             "pause": "freezer" if self.can_freeze else "sigstop",
             "missing": missing,
         }
+        if reasons:
+            info["reasons"] = reasons
+        return info
+
+    def disk_usage(self) -> tuple[int, int] | None:
+        """(total, used) bytes of the sandbox's disk image, when its tree is on one."""
+        if self.disk is None or self.disk_problem is not None:
+            return None
+        try:
+            return self.disk.usage()
+        except OSError:
+            return None
+
+
+def clean_stale_links(data_dir: Path, live: set[str]) -> None:
+    """Remove the socket-path links a killed server left behind: dangling ones (whoever made them), and those into
+    `data_dir` of sandboxes that are not `live` there."""
+    with contextlib.suppress(OSError):
+        for link in LINKS_DIR.iterdir():
+            with contextlib.suppress(OSError):
+                target = Path(os.readlink(link))
+                ours = target.is_relative_to(data_dir)
+                if not target.exists() or (ours and link.name not in live):
+                    link.unlink()
 
 
 def _read_all(fd: int) -> bytes:

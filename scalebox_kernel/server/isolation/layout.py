@@ -8,15 +8,15 @@ symlinks, so nothing written into the tree can redirect a mount.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import pwd
 import shutil
 import stat
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+
+from .tree import walk_fd
+from .uids import Identity
 
 #: Host directories bound read-only at the same path (when present); a merged-/usr machine's /bin is a symlink.
 SYSTEM_DIRS = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -30,46 +30,10 @@ HOME = "/home/user"
 USER_DIRS = (HOME, "/workspace", "/tmp")
 #: Top-level names of the tree that belong to the system (mount points), never handed to the sandbox's uid.
 RESERVED = frozenset({d.strip("/") for d in SYSTEM_DIRS} | {"proc", "dev", "run", "home", "root", "sys"})
-RECORD = "isolation.json"
 SANDBOX_USER = "user"
-
-
-@dataclass(frozen=True)
-class Identity:
-    uid: int
-    gid: int
-
-
-def allocate_identity(private_dir: Path, *, base: int, count: int) -> tuple[Identity, bool]:
-    """The sandbox's uid/gid: the one recorded for it, or the lowest free one of the range (recorded now).
-
-    Every sandbox's private directory sits beside the others, so their records show which uids are taken.
-    Returns the identity and whether it is new (its tree must then be chowned).
-    """
-    record = private_dir / RECORD
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        uid = int(json.loads(record.read_text())["uid"])
-        if base <= uid < base + count:
-            return Identity(uid, uid), False
-    used: set[int] = set()
-    for other in private_dir.parent.glob(f"*/{RECORD}"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            used.add(int(json.loads(other.read_text())["uid"]))
-    for uid in range(base, base + count):
-        if uid in used or _uid_exists(uid):
-            continue
-        private_dir.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"uid": uid}))
-        return Identity(uid, uid), True
-    raise RuntimeError(f"no free sandbox uid left in {base}..{base + count - 1}")
-
-
-def _uid_exists(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
+#: Where the server keeps what the sandbox must not touch but must be on its filesystem (links to its kernels'
+#: sockets); root-only, seen as an unreadable /run/scalebox-host inside.
+HOST_ONLY = "/run/scalebox-host"
 
 
 def runtime_paths(extra: Iterable[str | Path] = ()) -> list[Path]:
@@ -85,20 +49,26 @@ def runtime_paths(extra: Iterable[str | Path] = ()) -> list[Path]:
     return found
 
 
-def _ensure_dir(path: Path, mode: int = 0o755) -> None:
-    """A real directory owned by root at `path`; a symlink or file in the way (planted or stale) is removed."""
+def _ensure_dir(path: Path, mode: int = 0o755, owner: Identity | None = None) -> None:
+    """A real directory at `path` (owned by root, or by `owner`); a symlink or file in the way is removed.
+
+    Only called where every directory above is root's, so nothing of the sandbox can redirect it."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        path.mkdir(mode=mode)
-        os.chmod(path, mode)
-        return
-    if not stat.S_ISDIR(info.st_mode):
+        info = None
+    if info is not None and not stat.S_ISDIR(info.st_mode):
         path.unlink()
+        info = None
+    if info is None:
         path.mkdir(mode=mode)
-        os.chmod(path, mode)
-    elif info.st_uid != 0:
-        os.chown(path, 0, 0, follow_symlinks=False)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        uid, gid = (owner.uid, owner.gid) if owner is not None else (0, 0)
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def ensure_mount_point(root: Path, sandbox_path: str, *, is_file: bool = False) -> None:
@@ -132,9 +102,12 @@ def _ensure_symlink(path: Path, target: str) -> None:
     path.symlink_to(target)
 
 
-def prepare_root(root: Path, runtime: Iterable[Path]) -> list[tuple[str, str]]:
+def prepare_root(root: Path, runtime: Iterable[Path], identity: Identity) -> list[tuple[str, str]]:
     """Make `root` ready to be bound as `/`; returns the (kind, host path) mounts to put on top of it, where kind
-    is "ro" (read-only bind) or "symlink" (the host path is a symlink, recreated in the tree)."""
+    is "ro" (read-only bind) or "symlink" (the host path is a symlink, recreated in the tree).
+
+    Everything here is a top-level entry of the root-owned tree or below a root-owned one: the sandbox's own
+    directories (its home, /workspace, /tmp, /run/scalebox) are made or re-owned, never entered."""
     root.mkdir(parents=True, exist_ok=True)
     os.chown(root, 0, 0)
     os.chmod(root, 0o755)
@@ -150,26 +123,26 @@ def prepare_root(root: Path, runtime: Iterable[Path]) -> list[tuple[str, str]]:
     for path in runtime:
         ensure_mount_point(root, str(path))
         mounts.append(("ro", str(path)))
-    for point in ("/proc", "/dev", "/run", SANDBOX_RUN, "/home"):
+    for point in ("/proc", "/dev", "/run", "/home"):
         ensure_mount_point(root, point)
     ensure_mount_point(root, SANDBOX_RELAY, is_file=True)
+    _ensure_dir(root / HOST_ONLY.lstrip("/"), 0o700)
+    _ensure_dir(root / SANDBOX_RUN.lstrip("/"), 0o700, identity)
     for directory in USER_DIRS:
-        (root / directory.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    os.chmod(root / "tmp", 0o1777)
+        _ensure_dir(root / directory.lstrip("/"), 0o1777 if directory == "/tmp" else 0o755, identity)
     return mounts
 
 
-def own_tree(root: Path, identity: Identity, *, recursive: bool) -> None:
-    """Give the sandbox's uid its directories (everything in them too when `recursive`, for a new uid)."""
-    for directory in USER_DIRS:
-        top = root / directory.lstrip("/")
-        os.chown(top, identity.uid, identity.gid, follow_symlinks=False)
-        if not recursive:
-            continue
-        for dirpath, dirnames, filenames in os.walk(top):
-            for name in dirnames + filenames:
+def own_tree(root: Path, identity: Identity) -> None:
+    """Give everything in the sandbox's own directories to its uid (after it got a new one), fd by fd."""
+    for directory in (*USER_DIRS, SANDBOX_RUN):
+        top = os.open(root / directory.lstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for dir_fd, name, _ in walk_fd(top, directory, 4096, max_open=4096):
                 with contextlib.suppress(FileNotFoundError):
-                    os.chown(os.path.join(dirpath, name), identity.uid, identity.gid, follow_symlinks=False)
+                    os.chown(name, identity.uid, identity.gid, dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(top)
 
 
 def write_etc(etc_dir: Path, identity: Identity, hostname: str, *, nameserver: str | None) -> dict[str, Path]:

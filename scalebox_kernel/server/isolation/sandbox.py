@@ -7,6 +7,7 @@ which of these protections this machine actually has.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from .cgroups import Limits, Usage
 from .detect import Capabilities, capabilities
 from .jail import Jail, JailOptions
 from .layout import HOME
+from .tree import SandboxTree
 
 NONE_NOTE = (
     "kernels and commands run on the host as the server's user; only the file APIs are confined to the "
@@ -60,10 +62,15 @@ class SandboxIsolation:
         private_dir: Path,
         memory_mb: int | None = None,
         cpu_count: float | None = None,
+        disk_mb: int | None = None,
         internet: bool = True,
         runtime: Sequence[str] = (),
     ) -> None:
         self.settings = settings
+        #: The only way the server touches the sandbox's files (as its uid, when it has one).
+        self.tree = SandboxTree(root)
+        #: Root-only, beside the tree: kernels' connection files (their keys) and logs.
+        self.kernel_dir = Path(private_dir) / "kernels"
         caps = server_capabilities(settings)
         self.jail: Jail | None = None
         if caps is not None and caps.namespaces:
@@ -71,11 +78,15 @@ class SandboxIsolation:
             options = JailOptions(
                 limits=limits,
                 internet=internet,
+                allow_private_networks=settings.allow_private_networks,
+                disk_mb=disk_mb if disk_mb is not None else (settings.disk_mb or None),
                 uid_base=settings.sandbox_uid_base,
                 runtime=tuple(runtime),
                 seeds=((str(settings.cache_dir), f"{HOME}/.cache/scalebox"),),  # matplotlib's font cache
             )
-            self.jail = Jail(caps, sandbox_id=sandbox_id, root=root, private_dir=private_dir, options=options)
+            self.jail = Jail(
+                caps, sandbox_id=sandbox_id, root=root, private_dir=private_dir, options=options, tree=self.tree
+            )
         self._oom_seen = 0
 
     @property
@@ -83,6 +94,8 @@ class SandboxIsolation:
         return self.jail is not None
 
     async def start(self) -> None:
+        self.kernel_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.kernel_dir, 0o700)
         if self.jail is not None:
             await self.jail.start()
             self._oom_seen = self.jail.oom_kills()
@@ -90,6 +103,23 @@ class SandboxIsolation:
     async def stop(self) -> None:
         if self.jail is not None:
             await self.jail.stop()
+        self.tree.close()
+
+    def release(self) -> None:
+        """The sandbox is gone for good (killed or expired): give back what it held on this machine (its uid)."""
+        if self.jail is not None:
+            self.jail.release()
+
+    def disk_limit_mb(self) -> int | None:
+        """The disk limit this sandbox will have (None where nothing can enforce one)."""
+        jail = self.jail
+        if jail is None or jail.disk is None or jail.disk_problem is not None:
+            return None
+        return jail.disk.size_mb
+
+    def disk_usage(self) -> tuple[int, int] | None:
+        """(total, used) bytes of the sandbox's disk, when it has a limit."""
+        return self.jail.disk_usage() if self.jail is not None else None
 
     def info(self) -> dict[str, Any]:
         return self.jail.info() if self.jail is not None else none_info(self.settings)
@@ -120,7 +150,7 @@ class SandboxIsolation:
         if self.jail is None:
             return list(argv), dict(env), cwd
         await self.ensure_running()
-        if not argv or not self.jail.has_program(argv[0], env.get("PATH", "")):
+        if not argv or not await self.tree.run(self.jail.has_program, argv[0], env.get("PATH", "")):
             program = argv[0] if argv else ""
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
         host_argv, host_env = self.jail.wrap(argv, env=env, cwd=self.jail.sandbox_path(cwd))
@@ -134,22 +164,22 @@ class SandboxIsolation:
 
         return JailedKernelManager(jail=self.jail, relay=relay, sandbox_cwd=self.jail.sandbox_path(cwd), **kwargs)
 
-    def own(self, path: Path | str) -> None:
-        """Give what the server wrote into the sandbox (and the directories it made for it) to the sandbox's uid,
-        so that its code may change it."""
+    def sandbox_path(self, host: Path | str) -> str:
+        """The sandbox's own path for a host path in its tree."""
         if self.jail is not None:
-            self.jail.own_created(Path(path))
+            return self.jail.sandbox_path(host)
+        relative = Path(os.path.abspath(host)).relative_to(self.tree.host_root)
+        return "/" + relative.as_posix() if relative.parts else "/"
 
-    def own_paths_in(self, env: Mapping[str, str]) -> None:
-        """Hand the directories an environment names inside the sandbox (package targets that a runtime made on
-        the host, say) to the sandbox's uid."""
-        if self.jail is None:
-            return
-        for value in env.values():
-            for part in value.split(os.pathsep):
-                path = Path(part)
-                if part.startswith("/") and path.is_relative_to(self.jail.root) and os.path.lexists(path):
-                    self.jail.own_created(path)
+    async def make_dirs_in(self, env: Mapping[str, str]) -> None:
+        """Make the directories an environment names inside the sandbox (package targets, which must exist
+        before the kernel starts to be looked at), as the sandbox's own."""
+        root = Path(self.tree.host_root)
+        for name in ("PYTHONPATH", "PIP_TARGET", "R_LIBS_USER"):
+            for part in env.get(name, "").split(os.pathsep):
+                if part.startswith("/") and Path(part).is_relative_to(root):
+                    with contextlib.suppress(OSError):  # the sandbox broke that place itself: pip will say so
+                        await self.tree.run(self.tree.makedirs, self.sandbox_path(part))
 
     # ------------------------------------------------------------------ limits
 

@@ -326,7 +326,7 @@ def test_status_panel_is_a_widget_with_working_buttons(kernel: KernelRun) -> Non
     click(kernel, buttons["Kill"])
     assert wait_for(lambda: sid not in {info.sandbox_id for info in Sandbox.list()})
     _, outputs = kernel.execute("print('kept_by_panel' in globals())")
-    assert text_of(outputs) == "False\n" and sid in text_of(outputs, "stderr")
+    assert text_of(outputs) == "False\n" and sid in text_of(outputs, "stderr"), [o["content"] for o in outputs]
 
 
 def test_restart_clears_state_in_the_same_sandbox(kernel: KernelRun) -> None:

@@ -27,6 +27,7 @@ from traitlets import Bool, Integer, Unicode, default
 from .. import __version__
 from ..local import API_KEY_ENV, LocalServerInfo, remove_runtime_info, runtime_file, write_runtime_info
 from .bodies import error_response
+from .isolation.jail import LINKS_DIR
 from .isolation.sandbox import describe
 from .rest import ControlPlane
 from .rpc import AgentPlane
@@ -254,6 +255,7 @@ class ServeApp(JupyterApp):
         data.mkdir(parents=True, exist_ok=True)
         os.chmod(data, 0o700)
         register_data_dir(data)
+        register_data_dir(LINKS_DIR)
         api_key = self.api_key or secrets.token_urlsafe(32)
         certfile, keyfile = self.certfile, self.keyfile
         if self.tls and not certfile:

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from .bodies import BodyTooLarge, error_response, read_limited
 from .sandboxes import BadRequest, Conflict, CreateSpec, SandboxError, SandboxManager
+from .scrub import scrub
 from .settings import ServerSettings
 from .store import PAUSED, RUNNING, STATES, SandboxRecord, iso
 from .validation import InvalidJson, load_json
@@ -237,7 +238,7 @@ class ControlPlane:
             "cpu_count": record.cpu_count,
             "memory_mb": record.memory_mb,
             "disk_mb": record.disk_mb,
-            "problem": record.problem or None,
+            "problem": scrub(record.problem) or None,
             "created_at": iso(record.created_at),
             "started_at": iso(record.created_at),
             "end_at": iso(record.end_at),
@@ -323,7 +324,7 @@ class ControlPlane:
         record = self.manager.inspect(request.path_params["sandbox_id"])
         data = {"sandbox_id": record.sandbox_id, "status": self.manager.state(record), "reason": record.reason}
         if record.problem:
-            data["problem"] = record.problem
+            data["problem"] = scrub(record.problem)
         return _ok(data)
 
     async def regions(self, request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -15,9 +16,11 @@ from typing import Any
 
 from . import metrics
 from .agent import SandboxAgent
+from .isolation.disk import DiskImage
 from .isolation.jail import clean_stale_links
 from .isolation.sandbox import SandboxIsolation
 from .isolation.tree import remove_path
+from .isolation.uids import RECORD, release
 from .settings import ServerSettings
 from .store import PAUSED, RUNNING, TERMINATED, SandboxRecord, SandboxStore, iso
 from .validation import MAX_ENV_BYTES, env_problem, map_problem, name_problem, range_problem
@@ -178,9 +181,24 @@ class SandboxManager:
                     log.exception("could not restart sandbox %s; marking it terminated", record.sandbox_id)
                     self._ending[record.sandbox_id] = "failed to restart"
                     await self._settle(record, "end", self._end(record))
+        await self._sweep_orphans()
         live = {sid for sid, record in self._records.items() if record.state == RUNNING}
         await asyncio.to_thread(clean_stale_links, self.settings.data_path, live)
         self._reaper = asyncio.create_task(self._reap_forever(), name="scalebox-reaper")
+
+    async def _sweep_orphans(self) -> None:
+        """Remove sandbox directories that no record knows (a create cut short by a crash): their disk images,
+        their uids, their files."""
+        sandboxes = self.settings.data_path / "sandboxes"
+        known = {sid for sid, record in self._records.items() if record.state != TERMINATED}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(os.listdir(sandboxes)):
+                if entry.startswith("sbx-") and entry not in known:
+                    try:
+                        await self._remove_files(entry, None)
+                        log.info("removed the files of sandbox %s, which no record knew", entry)
+                    except Exception as exc:
+                        log.warning("could not remove the orphaned sandbox directory %s: %s", entry, exc)
 
     async def close(self) -> None:
         """Stop every agent (kernels, commands); records stay as they are for the next start."""
@@ -411,7 +429,11 @@ class SandboxManager:
 
     async def _start_agent(self, record: SandboxRecord) -> None:
         agent = self._new_agent(record)
-        await agent.start()
+        try:
+            await agent.start()
+        except BaseException:
+            await self._shutdown_agent(record.sandbox_id, agent)  # its jail, network and disk, half made
+            raise
         reason = self._lost.pop(record.sandbox_id, None)
         if reason:
             agent.mark_state_lost(reason)
@@ -427,10 +449,15 @@ class SandboxManager:
             log.exception("error while shutting down sandbox %s", sandbox_id)
 
     async def _remove_files(self, sandbox_id: str, agent: SandboxAgent | None) -> None:
-        """Delete a dead sandbox's directory (tree, disk image, private files) and give back its uid."""
+        """Delete a dead sandbox's directory (tree, disk image, private files) and give back its uid. Without an
+        agent (a server restart, a long pause) its disk image may still be mounted: that goes first."""
+        private = self._tree(sandbox_id)
         if agent is not None:
             agent.release()
-        await asyncio.to_thread(remove_path, self._tree(sandbox_id))
+        else:
+            await DiskImage(private, self.settings.sandbox_root(sandbox_id), 0).unmount()
+            await asyncio.to_thread(release, private / RECORD)
+        await asyncio.to_thread(remove_path, private)
 
     async def _pause(self, record: SandboxRecord, reason: str) -> None:
         agent = self._agents.get(record.sandbox_id)

@@ -30,10 +30,14 @@ _LENGTH = struct.Struct(">I")
 class StreamBuffer(Generic[M]):
     """A FIFO of one stream's messages: `put` by the producer, `get` by the stream, `close` at the end."""
 
-    def __init__(self, message_type: type[M], limit: int, spill_dir: Path | None = None) -> None:
+    def __init__(
+        self, message_type: type[M], limit: int, spill_dir: Path | None = None, spill_limit: int = 1024 * MiB
+    ) -> None:
         self._type = message_type
         self._limit = max(1, limit)
         self._spill_dir = spill_dir
+        self._spill_limit = spill_limit
+        self.dropped = 0  # messages refused because the spill file was full (the client read nothing for long)
         self._memory: deque[tuple[M, int]] = deque()
         self._memory_bytes = 0
         self._file: IO[bytes] | None = None  # the spill file, once needed (unnamed: gone when closed)
@@ -50,9 +54,13 @@ class StreamBuffer(Generic[M]):
     def has_room(self) -> bool:
         return self._discarded or self._memory_bytes < self._limit
 
-    def put(self, message: M) -> None:
-        """Add a message; never waits. Past the limit it goes to the spill file, if this buffer has one."""
+    def put(self, message: M, *, always: bool = False) -> None:
+        """Add a message; never waits. Past the limit it goes to the spill file, if this buffer has one; past the
+        spill's own limit it is dropped and counted (`always`: a short notice that must get through)."""
         if self._closed or self._discarded:
+            return
+        if not always and self._write_at - self._read_at >= self._spill_limit:
+            self.dropped += 1
             return
         size = message.ByteSize()
         fits = self._memory_bytes + size <= self._limit or not self._memory
@@ -62,7 +70,11 @@ class StreamBuffer(Generic[M]):
             if self._memory_bytes >= self._limit:
                 self._room.clear()
         else:
-            self._spill(message.SerializeToString())
+            try:
+                self._spill(message.SerializeToString())
+            except OSError:  # the disk that holds the spill is full: this one cannot wait anywhere
+                self.dropped += 1
+                return
         self._changed.set()
 
     def close(self, error: ConnectError | None = None) -> None:

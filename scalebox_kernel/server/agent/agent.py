@@ -9,6 +9,7 @@ with their cwd, HOME and TMPDIR inside the sandbox's tree.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from .paths import SandboxPaths
 from .process import ProcessManager
 from .runtimes import RuntimeRegistry, default_registry, sandbox_bin_dirs, sandbox_language_env
 from .watch import Watchers
+
+log = logging.getLogger("scalebox_kernel.server")
 
 #: Variables of the server's environment that sandbox code gets (nothing that could carry a secret).
 PASSTHROUGH_ENV = (
@@ -117,10 +120,13 @@ class SandboxAgent:
     def _set_up_home(self) -> None:
         """The sandbox's own directories and login profile, made as the sandbox (on the tree's threads): a link
         or anything else the sandbox left at those names is never followed or overwritten."""
-        for directory in USER_DIRS:
-            self.tree.makedirs(directory)
-        profile = _PROFILE.format(bin_dir=os.pathsep.join(sandbox_bin_dirs())).encode()
-        self.tree.write_new(f"{HOME}/.profile", profile)
+        try:
+            for directory in USER_DIRS:
+                self.tree.makedirs(directory)
+            profile = _PROFILE.format(bin_dir=os.pathsep.join(sandbox_bin_dirs())).encode()
+            self.tree.write_new(f"{HOME}/.profile", profile)
+        except OSError as exc:  # the sandbox filled its disk or broke its home: it starts anyway, without them
+            log.warning("sandbox %s: could not set up its home: %s", self.sandbox_id, exc.strerror)
 
     async def pause(self) -> None:
         """Freeze every process of the sandbox (the cgroup freezer, where there is one: it also stops what left

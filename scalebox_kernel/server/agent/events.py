@@ -17,6 +17,8 @@ from ..streaming import MiB, StreamBuffer
 
 #: Most characters of queued stdout (or stderr) events joined into one for a client that is behind.
 MERGE_LIMIT = 256 * 1024
+#: Most characters of stdout or stderr in one event.
+STREAM_PIECE = 1024 * 1024
 #: Largest result (display or value) sent as one event; a bigger one loses its biggest representations.
 RESULT_LIMIT = MAX_MESSAGE_BYTES // 2
 
@@ -28,10 +30,12 @@ def stderr_event(text: str) -> pb.ExecuteResponse:
 def cell_events(msg_type: str, content: dict[str, Any], json_in_extra: bool) -> list[pb.ExecuteResponse]:
     """One (normalised) kernel message as protocol events; clear_output has no place in the protocol."""
     if msg_type == "stream":
-        output = pb.Output(content=content.get("text", ""))
+        text = str(content.get("text", ""))
+        # The reader slices a big stream message already when it can; any other big text is sliced here.
+        pieces = [text[start : start + STREAM_PIECE] for start in range(0, len(text), STREAM_PIECE)] or [""]
         if content.get("name") == "stderr":
-            return [pb.ExecuteResponse(stderr=output)]
-        return [pb.ExecuteResponse(stdout=output)]
+            return [pb.ExecuteResponse(stderr=pb.Output(content=piece)) for piece in pieces]
+        return [pb.ExecuteResponse(stdout=pb.Output(content=piece)) for piece in pieces]
     if msg_type in ("execute_result", "display_data", "update_display_data"):
         # update_display_data cannot update anything on the wire; its new content arrives as one more result.
         fields = bundle_to_fields(content.get("data", {}), json_in_extra=json_in_extra)

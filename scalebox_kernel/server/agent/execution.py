@@ -25,6 +25,8 @@ from .kernels import Kernel, restarted_notice
 from .paths import SandboxPaths
 from .runtimes import LANGUAGES, KernelLaunch, LaunchContext, Runtime, RuntimeRegistry
 
+#: Contexts (kernels) one sandbox may have at once.
+MAX_CONTEXTS = 32
 _CONTEXT_ID = re.compile(r"^(?P<language>[a-z]+)-[0-9a-f]{16}$")
 
 
@@ -73,6 +75,11 @@ class Contexts:
     def create(self, language: str, cwd: str = "", *, context_id: str | None = None) -> CodeContext:
         """A new context (its kernel starts in the background at once)."""
         runtime = self.registry.resolve(language)
+        if len(self._contexts) >= MAX_CONTEXTS:
+            raise ConnectError(
+                "resource_exhausted",
+                f"this sandbox already has {MAX_CONTEXTS} contexts (each one a kernel); destroy one first",
+            )
         sandbox_cwd, host_cwd = self._paths.cwd(cwd)
         context_id = context_id or f"{runtime.name}-{secrets.token_hex(8)}"
         home = self._paths.to_host(HOME)

@@ -53,6 +53,10 @@ def os_error(exc: OSError, op: str, path: str) -> ConnectError:
         return ConnectError("invalid_argument", f"{op} {path}: cannot move across file systems of the sandbox")
     if code in (errno.ENXIO, errno.ENODEV, errno.ESPIPE):  # a socket or device: nothing a file API reads
         return ConnectError("invalid_argument", f"{op} {path}: not a regular file")
+    if code in (errno.EMFILE, errno.ENFILE, errno.EAGAIN):  # the server is busy: worth a retry
+        return ConnectError("unavailable", f"{op} {path}: {reason}; try again")
+    if code == errno.EMLINK:
+        return ConnectError("invalid_argument", f"{op} {path}: {reason}")
     if code == errno.E2BIG:
         return ConnectError("resource_exhausted", f"{op} {path}: too many entries; ask for a subdirectory")
     if code in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EINVAL, errno.ELOOP, errno.ENAMETOOLONG):

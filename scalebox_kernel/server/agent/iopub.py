@@ -35,6 +35,12 @@ SEQUENCE_KEY = "scalebox_iopub"
 #: Most bytes of a stream message's JSON text turned into one piece of output (so at most 1 MiB of text).
 TEXT_SLICE = 1024 * 1024
 
+#: Largest message content decoded whole (a display, a result, an error); bigger ones are dropped with a notice.
+MAX_DECODED = 64 * 1024 * 1024
+#: Largest message ZMQ takes from a kernel at all (a bigger one drops the connection, which is then reported
+#: as lost output): what a cell can cost the server in memory, once.
+MAX_MESSAGE = 512 * 1024 * 1024
+
 #: Messages handled in a row before the reader lets the streams send.
 BATCH = 64
 #: (msg_type, content) of one message for one route; a big stream message arrives as several `stream` pieces.
@@ -99,6 +105,14 @@ def parse(frames: list[zmq.Frame], auth: hmac.HMAC | None) -> IopubMessage:
         if split is not None:
             message.content, message.pieces = split
             return message
+    if len(content_frame) > MAX_DECODED:  # decoding it would cost the server several times its size
+        size = len(content_frame) / 1024 / 1024
+        notice = (
+            f"scalebox-local: a {msg_type or 'kernel'} message of {size:.0f} MiB was too big to relay "
+            f"(at most {MAX_DECODED // 1024 // 1024} MiB) and was dropped.\n"
+        )
+        message.msg_type, message.content = "stream", {"name": "stderr", "text": notice}
+        return message
     try:
         content = _json(content_frame)
     except ValueError as exc:
@@ -206,13 +220,23 @@ class LossTracker:
     """Which numbered iopub messages have not arrived: per process, the next number expected and those seen
     beyond it (messages from several threads may arrive slightly out of order)."""
 
+    #: Numbers kept waiting per process, and processes followed: the numbers come from the sandbox, so what they
+    #: may cost the server is bounded (past it, the gap is counted as lost at once).
+    MAX_AHEAD = 10_000
+    MAX_PROCESSES = 64
+
     def __init__(self) -> None:
         self._next: dict[int, int] = {}
         self._ahead: dict[int, set[int]] = {}
+        self._lost = 0
 
     def see(self, pid: int, number: int) -> None:
         expected = self._next.get(pid)
         if expected is None:  # the first one seen from this process: what came before is not ours to count
+            if len(self._next) >= self.MAX_PROCESSES:
+                oldest = next(iter(self._next))
+                self._lost += self._missing_of(oldest)
+                del self._next[oldest], self._ahead[oldest]
             self._next[pid], self._ahead[pid] = number + 1, set()
             return
         ahead = self._ahead[pid]
@@ -224,14 +248,23 @@ class LossTracker:
             self._next[pid] = expected
         elif number > expected:
             ahead.add(number)
+            if len(ahead) > self.MAX_AHEAD:
+                self._lost += self._missing_of(pid)
+                self._next[pid] = max(ahead) + 1
+                ahead.clear()
+
+    def _missing_of(self, pid: int) -> int:
+        ahead = self._ahead[pid]
+        return max(ahead) + 1 - self._next[pid] - len(ahead) if ahead else 0
 
     def missing(self) -> int:
-        """How many numbers below the highest seen have not arrived (yet)."""
-        return sum(max(ahead) + 1 - self._next[pid] - len(ahead) for pid, ahead in self._ahead.items() if ahead)
+        """How many numbers below the highest seen have not arrived (yet), and those already given up on."""
+        return self._lost + sum(self._missing_of(pid) for pid in self._ahead)
 
     def settle(self) -> int:
         """Count what is missing as lost, and stop waiting for it."""
         lost = self.missing()
+        self._lost = 0
         for pid, ahead in self._ahead.items():
             if ahead:
                 self._next[pid] = max(ahead) + 1

@@ -16,11 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import zmq
 from jupyter_client.asynchronous import AsyncKernelClient
@@ -34,7 +33,8 @@ from ..isolation.sandbox import SandboxIsolation
 from ..scrub import scrub
 from ..streaming import MiB, StreamBuffer
 from .events import cell_events, merge_following, stderr_event
-from .iopub import IopubReader
+from .iopub import MAX_MESSAGE, IopubReader
+from .kernel_log import KernelLog
 from .process import signal_group
 from .runtimes import KernelLaunch, Runtime
 
@@ -125,7 +125,8 @@ class Kernel:
         self._km: AsyncKernelManager | None = None
         self._kc: AsyncKernelClient | None = None
         self._iopub: IopubReader | None = None
-        self._log: IO[bytes] | None = None
+        self._log: KernelLog | None = None
+        self._last_log: KernelLog | None = None  # its tail explains a kernel that did not start
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused = False
         self._closed = False
@@ -178,15 +179,18 @@ class Kernel:
         )
         await self._isolation.ensure_running()
         km = self._isolation.kernel_manager(relay=not self.runtime.ipc_transport, cwd=self._cwd, **manager)
-        self._log = open(self._runtime_dir / f"kernel-{self._name}.log", "ab")  # noqa: SIM115 (closed in _stop)
+        self._log = KernelLog(self._runtime_dir / f"kernel-{self._name}.log")
         self._km = km
         try:
-            await km.start_kernel(env=launch.env, cwd=str(self._cwd), stdout=self._log, stderr=self._log)
+            writer = self._log.writer
+            await km.start_kernel(env=launch.env, cwd=str(self._cwd), stdout=writer, stderr=writer)
+            self._log.started()
             kc: AsyncKernelClient = km.client()
             self._kc = kc
             # Kernels of ours never drop on iopub (no SNDHWM): a small RCVHWM makes them hold what the reader has
             # not taken yet. Others drop at their SNDHWM once our side stops taking, so ours takes everything.
             kc.context.setsockopt(zmq.RCVHWM, IOPUB_RCVHWM if self.runtime.ipykernel_based else 0)
+            kc.context.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
             kc.start_channels()
             await kc.wait_for_ready(timeout=self._start_timeout)
             self._iopub = IopubReader(kc.iopub_channel.socket, kc.session.auth, self._name)
@@ -197,22 +201,11 @@ class Kernel:
         except Exception as exc:
             await self._stop()
             reason = str(exc) or type(exc).__name__
-            tail = self._log_tail()
+            tail = scrub(self._last_log.tail()) if self._last_log is not None else ""
             said = f"; it said: {tail}" if tail else ""
             raise ConnectError("unavailable", f"the {self.runtime.name} kernel did not start: {reason}{said}") from None
         if self._paused:
             self.signal_group(signal.SIGSTOP)
-
-    def _log_tail(self, lines: int = 5) -> str:
-        """The last lines the kernel wrote (its log is the server's, beside the sandbox, out of its reach)."""
-        path = self._runtime_dir / f"kernel-{self._name}.log"
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(max(0, os.fstat(handle.fileno()).st_size - 4096))
-                text = handle.read().decode(errors="replace")
-        except OSError:
-            return ""
-        return scrub(" / ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip()))
 
     async def _stop(self) -> None:
         km, kc, iopub, self._km, self._kc, self._iopub = self._km, self._kc, self._iopub, None, None, None
@@ -226,7 +219,7 @@ class Kernel:
                 await km.shutdown_kernel(now=True)
         if self._log is not None:
             self._log.close()
-            self._log = None
+            self._last_log, self._log = self._log, None
 
     async def restart(self) -> None:
         await self._stop()
@@ -244,7 +237,7 @@ class Kernel:
         """Send a signal to the kernel's process group (jupyter_client starts each kernel in its own session)."""
         km = km or self._km
         process = getattr(km.provisioner, "process", None) if km is not None and km.provisioner else None
-        if process is not None:
+        if process is not None and process.poll() is None:  # once reaped, its number may be anyone's group
             signal_group(process.pid, signum)
 
     def pause(self) -> None:
@@ -261,7 +254,7 @@ class Kernel:
         self, code: str, env_vars: Mapping[str, str], *, json_in_extra: bool, keepalive: float
     ) -> AsyncGenerator[pb.ExecuteResponse, None]:
         """Run one cell; yields its output as it arrives and an empty message when quiet for `keepalive` s."""
-        output = StreamBuffer(pb.ExecuteResponse, self._buffer_bytes, spill_dir=self._runtime_dir)
+        output = StreamBuffer(pb.ExecuteResponse, self._buffer_bytes, spill_dir=self._isolation.spill_dir)
         cell = _Cell(output)
         self._spawn(self._run_cell(cell, code, env_vars, json_in_extra), "cell")
         done = False
@@ -312,6 +305,12 @@ class Kernel:
                 log.exception("cell failed in %s", self._name)
                 error = ConnectError("internal", f"scalebox-local failed to run the cell: {exc}")
             finally:
+                if cell.output.dropped:
+                    notice = (
+                        f"scalebox-local: {cell.output.dropped} output messages were dropped: the client read "
+                        "nothing while more than the server keeps for it piled up.\n"
+                    )
+                    cell.output.put(stderr_event(notice), always=True)
                 cell.output.close(error)
 
     async def _silent(self, code: str) -> None:

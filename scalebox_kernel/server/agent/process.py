@@ -39,6 +39,10 @@ DRAIN_LIMIT = 2.0
 #: Seconds between looks at whether a command exited (asyncio's wait() also waits for its pipes to close).
 EXIT_POLL = 0.05
 READ_SIZE = 64 * 1024
+#: Seconds SendInput may wait for a terminal that reads nothing.
+INPUT_TIMEOUT = 10.0
+#: Seconds between two reads of output nobody will see (a background child's, after its command ended).
+DROP_PAUSE = 0.05
 
 #: (argv, env, cwd) -> the same, to run inside the sandbox (raises OSError for a program it does not have).
 Launcher = Callable[[list[str], dict[str, str], Path], Awaitable[tuple[list[str], dict[str, str], Path]]]
@@ -98,7 +102,11 @@ class Command:
         return info
 
     def signal_group(self, signum: int) -> None:
-        signal_group(self.pid, signum)  # started with setsid: the group id is the pid
+        """Signal the command's process group (started with setsid: its id is the pid), only while the command
+        itself has not been reaped: after that the number may belong to anyone's new group. What it left behind
+        is the sandbox's cgroup's business (the freezer pauses it, the cgroup kill ends it)."""
+        if self.process is not None and self.process.returncode is None:
+            signal_group(self.pid, signum)
 
 
 def signal_group(pgid: int, signum: int) -> None:
@@ -124,6 +132,8 @@ class _Output:
 
     async def _wait_for_room(self) -> None:
         await self.command.room()
+        if self.command.end is not None:  # what a background child writes later is dropped, at a slow pace
+            await asyncio.sleep(DROP_PAUSE)  # (it waits on a full pipe, rather than the server spinning)
         self.last_data = asyncio.get_running_loop().time()
 
     async def read_pipe(self, stream: asyncio.StreamReader) -> None:
@@ -158,6 +168,25 @@ class _Output:
                 await self._wait_for_room()
         finally:
             self.done, self.waiting = True, False
+
+
+async def _write_terminal(master_fd: int, data: bytes) -> None:
+    """Write all of `data` to a (non-blocking) terminal, waiting while its input buffer is full, up to
+    INPUT_TIMEOUT: a program that reads nothing cannot hold the call forever."""
+    view = memoryview(data)
+    try:
+        async with asyncio.timeout(INPUT_TIMEOUT):
+            while view:
+                try:
+                    view = view[os.write(master_fd, view) :]
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise ConnectError(
+            "resource_exhausted", f"the terminal took no input for {INPUT_TIMEOUT:.0f} s; {len(view)} bytes not sent"
+        ) from None
+    except OSError as exc:
+        raise ConnectError("failed_precondition", f"the terminal is closed: {os.strerror(exc.errno or 0)}") from None
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -375,7 +404,7 @@ class ProcessManager:
         which = request.input.WhichOneof("input")
         data = request.input.stdin if which == "stdin" else request.input.pty
         if command.master_fd is not None:
-            os.write(command.master_fd, data)
+            await _write_terminal(command.master_fd, data)
         else:
             stdin = command.process.stdin if command.process else None
             if stdin is None or stdin.is_closing():
@@ -404,7 +433,8 @@ class ProcessManager:
         return pb.UpdateResponse()
 
     def pause(self) -> None:
-        """SIGSTOP every command's process group (background children of finished commands included)."""
+        """SIGSTOP the process group of every running command (the cgroup freezer, when the sandbox has one, stops
+        everything else too)."""
         self._paused = True
         for command in self._commands.values():
             command.signal_group(signal.SIGSTOP)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ...protocol.connect import ConnectError
 from ..bodies import error_response
-from ..isolation.tree import SandboxTree, split
+from ..isolation.tree import OwnedFd, SandboxTree, split
 from .filesystem import os_error
 from .paths import SandboxPaths
 
@@ -240,12 +240,13 @@ def _open_for_download(candidates: list[str], paths: SandboxPaths, tree: Sandbox
 
 async def _read_fd(fd: int, size: int) -> AsyncIterator[bytes]:
     """The first `size` bytes of the file (what Content-Length promised, even if it grows meanwhile)."""
+    owned = OwnedFd(fd)
     try:
-        while size > 0 and (chunk := await asyncio.to_thread(os.read, fd, min(DOWNLOAD_CHUNK, size))):
+        while size > 0 and (chunk := await owned.use(asyncio.to_thread, os.read, min(DOWNLOAD_CHUNK, size))):
             size -= len(chunk)
             yield chunk
     finally:
-        os.close(fd)
+        owned.close()
 
 
 async def download(request: Request, path: str, paths: SandboxPaths, tree: SandboxTree) -> Response:

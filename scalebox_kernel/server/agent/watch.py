@@ -16,13 +16,16 @@ from collections.abc import AsyncIterator
 
 from ...protocol import pb
 from ...protocol.connect import ConnectError
-from ..isolation.tree import SandboxTree, walk_fd
+from ..isolation.tree import OwnedFd, SandboxTree, walk_fd
 from .filesystem import MAX_DEPTH, MAX_ENTRIES, missing, os_error, text
 from .paths import SandboxPaths
 
 POLL_INTERVAL = 0.2
 #: Events a polled watcher keeps between two GetWatcherEvents calls; older ones are dropped.
 MAX_PENDING_EVENTS = 10_000
+#: Watches (polled watchers and WatchDir streams) one sandbox may have at once: each costs the server a scan
+#: every POLL_INTERVAL.
+MAX_WATCHES = 32
 
 Snapshot = dict[str, tuple[int, int, int]]  # relative name -> (mtime_ns, size, mode)
 
@@ -66,22 +69,22 @@ class _Watcher:
 
     def __init__(self, tree: SandboxTree, directory: int, recursive: bool) -> None:
         self.tree = tree
-        self.directory = directory
+        self.directory = OwnedFd(directory)
         self.recursive = recursive
         self.events: list[pb.FilesystemEvent] = []
         self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         try:
-            before = await self.tree.run(snapshot, self.directory, self.recursive)
+            before = await self.directory.use(self.tree.run, snapshot, self.recursive)
             while True:
                 await asyncio.sleep(POLL_INTERVAL)
-                after = await self.tree.run(snapshot, self.directory, self.recursive)
+                after = await self.directory.use(self.tree.run, snapshot, self.recursive)
                 self.events.extend(diff(before, after))
                 del self.events[:-MAX_PENDING_EVENTS]
                 before = after
         finally:
-            os.close(self.directory)
+            self.directory.close()
 
 
 class Watchers:
@@ -91,6 +94,13 @@ class Watchers:
         self.paths = paths
         self.tree = tree
         self._watchers: dict[str, _Watcher] = {}
+        self._streams = 0
+
+    def _check_room(self) -> None:
+        if len(self._watchers) + self._streams >= MAX_WATCHES:
+            raise ConnectError(
+                "resource_exhausted", f"this sandbox already has {MAX_WATCHES} watches; remove one (RemoveWatcher)"
+            )
 
     def _open(self, path: str) -> int:
         """An fd of the directory to watch (blocking: on the tree's threads)."""
@@ -105,28 +115,36 @@ class Watchers:
 
     async def watch_dir(self, request: pb.WatchDirRequest, keepalive: float) -> AsyncIterator[pb.WatchDirResponse]:
         """The WatchDir stream: a start event, then filesystem events, with keepalives when quiet."""
-        directory = await self.tree.run(self._open, self.paths.normalize(request.path))
+        self._check_room()
+        self._streams += 1
         try:
-            before = await self.tree.run(snapshot, directory, request.recursive)
+            directory = OwnedFd(await self.tree.run(self._open, self.paths.normalize(request.path)))
+        except BaseException:
+            self._streams -= 1
+            raise
+        try:
+            before = await directory.use(self.tree.run, snapshot, request.recursive)
             yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
             loop = asyncio.get_running_loop()
             last_sent = loop.time()
             while True:
                 await asyncio.sleep(POLL_INTERVAL)
-                after = await self.tree.run(snapshot, directory, request.recursive)
+                after = await directory.use(self.tree.run, snapshot, request.recursive)
                 for event in diff(before, after):
                     yield pb.WatchDirResponse(filesystem=event)
                     last_sent = loop.time()
                 before = after
-                if _gone(directory):
+                if _gone(directory.fd):
                     return  # the watched directory itself is gone: nothing more can happen
                 if loop.time() - last_sent >= keepalive:
                     yield pb.WatchDirResponse(keepalive=pb.WatchDirResponse.KeepAlive())
                     last_sent = loop.time()
         finally:
-            os.close(directory)
+            directory.close()
+            self._streams -= 1
 
     async def create(self, request: pb.CreateWatcherRequest) -> pb.CreateWatcherResponse:
+        self._check_room()
         directory = await self.tree.run(self._open, self.paths.normalize(request.path))
         watcher = _Watcher(self.tree, directory, request.recursive)
         watcher_id = "w-" + secrets.token_hex(8)

@@ -4,7 +4,7 @@ The holder is started once per sandbox (as root, so it may mount anything; its o
 uid and sleeps). Each process of the sandbox is then launched on the host as
 
     sh -c 'echo $$ > <each cgroup.procs>; exec "$@"'                    # join the sandbox's cgroups
-      env --ignore-signal=INT nsenter --target <holder> --mount --pid ...  # enter its namespaces (SIGINT-proof)
+      env --ignore-signal=INT nsenter --mount=<fd> --pid=<fd> ...          # enter its namespaces (SIGINT-proof)
         setpriv --reuid U ... --no-new-privs --                            # drop to the sandbox's uid
           env --default-signal=INT -C <cwd> sh -c 'NAME="$__SCALEBOX_ENV_0"; export NAME; ...; exec "$@"' <argv>
 
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jupyter_core.paths import jupyter_config_path
+
 from . import network
 from .cgroups import Limits, SandboxCgroups, Usage
 from .detect import Capabilities
@@ -42,12 +44,14 @@ from .uids import RECORD, Identity, claim, release
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Short host paths to sandboxes' host-only socket directories: a unix socket path must fit in 108 bytes.
 LINKS_DIR = Path("/run/scalebox-local")
-#: A uid's user keyrings outlive its processes (Linux keeps them with the uid), so a uid that passes from one sandbox
-#: to the next would hand over what the first stored there: its holder clears them first (keyctl KEYCTL_CLEAR of
-#: the user and user-session keyrings, as that uid).
+#: A uid's keyrings outlive its processes (Linux keeps them with the uid), so a uid that passes from one sandbox to
+#: the next would hand over what the first stored there. Its holder clears them first, as that uid: the persistent
+#: keyring (KEYCTL_GET_PERSISTENT links it into @u), then @u and @us, and links @u into @us again, as the kernel
+#: makes them, so that it stays possessed.
 _KEYCTL = {"x86_64": 250, "aarch64": 219}.get(platform.machine())
-_CLEAR_KEYRINGS = (  # clear @u and @us, then link @u into @us again (as the kernel makes them), so it is possessed
-    f"import ctypes; c = ctypes.CDLL(None); [c.syscall({_KEYCTL}, 7, r) for r in (-4, -5)]; "
+_CLEAR_KEYRINGS = (
+    f"import ctypes; c = ctypes.CDLL(None); p = c.syscall({_KEYCTL}, 22, -1, -4); "
+    f"p > 0 and c.syscall({_KEYCTL}, 7, p); [c.syscall({_KEYCTL}, 7, r) for r in (-4, -5)]; "
     f"c.syscall({_KEYCTL}, 8, -4, -5)"
     if _KEYCTL
     else ""
@@ -55,6 +59,9 @@ _CLEAR_KEYRINGS = (  # clear @u and @us, then link @u into @us again (as the ker
 #: Environment names that can cross the jail (the last shell exports them by name).
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 START_TIMEOUT = 10.0
+#: (bwrap's info key, /proc/<pid>/ns file) of the namespaces a sandbox process enters, and nsenter's options.
+NAMESPACES = (("mnt", "mnt"), ("pid", "pid"), ("net", "net"), ("ipc", "ipc"), ("uts", "uts"), ("cgroup", "cgroup"))
+NSENTER = (("mount", "mnt"), ("pid", "pid"), ("net", "net"), ("ipc", "ipc"), ("uts", "uts"), ("cgroup", "cgroup"))
 RELAY_SOURCE = Path(__file__).with_name("relay.py")
 
 
@@ -116,6 +123,7 @@ class Jail:
         self._holder: asyncio.subprocess.Process | None = None
         self._holder_pid = 0  # host pid of the namespaces' init (bwrap's pid 1)
         self._namespaces: dict[str, int] = {}
+        self._ns_fds: dict[str, int] = {}  # held-open namespace files of the holder, and its root
         self._slirp: asyncio.subprocess.Process | None = None
         self._slirp_exit_fd: int | None = None
         self._lock = asyncio.Lock()
@@ -180,6 +188,8 @@ class Jail:
         for name, host in etc.items():
             if Path("/etc", name).exists():
                 argv += ["--ro-bind", str(host), f"/etc/{name}"]
+        for hidden in hidden_config_dirs(mounts):  # their files may hold API keys (jupyter_scalebox_config.py)
+            argv += ["--tmpfs", hidden]
         argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm"]
         argv += ["--ro-bind", str(RELAY_SOURCE), SANDBOX_RELAY]
         argv += ["--chdir", HOME, "--"]
@@ -262,6 +272,26 @@ class Jail:
         self._namespaces = json.loads(info)
         self._holder_pid = int(self._namespaces["child-pid"])
         self._attach_root()
+        self._pin_namespaces()
+
+    def _pin_namespaces(self) -> None:
+        """Hold the namespaces (and root) of the holder open: every process then enters them through these fds,
+        never by the holder's pid, which could be another process's by the time it is used."""
+        self._unpin_namespaces()
+        for kind, nsfile in NAMESPACES:
+            if f"{kind}-namespace" not in self._namespaces:
+                continue
+            fd = os.open(f"/proc/{self._holder_pid}/ns/{nsfile}", os.O_RDONLY | os.O_CLOEXEC)
+            self._ns_fds[nsfile] = fd
+            if os.fstat(fd).st_ino != self._namespaces[f"{kind}-namespace"]:
+                self._unpin_namespaces()
+                raise JailError(f"sandbox {self.sandbox_id}'s namespaces changed while it started")
+        self._ns_fds["root"] = os.open(f"/proc/{self._holder_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _unpin_namespaces(self) -> None:
+        for fd in self._ns_fds.values():
+            os.close(fd)
+        self._ns_fds = {}
 
     def _attach_root(self) -> None:
         """Resolve sandbox paths against the jail's own `/` from now on (its mounts are what the sandbox sees)."""
@@ -319,6 +349,7 @@ class Jail:
             self._slirp_exit_fd = None
         self._holder = self._slirp = None
         self._holder_pid = 0
+        self._unpin_namespaces()
         self.tree.attach(None)
 
     # ------------------------------------------------------------------ processes
@@ -337,11 +368,10 @@ class Jail:
             raise JailError(f"environment variable name {bad[0]!r} is not valid (letters, digits and _ only)")
         tools = self.caps.tools
         assert tools["env"] is not None and tools["nsenter"] is not None
-        enter = [tools["env"], "--ignore-signal=INT", tools["nsenter"], f"--target={self._holder_pid}"]
-        enter += ["--mount", "--pid", "--net", "--ipc", "--uts"]
-        if "cgroup-namespace" in self._namespaces:
-            enter.append("--cgroup")
-        enter += ["--root", "--wd"]
+        held = f"/proc/{os.getpid()}/fd"  # the server's own fds (see _pin_namespaces), which nsenter opens as root
+        enter = [tools["env"], "--ignore-signal=INT", tools["nsenter"]]
+        enter += [f"--{option}={held}/{self._ns_fds[nsfile]}" for option, nsfile in NSENTER if nsfile in self._ns_fds]
+        enter += [f"--root={held}/{self._ns_fds['root']}", f"--wd={held}/{self._ns_fds['root']}"]
         host_env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"}
         script = []
         for index, (name, value) in enumerate(env.items()):
@@ -446,6 +476,18 @@ class Jail:
             return self.disk.usage()
         except OSError:
             return None
+
+
+def hidden_config_dirs(mounts: list[tuple[str, str]]) -> list[str]:
+    """Jupyter's configuration directories that the read-only mounts would show a sandbox (`/etc/jupyter`,
+    `<prefix>/etc/jupyter`, ...): each gets an empty tmpfs on top in the jail."""
+    bound = [Path(path) for kind, path in mounts if kind == "ro"]
+    found = []
+    for directory in jupyter_config_path():
+        path = Path(os.path.abspath(directory))
+        if path.is_dir() and not path.is_symlink() and any(path.is_relative_to(b) for b in bound):
+            found.append(str(path))
+    return sorted(set(found))
 
 
 def clean_stale_links(data_dir: Path, live: set[str]) -> None:

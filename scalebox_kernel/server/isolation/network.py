@@ -36,14 +36,15 @@ PRIVATE = ("10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/12", "192.168.0.0/16", "19
 
 
 def host_networks(ip: str = "ip") -> tuple[list[str], list[str]]:
-    """(the host's own IPv4 addresses as /32s, its attached IPv4 subnets), read from `ip -j addr`."""
+    """(the host's own IPv4 addresses as /32s, its attached IPv4 subnets), read from `ip -j addr` when the
+    sandbox's network starts (an address the host gets later is not fenced: see the README)."""
     try:
         listing = subprocess.run(
             [ip, "-j", "-4", "addr", "show"], capture_output=True, check=True, timeout=10, text=True
         ).stdout
         interfaces = json.loads(listing or "[]")
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return [], []
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:  # never fence without knowing the host
+        raise OSError(f"cannot read the host's addresses with `{ip} -j addr` ({exc})") from None
     addresses: list[str] = []
     subnets: list[str] = []
     for interface in interfaces:

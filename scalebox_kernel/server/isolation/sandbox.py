@@ -110,6 +110,14 @@ class SandboxIsolation:
         if self.jail is not None:
             self.jail.release()
 
+    @property
+    def spill_dir(self) -> Path:
+        """Where a stream's output waits for a slow client: on the sandbox's own disk (root-only, out of its
+        sight) when it has one, so that it counts against its disk limit; else beside the tree."""
+        if self.jail is not None and self.disk_limit_mb():
+            return self.jail.host_dir
+        return self.kernel_dir
+
     def disk_limit_mb(self) -> int | None:
         """The disk limit this sandbox will have (None where nothing can enforce one)."""
         jail = self.jail

@@ -337,6 +337,37 @@ class SandboxTree:
                     self.write_new(f"{target}/{name}", handle.read())
 
 
+class OwnedFd:
+    """An fd used by work on threads: `close` waits for the last use to finish, so that a cancelled caller can never
+    leave a thread working on a number that was closed and then reused for something else."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._users = 0
+        self._closing = False
+
+    async def use(self, runner: Callable[..., Any], function: Callable[..., T], *args: Any) -> T:
+        """`await runner(function, fd, *args)` (e.g. `tree.run`, `asyncio.to_thread`), safe to cancel."""
+        if self._closing:
+            raise OSError(errno.EBADF, "the file was closed")
+        self._users += 1
+        future = asyncio.ensure_future(runner(function, self.fd, *args))
+        future.add_done_callback(self._done)
+        result: T = await asyncio.shield(future)
+        return result
+
+    def _done(self, _: Any) -> None:
+        self._users -= 1
+        if self._closing and not self._users:
+            os.close(self.fd)
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            if not self._users:
+                os.close(self.fd)
+
+
 def walk_fd(
     top: int, path: str, depth: int, *, max_open: int = MAX_OPEN_DEPTH, skip_devices: frozenset[int] = frozenset()
 ) -> Iterator[tuple[int, str, Entry]]:
@@ -400,7 +431,7 @@ def remove_entry(dir_fd: int, name: str, *, max_passes: int = 100_000) -> None:
     top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         for _ in range(max_passes):
-            if not _empty_pass(top):
+            if not _empty_pass(top, info.st_dev):
                 break
         else:
             raise OSError(errno.ENOTEMPTY, "the directory kept changing while it was removed", name)
@@ -409,8 +440,9 @@ def remove_entry(dir_fd: int, name: str, *, max_passes: int = 100_000) -> None:
     os.rmdir(name, dir_fd=dir_fd)
 
 
-def _empty_pass(top: int) -> bool:
-    """One pass emptying the directory open at `top`; True if something was left (moved up) for another pass."""
+def _empty_pass(top: int, device: int) -> bool:
+    """One pass emptying the directory open at `top`; True if something was left (moved up) for another pass.
+    Nothing on another file system than `device` is entered (a mount point is EBUSY, never emptied)."""
     stack: list[tuple[int, Iterator[str], int, str]] = [(top, iter(os.listdir(top)), -1, "")]
     again = False
     try:
@@ -434,6 +466,8 @@ def _empty_pass(top: int) -> bool:
                 info = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if not stat.S_ISDIR(info.st_mode):
                     os.unlink(name, dir_fd=fd)
+                elif info.st_dev != device:
+                    raise OSError(errno.EBUSY, "a file system is mounted there", name)
                 elif len(stack) >= MAX_OPEN_DEPTH:
                     os.rename(name, f".scalebox-rm-{secrets.token_hex(8)}", src_dir_fd=fd, dst_dir_fd=top)
                     again = True

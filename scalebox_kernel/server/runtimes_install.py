@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
+from .isolation.tools import which
 from .runtimes_store import LANGUAGES, MARKER_FORMAT, ORDER, RuntimeStore, missing_reason
 
 BASE_PYTHON = "/usr/bin/python3"  # Debian's: usable by an unprivileged uid, unlike a python under root's home
@@ -169,8 +170,7 @@ class Installer:
     def _isolation_tools(self) -> None:
         """The tools scalebox-local confines sandboxes with; best effort: the server still runs without them and
         says which protections are missing."""
-        path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-        missing = [pkg for tool, pkg in ISOLATION_TOOLS.items() if not shutil.which(tool, path=path)]
+        missing = [pkg for tool, pkg in ISOLATION_TOOLS.items() if not which(tool)]
         if not missing or sys.platform != "linux":
             return
         if not (self.is_root and shutil.which("apt-get")):

@@ -39,8 +39,9 @@ class ServerSettings(Configurable):
         min=1,
         config=True,
         help="MiB of output the server holds in memory per Execute or Process stream whose client reads slower "
-        "than the cell or command writes. Beyond it a cell's output spills to a file beside the sandbox's tree "
-        "and a command's pipe is no longer read (which pauses the command) until the client catches up.",
+        "than the cell or command writes. Beyond it a cell's output spills to a file on the sandbox's own disk "
+        "(at most 1 GiB) and a command's pipe is no longer read (which pauses the command) until the client "
+        "catches up.",
     )
     pause_stop_after = Float(
         0.0,

@@ -5,10 +5,11 @@ not cancel it half way: the task interrupts the kernel, waits for it to settle, 
 in. A kernel that dies mid-cell is reported in the cell and restarted.
 
 Nothing a cell prints is lost on the way: the kernel's iopub is drained all the time (`iopub.IopubReader`) into
-the cell's `StreamBuffer`, which spills to a file beside the sandbox's tree when the client reads slower than the
-cell prints. A cell ends on its execute_reply (the shell channel never drops) plus its idle status; if the idle
-does not come, a kernel_info round trip stands in for it (its own status comes after everything before it on
-iopub), so a lost message can never hang a cell. Messages that went missing are reported on the cell's stderr.
+the cell's `StreamBuffer`, which spills to a file on the sandbox's own disk (`SandboxIsolation.spill_dir`) when
+the client reads slower than the cell prints. A cell ends on its execute_reply (the shell channel never drops)
+plus its idle status; if the idle does not come, a kernel_info round trip stands in for it (its own status comes
+after everything before it on iopub), so a lost message can never hang a cell. Messages that went missing are
+reported on the cell's stderr.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class Kernel:
         self._name = name
         self._start_timeout = start_timeout
         self._isolation = isolation
-        self._buffer_bytes = buffer_bytes  # per Execute stream; beyond it output spills to runtime_dir
+        self._buffer_bytes = buffer_bytes  # per Execute stream, in memory; beyond it output spills to disk
         self.lock = asyncio.Lock()
         self.notice: str | None = None  # stderr line written before the next cell runs
         self._km: AsyncKernelManager | None = None

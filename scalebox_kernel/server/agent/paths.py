@@ -14,9 +14,7 @@ from pathlib import Path
 from ...protocol.connect import ConnectError
 from ..isolation.layout import HOME
 from ..isolation.tree import SandboxTree
-
-#: Longest path a client may name (Linux's PATH_MAX).
-MAX_PATH = 4096
+from ..validation import path_problem
 
 
 class SandboxPaths:
@@ -30,10 +28,9 @@ class SandboxPaths:
         """The absolute, normalised sandbox path for what a client sent (no symlinks resolved)."""
         if not path:
             raise ConnectError("invalid_argument", "path must not be empty")
-        if "\x00" in path:
-            raise ConnectError("invalid_argument", "path must not contain NUL bytes")
-        if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
-            raise ConnectError("invalid_argument", f"path is longer than {MAX_PATH} bytes")
+        problem = path_problem(path)
+        if problem:
+            raise ConnectError("invalid_argument", problem)
         joined = path if path.startswith("/") else posixpath.join(HOME, path)
         normal = posixpath.normpath(joined)
         # normpath keeps a leading "//" (POSIX allows it to be special); a sandbox has no such thing.

@@ -137,10 +137,17 @@ class _Output:
         self.last_data = asyncio.get_running_loop().time()
 
     async def read_pipe(self, stream: asyncio.StreamReader) -> None:
+        await self._pump(lambda: stream.read(READ_SIZE))
+
+    async def read_pty(self, master_fd: int) -> None:
+        await self._pump(lambda: _read_terminal(master_fd))
+
+    async def _pump(self, next_chunk: Callable[[], Awaitable[bytes]]) -> None:
+        """Emit chunks until the end of the output (an empty chunk), waiting for room after each."""
         try:
             while True:
                 self.waiting = True
-                chunk = await stream.read(READ_SIZE)
+                chunk = await next_chunk()
                 self.waiting = False
                 if not chunk:
                     return
@@ -149,25 +156,18 @@ class _Output:
         finally:
             self.done, self.waiting = True, False
 
-    async def read_pty(self, master_fd: int) -> None:
-        loop = asyncio.get_running_loop()
+
+async def _read_terminal(master_fd: int) -> bytes:
+    """The next chunk a (non-blocking) terminal has; empty once every holder of its slave side is gone (EIO)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await _readable(loop, master_fd)
         try:
-            while True:
-                self.waiting = True
-                await _readable(loop, master_fd)
-                self.waiting = False
-                try:
-                    chunk = os.read(master_fd, READ_SIZE)
-                except BlockingIOError:
-                    continue
-                except OSError:  # EIO: every holder of the terminal's slave side is gone
-                    return
-                if not chunk:
-                    return
-                self._emit(chunk)
-                await self._wait_for_room()
-        finally:
-            self.done, self.waiting = True, False
+            return os.read(master_fd, READ_SIZE)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return b""
 
 
 async def _write_terminal(master_fd: int, data: bytes) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .disk import can_limit_disk
+from .tools import which
 
 #: cgroup v1 controllers a sandbox uses (cpuacct gives its CPU time).
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
@@ -216,7 +216,7 @@ def detect_cgroups() -> CgroupLayout:
 
 def _env_ignores_signals() -> str | None:
     """coreutils env with --ignore-signal/--default-signal (9.0+): keeps SIGINT from killing the wrappers."""
-    env = shutil.which("env")
+    env = which("env")
     if env is None:
         return None
     try:
@@ -251,11 +251,9 @@ def detect_capabilities() -> Capabilities:
         return Capabilities(
             linux=False, root=root, bwrap=None, tools={}, cgroups=CgroupLayout(), problems=tuple(problems)
         )
-    system_path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-    names = ("setpriv", "nsenter", "slirp4netns", "ip")
-    tools: dict[str, str | None] = {name: shutil.which(name, path=system_path) for name in names}
+    tools: dict[str, str | None] = {name: which(name) for name in ("setpriv", "nsenter", "slirp4netns", "ip")}
     tools["env"] = _env_ignores_signals()
-    bwrap = shutil.which("bwrap")
+    bwrap = which("bwrap")
     if not root:
         problems.append("scalebox-local is not running as root, so it cannot switch sandboxes to their own uid")
     if bwrap is None:

@@ -7,23 +7,23 @@ sandboxes never notice. `nosuid,nodev` keep set-uid files and device nodes inert
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
 from pathlib import Path
+
+from .tools import run_tool, which
 
 IMAGE = "disk.img"
 MOUNT_OPTIONS = "loop,nosuid,nodev,noatime,discard"
 COMMAND_TIMEOUT = 60.0
 
 
-class DiskError(RuntimeError):
+class DiskError(OSError):
     """The sandbox's disk image could not be made or mounted."""
 
 
 def disk_tools() -> dict[str, str | None]:
     """The programs a disk limit needs (util-linux's mount/umount, e2fsprogs' mkfs.ext4)."""
-    return {name: shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin") for name in ("mkfs.ext4", "mount", "umount")}
+    return {name: which(name) for name in ("mkfs.ext4", "mount", "umount")}
 
 
 def can_limit_disk() -> str | None:
@@ -52,22 +52,8 @@ def is_mounted(path: Path) -> bool:
         return any(_unescape(line.split()[4]) == target for line in handle)
 
 
-async def _run(*argv: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-    )
-    try:
-        _, err = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise DiskError(f"{os.path.basename(argv[0])} did not finish within {COMMAND_TIMEOUT:.0f} s") from None
-    if process.returncode:
-        raise DiskError(f"{os.path.basename(argv[0])} failed: {err.decode(errors='replace').strip()[-300:]}")
+async def _run(argv: list[str]) -> None:
+    await run_tool(argv, timeout=COMMAND_TIMEOUT, what="the sandbox's disk")
 
 
 class DiskImage:
@@ -98,13 +84,13 @@ class DiskImage:
             try:
                 # No reserved blocks (root's writes count too), fewer inodes than the default, lazy init: fast.
                 await _run(
-                    "mkfs.ext4", "-q", "-F", "-m", "0", "-i", "32768", "-E",
-                    "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0", str(self.image),
+                    ["mkfs.ext4", "-q", "-F", "-m", "0", "-i", "32768", "-E",
+                     "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0", str(self.image)],
                 )  # fmt: skip
             except BaseException:
                 self.image.unlink(missing_ok=True)
                 raise
-        await _run("mount", "-o", MOUNT_OPTIONS, str(self.image), str(self.mount_point))
+        await _run(["mount", "-o", MOUNT_OPTIONS, str(self.image), str(self.mount_point)])
         lost = self.mount_point / "lost+found"
         if lost.is_dir() and not lost.is_symlink() and not any(lost.iterdir()):
             lost.rmdir()
@@ -113,7 +99,7 @@ class DiskImage:
     async def unmount(self) -> None:
         """Detach the image from the tree (lazily: an fd still open elsewhere only delays the release)."""
         if is_mounted(self.mount_point):
-            await _run("umount", "--lazy", str(self.mount_point))
+            await _run(["umount", "--lazy", str(self.mount_point)])
 
     def usage(self) -> tuple[int, int]:
         """(total, used) bytes of the sandbox's disk."""

@@ -32,16 +32,16 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_config_path
 
+from ..validation import ENV_NAME, RESERVED_ENV_PREFIX
 from . import network
 from .cgroups import Limits, SandboxCgroups, Usage
 from .detect import Capabilities
 from .disk import DiskImage, can_limit_disk
 from .layout import HOME, HOST_ONLY, SANDBOX_RELAY, SANDBOX_RUN, own_tree, prepare_root, runtime_paths, write_etc
+from .tools import SYSTEM_ENV, SYSTEM_PATH
 from .tree import SandboxTree
 from .uids import RECORD, Identity, claim, release
 
-#: PATH of the privileged part of the launch chain (never the sandbox's PATH).
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Short host paths to sandboxes' host-only socket directories: a unix socket path must fit in 108 bytes.
 LINKS_DIR = Path("/run/scalebox-local")
 #: A uid's keyrings outlive its processes (Linux keeps them with the uid), so a uid that passes from one sandbox to
@@ -56,8 +56,6 @@ _CLEAR_KEYRINGS = (
     if _KEYCTL
     else ""
 )
-#: Environment names that can cross the jail (the last shell exports them by name).
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 START_TIMEOUT = 10.0
 #: (bwrap's info key, /proc/<pid>/ns file) of the namespaces a sandbox process enters, and nsenter's options.
 NAMESPACES = (("mnt", "mnt"), ("pid", "pid"), ("net", "net"), ("ipc", "ipc"), ("uts", "uts"), ("cgroup", "cgroup"))
@@ -116,9 +114,7 @@ class Jail:
         self.identity: Identity | None = None
         # Without slirp4netns a sandbox gets no network at all: sharing the host's would put the host in reach.
         self.network = "private" if options.internet and caps.private_network else "none"
-        self.disk_problem = None if options.disk_mb else "no disk limit was asked for"
-        if options.disk_mb:
-            self.disk_problem = can_limit_disk()
+        self.disk_problem = can_limit_disk() if options.disk_mb else "no disk limit was asked for"
         self.disk = DiskImage(self.private_dir, self.root, options.disk_mb) if options.disk_mb else None
         self._holder: asyncio.subprocess.Process | None = None
         self._holder_pid = 0  # host pid of the namespaces' init (bwrap's pid 1)
@@ -314,7 +310,7 @@ class Jail:
             blocked = await asyncio.to_thread(
                 network.blocked_networks, allow_private=self.options.allow_private_networks, ip=ip
             )
-            await network.block(nsenter, ip, self._holder_pid, blocked, env)
+            await network.block(nsenter, ip, self._holder_pid, blocked)
         except (OSError, TimeoutError) as exc:
             await self._stop_processes()
             raise JailError(f"the sandbox's network did not start: {exc}") from None
@@ -363,7 +359,7 @@ class Jail:
             raise JailError(f"sandbox {self.sandbox_id} is not running (its namespaces are gone)")
         if not argv:
             raise JailError("cannot run an empty command in a sandbox")
-        bad = [name for name in env if not _ENV_NAME.match(name) or name.startswith("__SCALEBOX_ENV_")]
+        bad = [name for name in env if not ENV_NAME.fullmatch(name) or name.startswith(RESERVED_ENV_PREFIX)]
         if bad:
             raise JailError(f"environment variable name {bad[0]!r} is not valid (letters, digits and _ only)")
         tools = self.caps.tools
@@ -372,11 +368,11 @@ class Jail:
         enter = [tools["env"], "--ignore-signal=INT", tools["nsenter"]]
         enter += [f"--{option}={held}/{self._ns_fds[nsfile]}" for option, nsfile in NSENTER if nsfile in self._ns_fds]
         enter += [f"--root={held}/{self._ns_fds['root']}", f"--wd={held}/{self._ns_fds['root']}"]
-        host_env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"}
+        host_env = dict(SYSTEM_ENV)
         script = []
         for index, (name, value) in enumerate(env.items()):
-            host_env[f"__SCALEBOX_ENV_{index}"] = self.sandbox_value(value)
-            script.append(f'{name}="$__SCALEBOX_ENV_{index}"; export {name}')
+            host_env[f"{RESERVED_ENV_PREFIX}{index}"] = self.sandbox_value(value)
+            script.append(f'{name}="${RESERVED_ENV_PREFIX}{index}"; export {name}')
         leftovers = sorted({"PWD", "OLDPWD", *host_env} - set(env))
         script.append("unset " + " ".join(leftovers))
         script.append('exec "$@"')
@@ -389,9 +385,10 @@ class Jail:
         host = Path(os.path.abspath(host))
         if host.is_relative_to(self.link_dir):
             return (Path(SANDBOX_RUN) / host.relative_to(self.link_dir)).as_posix()
-        if host.is_relative_to(self.root):
-            return "/" + host.relative_to(self.root).as_posix() if host != self.root else "/"
-        raise JailError(f"a path of the server is not visible inside sandbox {self.sandbox_id}")
+        try:
+            return self.tree.sandbox_path(host)
+        except ValueError:
+            raise JailError(f"a path of the server is not visible inside sandbox {self.sandbox_id}") from None
 
     def sandbox_value(self, value: str) -> str:
         """An environment value with every host path into the sandbox turned into the path it has inside, wherever

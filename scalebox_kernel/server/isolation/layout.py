@@ -28,8 +28,6 @@ SANDBOX_RELAY = "/run/scalebox-relay.py"
 HOME = "/home/user"
 #: Directories every sandbox has, owned by its uid (the default cwd, the Session API's workspace, scratch space).
 USER_DIRS = (HOME, "/workspace", "/tmp")
-#: Top-level names of the tree that belong to the system (mount points), never handed to the sandbox's uid.
-RESERVED = frozenset({d.strip("/") for d in SYSTEM_DIRS} | {"proc", "dev", "run", "home", "root", "sys"})
 SANDBOX_USER = "user"
 #: Where the server keeps what the sandbox must not touch but must be on its filesystem (links to its kernels'
 #: sockets); root-only, seen as an unreadable /run/scalebox-host inside.

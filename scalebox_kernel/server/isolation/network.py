@@ -18,6 +18,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from .tools import run_tool
+
 SLIRP_NAMESERVER = "10.0.2.3"
 SLIRP_SUBNET = ipaddress.IPv4Network("10.0.2.0/24")
 START_TIMEOUT = 10.0
@@ -113,17 +115,9 @@ async def start_slirp(
     return process, exit_write
 
 
-async def block(nsenter: str, ip: str, holder_pid: int, networks: list[str], env: dict[str, str]) -> None:
+async def block(nsenter: str, ip: str, holder_pid: int, networks: list[str]) -> None:
     """Add an `unreachable` route for each network in the namespace of `holder_pid` (and no IPv6 route at all)."""
     commands = "".join(f"route add unreachable {network}\n" for network in networks)
     commands += "route add unreachable ::/0\n"
-    process = await asyncio.create_subprocess_exec(
-        nsenter, f"--target={holder_pid}", "--net", "--", ip, "-force", "-batch", "-",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )  # fmt: skip
-    _, err = await asyncio.wait_for(process.communicate(commands.encode()), START_TIMEOUT)
-    if process.returncode:
-        raise OSError(f"could not fence the sandbox's network: {err.decode(errors='replace').strip()[-300:]}")
+    argv = [nsenter, f"--target={holder_pid}", "--net", "--", ip, "-force", "-batch", "-"]
+    await run_tool(argv, stdin=commands.encode(), timeout=START_TIMEOUT, what="fencing the sandbox's network")

@@ -174,10 +174,7 @@ class SandboxIsolation:
 
     def sandbox_path(self, host: Path | str) -> str:
         """The sandbox's own path for a host path in its tree."""
-        if self.jail is not None:
-            return self.jail.sandbox_path(host)
-        relative = Path(os.path.abspath(host)).relative_to(self.tree.host_root)
-        return "/" + relative.as_posix() if relative.parts else "/"
+        return self.jail.sandbox_path(host) if self.jail is not None else self.tree.sandbox_path(host)
 
     async def make_dirs_in(self, env: Mapping[str, str]) -> None:
         """Make the directories an environment names inside the sandbox (package targets, which must exist

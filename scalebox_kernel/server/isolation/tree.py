@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -65,15 +66,6 @@ def openat2(dir_fd: int, path: str, flags: int, mode: int = 0, resolve: int = RE
         if code != errno.EAGAIN:
             raise OSError(code, os.strerror(code), path)
     raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
-
-
-def openat2_available() -> bool:
-    """Whether this kernel has openat2 with RESOLVE_IN_ROOT (Linux 5.6 and later)."""
-    try:
-        os.close(openat2(os.open("/", os.O_PATH | os.O_DIRECTORY), ".", os.O_PATH))
-    except (OSError, AttributeError):
-        return False
-    return True
 
 
 def become(uid: int, gid: int) -> None:
@@ -130,6 +122,11 @@ class SandboxTree:
             self._shutdown_executor()
             self._identity = identity
 
+    def sandbox_path(self, host: str | os.PathLike[str]) -> str:
+        """The sandbox path, lexically, of a host path in the tree (ValueError for one outside it)."""
+        relative = Path(os.path.abspath(host)).relative_to(self.host_root)
+        return "/" + relative.as_posix() if relative.parts else "/"
+
     @property
     def uid(self) -> int | None:
         """The uid file work is done as (None: the server's own)."""
@@ -167,10 +164,6 @@ class SandboxTree:
     def close(self) -> None:
         self._shutdown_executor()
         self.attach(None)
-        with self._lock:
-            if self._anchor is not None:
-                os.close(self._anchor)
-                self._anchor = None
 
     def _shutdown_executor(self) -> None:
         for executor in (self._executor, self._quick):

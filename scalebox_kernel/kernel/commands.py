@@ -141,13 +141,13 @@ class NotebookSessions(Sessions):
         sandbox_id = entry.sandbox_id or notebook.recall().get("sandbox_id")
         notebook.store.forget(notebook.notebook, notebook.server, notebook.lang.key)
         session, notebook.session, entry.session, entry.session_id = entry.session, None, None, None
+        if sandbox_id and kill:  # before the kill: a cell that opens the next sandbox meanwhile must say it
+            self.closed[DEFAULT] = str(sandbox_id)
         with contextlib.suppress(SandboxNotFound):
             if session is not None:
                 await session.close(kill=kill)
             elif sandbox_id and kill:
                 await AsyncSandbox.kill_by_id(str(sandbox_id), config=self.config)
-        if sandbox_id and kill:
-            self.closed[DEFAULT] = str(sandbox_id)
 
     async def shutdown(self, restart: bool = False) -> None:
         """Restart: a fresh context in the notebook's sandbox; shutdown: kill it unless kept. Other sessions

@@ -180,13 +180,13 @@ class Sessions:
         """Kill the entry's sandbox (kill=False: only let go of it) and forget the entry."""
         session = entry.session
         self.named.pop(entry.name, None)
-        if session is not None:
-            with contextlib.suppress(SandboxNotFound):
-                await session.close(kill=kill)
-        if kill and entry.sandbox_id:
+        if kill and entry.sandbox_id:  # before the kill: a cell that reopens the name meanwhile must say it
             self.closed[entry.name] = entry.sandbox_id
         if self.current == entry.name:
             self.current = DEFAULT
+        if session is not None:
+            with contextlib.suppress(SandboxNotFound):
+                await session.close(kill=kill)
 
     async def shutdown(self, restart: bool = False) -> None:
         """At exit: kill the sandboxes created here and not kept, let go of the others."""

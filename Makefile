@@ -13,6 +13,7 @@ demo: install
 	$(PYTHON) -m scalebox_kernel demo
 
 test-deps:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 	$(PIP) install -e '.[test]'
 	$(PYTHON) -m scalebox_kernel runtimes install
 

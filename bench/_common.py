@@ -13,6 +13,8 @@ from pathlib import Path
 
 from jupyter_client.manager import start_new_kernel
 
+from scalebox_kernel.kernel.install import write_kernelspec
+from scalebox_kernel.kernel.languages import LANGUAGES
 from scalebox_kernel.local import LocalServerInfo, spawn_local_server
 
 
@@ -32,6 +34,15 @@ def local_server(tls: bool = False, extra_args: list[str] | None = None) -> Iter
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+@contextmanager
+def scalebox_kernelspecs(language: str = "python") -> Iterator[str]:
+    """A temporary JUPYTER_PATH holding the Scalebox kernelspec of `language`, so a bench never touches the user's."""
+    with tempfile.TemporaryDirectory(prefix="scalebox-bench-specs-") as specs:
+        lang = LANGUAGES[language]
+        write_kernelspec(lang, Path(specs) / "kernels" / lang.kernel_name)
+        yield specs
 
 
 def server_env(info: LocalServerInfo) -> dict[str, str]:

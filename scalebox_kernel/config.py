@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 from jupyter_core.paths import jupyter_data_dir
-from traitlets import Bool, Float, Int, Unicode, default
+from traitlets import Bool, Enum, Float, Int, Unicode, default
 from traitlets.config import Configurable
 
 DEFAULT_CLOUD_URL = "https://api.scalebox.dev"
@@ -114,6 +114,31 @@ class ScaleboxConfig(Configurable):
     @default("execution_timeout")
     def _default_execution_timeout(self) -> float:
         return float(_env("SCALEBOX_EXECUTION_TIMEOUT") or 0.0)
+
+    channel = Enum(
+        ["auto", "jupyter", "execute"],
+        "auto",
+        config=True,
+        help="How the Scalebox kernel reaches the sandbox's kernel: `jupyter`, the sandbox's Jupyter endpoint (every "
+        "message: widgets, input(), clear_output, completion); `execute`, the ExecutionService path (stdout, stderr, "
+        "results and errors only); `auto`, the endpoint where the back end has one. Env: SCALEBOX_CHANNEL.",
+    )
+
+    @default("channel")
+    def _default_channel(self) -> str:
+        value = (_env("SCALEBOX_CHANNEL") or "auto").strip().lower()
+        return value if value in ("auto", "jupyter", "execute") else "auto"
+
+    reconnect_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds the Scalebox kernel keeps trying to re-open a dropped connection to the sandbox's kernel "
+        "before the running cell fails. Env: SCALEBOX_RECONNECT_TIMEOUT.",
+    )
+
+    @default("reconnect_timeout")
+    def _default_reconnect_timeout(self) -> float:
+        return float(_env("SCALEBOX_RECONNECT_TIMEOUT") or 60.0)
 
     sandbox_timeout = Int(
         300,

@@ -86,12 +86,13 @@ def spawn_local_server(
     log_path: str | Path | None = None,
     detach: bool = False,
     wait: float = 60.0,
+    port: int = 0,
 ) -> tuple[subprocess.Popen[bytes], LocalServerInfo]:
-    """Start `jupyter scalebox serve` on a free loopback port; return the process once its runtime file says
-    it is up. `runtime_dir` overrides Jupyter's runtime directory for that server (tests, benchmarks)."""
+    """Start `jupyter scalebox serve` on a loopback port (0: a free one); return the process once its runtime file
+    says it is up. `runtime_dir` overrides Jupyter's runtime directory for that server (tests, benchmarks)."""
     runtime = Path(runtime_dir) if runtime_dir else Path(jupyter_runtime_dir())
     runtime.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "scalebox_kernel", "serve", "--ip", "127.0.0.1", "--port", "0"]
+    argv = [sys.executable, "-m", "scalebox_kernel", "serve", "--ip", "127.0.0.1", "--port", str(port)]
     if data_dir:
         argv += ["--data-dir", str(data_dir)]
     if tls:

@@ -19,9 +19,11 @@ from scalebox_kernel.local import spawn_local_server
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Nothing from the user's environment may steer the tests to another server or leak a real key.
+# Nothing from the user's environment may steer the tests to another server or leak a real key (where the
+# browser tests keep their screenshots is the one setting that may come in).
 for _name in list(os.environ):
-    if _name.startswith(("SCALEBOX_", "SBX_")) or _name in ("SSL_CERT_FILE", "JUPYTER_RUNTIME_DIR", "JUPYTER_PATH"):
+    steers = _name.startswith(("SCALEBOX_", "SBX_")) and _name != "SCALEBOX_ARTIFACTS"
+    if steers or _name in ("SSL_CERT_FILE", "JUPYTER_RUNTIME_DIR", "JUPYTER_PATH"):
         del os.environ[_name]
 
 
@@ -85,14 +87,14 @@ class LocalServer:
 
 
 def start_local_server(
-    data_dir: Path, *, tls: bool = False, api_key: str | None = None, extra: list[str] | None = None
+    data_dir: Path, *, tls: bool = False, api_key: str | None = None, extra: list[str] | None = None, port: int = 0
 ) -> LocalServer:
     """Start `jupyter scalebox serve` on a free loopback port and wait until it answers."""
     api_key = api_key or "test-" + secrets.token_hex(16)
     runtime_dir = data_dir / "runtime"
     log = data_dir / "server.log"
     proc, info = spawn_local_server(
-        data_dir=data_dir, runtime_dir=runtime_dir, api_key=api_key, tls=tls, extra_args=extra, log_path=log
+        data_dir=data_dir, runtime_dir=runtime_dir, api_key=api_key, tls=tls, extra_args=extra, log_path=log, port=port
     )
     server = LocalServer(
         url=info.url,

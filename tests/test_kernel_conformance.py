@@ -1,13 +1,9 @@
 """The external conformance suite (jupyter_kernel_test, PyPI) against `scalebox-python` on a real scalebox-local.
 
-Every test of the suite is configured except two, for reasons of the wire protocol rather than the kernel:
-- `test_clear_output`: a sandbox's Execute stream carries stdout, stderr, results and errors only (PROTOCOL.md
-  section 5.4); `clear_output` from code in the sandbox cannot reach the kernel, so the kernel cannot relay it.
-  `code_clear_output` is therefore left unset and the suite skips the test.
-- `IopubWelcomeTests` (JEP 65) is not claimed: ipykernel's base, which this kernel builds on, does not send
-  `iopub_welcome`.
-`test_pager` does run: the protocol drops IPython's payloads, so the kernel answers `name?` itself with a page
-payload built from the sandbox's own inspection.
+The whole suite is configured: stdout, stderr, errors, execute results and displays of every common MIME type,
+completion (samples that only the sandbox's own kernel can answer, such as a module's attributes), is_complete,
+inspection, the pager (`zip?`), `clear_output`, history (tail, range and search), and JEP 65's `iopub_welcome`
+(which the plain ipykernel of the test environment sends, so a relayed kernel must too).
 """
 
 from __future__ import annotations
@@ -19,6 +15,8 @@ import jupyter_kernel_test
 import pytest
 from conftest import LocalServer
 from kernel_support import KERNEL, environ, install_kernelspecs
+
+pytestmark = pytest.mark.timeout(300)  # the welcome test waits for the first iopub message without a limit
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,9 +45,15 @@ class ScaleboxPythonTests(jupyter_kernel_test.KernelTests):
     code_generate_error = "raise RuntimeError('boom')"
     code_page_something = "zip?"
     code_inspect_sample = "zip"
+    code_clear_output = "from IPython.display import clear_output; clear_output()"
 
-    # Before the first cell no sandbox is open: completion answers from the builtins every sandbox has.
-    completion_samples = [{"text": "zi", "matches": {"zip"}}]
+    # Jedi reads the code without running it; numpy is there in the sandbox's runtimes venv.
+    completion_samples = [
+        {"text": "zi", "matches": {"zip"}},
+        {"text": "import os; os.pa", "matches": {"pardir", "path", "pathconf", "pathconf_names", "pathsep"}},
+        {"text": "import json; json.lo", "matches": {"load", "loads"}},
+        {"text": "import numpy; numpy.arang", "matches": {"arange"}},
+    ]
 
     complete_code_samples = ["1", "print('hello, world')", "def f(x):\n  return x*2\n\n\n", "%scalebox info"]
     incomplete_code_samples = ["print('''hello", "def f(x):\n  x*2", "for i in range(3):"]
@@ -76,3 +80,15 @@ class ScaleboxPythonTests(jupyter_kernel_test.KernelTests):
 
     code_history_pattern = "1?2*"
     supported_history_operations = ("tail", "range", "search")
+
+
+class ScaleboxPythonWelcomeTests(jupyter_kernel_test.IopubWelcomeTests):
+    kernel_name = KERNEL
+    support_iopub_welcome = True
+
+
+class PlainIpykernelWelcomeTests(jupyter_kernel_test.IopubWelcomeTests):
+    """The reason the welcome is claimed above: the test environment's own ipykernel (`python3`) sends it."""
+
+    kernel_name = "python3"
+    support_iopub_welcome = True

@@ -286,6 +286,25 @@ def test_kernel_streams_results_plots_html_and_errors(kernel: KernelRun) -> None
     assert error["ename"] == "KeyError" and "missing" in "\n".join(error["traceback"])
 
 
+def test_kernel_cells_take_the_jupyter_channel(kernel: KernelRun) -> None:
+    """clear_output, display updates and input() behave as they would locally."""
+    reply, outputs = kernel.execute(
+        "%%scalebox\nfrom IPython.display import clear_output, display\n"
+        "for i in range(4):\n    clear_output(wait=True)\n    print('step', i)\n"
+        "h = display('first', display_id=True)\nh.update('second')\n"
+    )
+    assert reply["content"]["status"] == "ok"
+    assert [c["wait"] for c in by_type(outputs, "clear_output")] == [True] * 4
+    [update] = by_type(outputs, "update_display_data")
+    assert update["data"]["text/plain"] == "'second'" and update["transient"]["display_id"]
+    msg_id = kernel.kc.execute("%%scalebox\nname = input('who? ')\nprint('hi', name)", allow_stdin=True)
+    prompt = kernel.kc.get_stdin_msg(timeout=60)
+    assert prompt["content"]["prompt"] == "who? "
+    kernel.kc.input("ada")
+    assert kernel.reply(msg_id)["content"]["status"] == "ok"
+    assert [c["text"] for c in by_type(kernel.outputs(msg_id), "stream")] == ["hi ada\n"]
+
+
 def test_kernel_output_arrives_while_the_cell_runs(kernel: KernelRun) -> None:
     msg_id = kernel.kc.execute("%%scalebox\nimport time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')")
     first_at = None
@@ -315,7 +334,8 @@ def test_kernel_interrupt_keeps_sandbox_state(kernel: KernelRun) -> None:
     outputs = kernel.outputs(msg_id)
     assert "interrupted" in "\n".join(by_type(outputs, "error")[0]["traceback"])
     reply, outputs = kernel.execute("%%scalebox\nprint(before_loop)")
-    assert reply["content"]["status"] == "ok" and by_type(outputs, "stream")[0]["text"] == "survived\n"
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert by_type(outputs, "stream")[0]["text"] == "survived\n"
 
 
 def test_kernel_round_trip_widgets_and_progress(kernel: KernelRun, tmp_path: Path) -> None:

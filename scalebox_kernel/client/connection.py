@@ -84,11 +84,14 @@ async def resolve_connection(
 
 
 def agent_url(connection: Connection, sandbox_domain: str) -> str:
-    """The sandbox agent's base URL: the control plane's scheme when on the same host:port, https otherwise."""
+    """The sandbox agent's base URL: the control plane's scheme when on the same host:port (or both on this
+    machine, as the JS SDK does for localhost), https otherwise."""
     domain = sandbox_domain.strip().rstrip("/")
     if domain.startswith(("http://", "https://")):
         return domain
     api = urlsplit(connection.api_url)
     host_port = domain.split("/", 1)[0]
     same_origin = host_port.lower() == api.netloc.lower()
-    return f"{api.scheme if same_origin else 'https'}://{domain}"
+    host = urlsplit(f"//{host_port}").hostname or ""
+    both_local = connection.is_loopback and host in ("127.0.0.1", "localhost", "::1")
+    return f"{api.scheme if same_origin or both_local else 'https'}://{domain}"

@@ -17,6 +17,7 @@ from .connect_client import ConnectClient
 from .connection import Connection, agent_url, resolve_connection
 from .execution import Handlers, execute
 from .filesystem import AsyncFilesystem
+from .jupyter import JupyterEndpoint, jupyter_url
 from .models import Context, Execution, SandboxInfo
 from .transport import Transport
 
@@ -85,6 +86,12 @@ class AsyncSandbox:
     @property
     def connection(self) -> Connection:
         return self._transport.connection
+
+    def jupyter(self) -> JupyterEndpoint:
+        """This sandbox's Jupyter endpoint (kernels REST API and channels; PROTOCOL.md 11)."""
+        base = jupyter_url(self.agent_url, self.sandbox_domain)
+        token = self._rpc.headers.get("X-Access-Token", "")
+        return JupyterEndpoint(self._transport, base, token, self.sandbox_id)
 
     def secrets(self) -> list[str]:
         """Values that must never be shown or logged (the API key, the access token): for `errors.redact`."""

@@ -112,6 +112,10 @@ class NotebookSessions(Sessions):
         self.kernel_name = kernel_name
         self.open_timeout = notebook.open_timeout
         self.entry(DEFAULT).keep = notebook.keep
+        self.describe_channel: Callable[[NamedSession], str] | None = None  # set by the kernel
+
+    def channel_of(self, entry: NamedSession) -> str | None:
+        return self.describe_channel(entry) if self.describe_channel is not None else None
 
     def metadata(self, entry: NamedSession) -> dict[str, str]:
         return {"scalebox_kernel": self.kernel_name, "scalebox_kernel_session": entry.name}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from typing import Any
@@ -24,6 +25,7 @@ from ..errors import ScaleboxError, redact
 from ..session import SandboxSession
 from ..subcommands import NamedSession, SubcommandError
 from . import commands, introspect
+from .channel import SandboxChannel
 from .history import LocalHistory
 from .languages import get_language
 from .notebooks import notebook_key
@@ -84,10 +86,14 @@ class ScaleboxKernel(Kernel):
             open_timeout=self.open_timeout,
         )
         self.sessions = commands.NotebookSessions(self.sandbox, self.lang.kernel_name)
+        self.channel = SandboxChannel(self)  # the relay to the sandbox's kernel (when the back end has one)
+        self.sessions.describe_channel = self.channel.describe
         self.run_later = commands.Background()  # status panel clicks
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._cell_task: asyncio.Task[dict[str, Any]] | None = None
+        self._cell_task: asyncio.Task[Any] | None = None
         self._interrupted = False
+        self._lines_done = False
+        self._count_locally = False
         self._widgets: bool | None = None
         self._serve_comms()
 
@@ -146,8 +152,9 @@ class ScaleboxKernel(Kernel):
         pass
 
     async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
-        """Runs on the control thread: cancel the in-flight cell on the main loop (closing the Execute stream,
-        which the sandbox treats as an interrupt) and reply at once."""
+        """Runs on the control thread: on the main loop, cancel the in-flight cell (closing the Execute stream,
+        which the sandbox treats as an interrupt, or stopping a sandbox that is still opening) and interrupt the
+        sandbox kernel the relay goes to; reply at once."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._interrupt_cell)
         if self.session:
@@ -158,6 +165,111 @@ class ScaleboxKernel(Kernel):
         if task is not None and not task.done():
             self._interrupted = True
             task.cancel()
+        if self.channel.open:
+            self.run_later(self.channel.interrupt(), lambda _result: None)
+
+    # ------------------------------------------------------------------------------------------ the relay
+
+    async def dispatch_shell(self, msg: Any, /, subshell_id: str | None = None, *, concurrent: bool = False) -> None:
+        """Relay a frontend request to the sandbox kernel when it is one the sandbox answers; anything else (and
+        everything on the ExecutionService path) is handled here, by ipykernel's dispatch."""
+        relayed = False
+        if self.session is not None and len(msg) > 1:
+            try:
+                relayed = await self._relay(msg, subshell_id)
+            except Exception:
+                self.log.exception("Relaying a message to the sandbox failed")
+                relayed = False
+        if not relayed:
+            await super().dispatch_shell(msg, subshell_id, concurrent=concurrent)
+
+    async def _relay(self, msg: Any, subshell_id: str | None) -> bool:
+        """True if the request went to the sandbox kernel (or was answered on its behalf)."""
+        assert self.session is not None
+        idents, rest = self.session.feed_identities(msg, copy=False)
+        parsed = self.session.deserialize(rest, content=False, copy=False)  # checks the frontend's signature
+        header = parsed["header"]
+        msg_type = header.get("msg_type", "")
+        if msg_type == "kernel_info_request" or not (self.channel.wanted or msg_type == "execute_request"):
+            return False
+        parts = [bytes(frame.bytes if hasattr(frame, "bytes") else frame) for frame in rest[1:5]]
+        buffers = list(rest[5:])
+        if self._supports_kernel_subshells:
+            stream = self.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(subshell_id)
+        else:
+            stream = self.shell_stream
+        if msg_type == "execute_request":
+            return await self._relay_cell(stream, list(idents), parsed, parts, buffers)
+        if msg_type in ("comm_msg", "comm_close"):
+            comm_id = json.loads(parts[3]).get("comm_id")
+            if comm_id in self.comm_manager.comms:  # one of ours (the status panel)
+                return False
+        if not self.channel.open or self.sessions.entry().paused:
+            return False  # no sandbox yet, or a paused one: completion, inspection and the rest are answered here
+        await self.channel.forward(stream, list(idents), header, parts, buffers)
+        return True
+
+    async def _relay_cell(
+        self, stream: Any, idents: list[bytes], parsed: dict[str, Any], parts: list[bytes], buffers: list[Any]
+    ) -> bool:
+        content = json.loads(parts[3])
+        code = str(content.get("code", ""))
+        silent = bool(content.get("silent"))
+        store_history = bool(content.get("store_history", not silent))
+        lines, rest = commands.split_cell(code)
+        if commands.misplaced(rest) is not None or not rest.strip():
+            self._count_locally = True  # a cell of %scalebox lines (or a usage error) takes no sandbox number
+            return False
+        if commands.split_magic(rest) is not None:
+            return False  # %%scalebox cells run over ExecutionService (another language or session, -l/--env)
+        if self.sessions.entry().envs:
+            return False  # per-cell env vars (%scalebox env) are applied on the ExecutionService path
+        if code.lstrip().startswith(VSCODE_PREFIX) and (silent or not store_history) and not self.channel.open:
+            return False  # VS Code's hidden helpers never open a sandbox
+        self.set_parent(idents, parsed, channel="shell")
+        # No status of our own: the sandbox kernel's busy and idle frame the cell (a progress line while its
+        # sandbox opens, and what %scalebox lines print, come before them).
+        relay = CellRelay(self, silent=silent, execution_count=self.execution_count + 1)
+        self._interrupted = False
+        task = asyncio.ensure_future(self._open_for_cell(lines, relay))
+        self._cell_task = task
+        try:
+            connected = await task
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and not self._interrupted:
+                raise
+            self._publish_status("busy", "shell")
+            reply = self._cell_failure(exc, relay)
+            self.session.send(stream, "execute_reply", reply, parent=parsed, ident=idents)  # type: ignore[union-attr]
+            self._publish_status("idle", "shell")
+            return True
+        finally:
+            self._cell_task = None
+            self._interrupted = False
+        if not connected:
+            self._lines_done = bool(lines)
+            return False  # the ExecutionService path: ipykernel's dispatch runs the cell (without the lines again)
+        if lines:
+            content["code"] = rest
+            parts = [*parts[:3], json.dumps(content).encode()]
+        await self.channel.forward(stream, idents, parsed["header"], parts, buffers)
+        if not silent:
+            self.sandbox.keep_alive_later()
+        return True
+
+    async def _open_for_cell(self, lines: list[str], relay: CellRelay) -> bool:
+        for line in lines:
+            await commands.run_line(self, line, relay)
+        return await self.channel.ensure(relay)
+
+    def _cell_failure(self, exc: BaseException, relay: CellRelay) -> dict[str, Any]:
+        if isinstance(exc, asyncio.CancelledError):
+            return relay.error("KeyboardInterrupt", "", ["KeyboardInterrupt: the cell was interrupted."])
+        if not isinstance(exc, ScaleboxError):
+            self.log.error("Cell failed inside the Scalebox kernel", exc_info=exc)
+        ename = "UsageError" if isinstance(exc, SubcommandError) else type(exc).__name__
+        message = redact(str(exc), self.secrets())
+        return relay.error(ename, message, [f"{ename}: {message}"])
 
     # ------------------------------------------------------------------------------------------ the sandbox
 
@@ -228,8 +340,11 @@ class ScaleboxKernel(Kernel):
         cell_id: Any = None,
     ) -> dict[str, Any]:
         self._loop = asyncio.get_running_loop()
-        if not silent and not store_history:
-            self.execution_count -= 1  # like IPython: only stored cells are counted
+        if not silent and (not store_history or self._count_locally):
+            # Like IPython, only stored cells are counted; with the relay the sandbox kernel counts, and a cell
+            # of %scalebox lines only (handled here) takes none of its numbers.
+            self.execution_count -= 1
+        self._count_locally = False
         count = self.execution_count
         relay = CellRelay(self, silent=silent, execution_count=count)
         if (
@@ -266,6 +381,8 @@ class ScaleboxKernel(Kernel):
 
     async def _cell(self, code: str, relay: CellRelay) -> dict[str, Any]:
         lines, rest = commands.split_cell(code)
+        if self._lines_done:  # they ran before the relay found it had to fall back
+            lines, self._lines_done = [], False
         for line in lines:
             await commands.run_line(self, line, relay)
         if not rest.strip():
@@ -394,4 +511,5 @@ class ScaleboxKernel(Kernel):
 
     async def _close(self, restart: bool) -> None:
         self._interrupt_cell()
+        await self.channel.close()
         await self.sessions.shutdown(restart)

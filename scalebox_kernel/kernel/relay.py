@@ -24,8 +24,11 @@ def split_traceback(traceback: str) -> list[str]:
 class CellRelay:
     """Turns a running cell's events (stdout, stderr, results, error) into Jupyter messages for one request."""
 
-    def __init__(self, kernel: Kernel, *, silent: bool, execution_count: int) -> None:
+    def __init__(
+        self, kernel: Kernel, *, silent: bool, execution_count: int, parent: dict[str, Any] | None = None
+    ) -> None:
         self.kernel = kernel
+        self.parent = parent  # the request the output answers (default: the one being handled)
         self.silent = silent
         self.execution_count = execution_count
         self.published = 0  # output messages sent so far (a shown progress display included)
@@ -37,7 +40,11 @@ class CellRelay:
             return
         if msg_type != "update_display_data":  # an update changes an output, it adds none
             self.published += 1
-        self.kernel.send_response(self.kernel.iopub_socket, msg_type, content)
+        if self.parent is None:
+            self.kernel.send_response(self.kernel.iopub_socket, msg_type, content)
+        elif self.kernel.session is not None:
+            topic = f"kernel.{self.kernel.ident}.{msg_type}".encode()
+            self.kernel.session.send(self.kernel.iopub_socket, msg_type, content, parent=self.parent, ident=topic)
 
     def stream(self, name: str, text: str) -> None:
         if text:

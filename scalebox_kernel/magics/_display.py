@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import getpass
 import queue
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from IPython.display import display
+from IPython.core.error import StdinNotImplementedError
+from IPython.display import clear_output, display, publish_display_data
 
 from ..client import ExecutionError, OutputMessage, Result, portal
 from ..errors import ScaleboxError, redact
+from ..protocol.mime import bundle_to_fields
 from ..session import ProgressInfo
 from ..session._progress import ProgressCallback
 from ..subcommands import StatusPanel, status_widget
@@ -190,6 +193,31 @@ class Relay:
                 return
             self._show(kind, value)
 
+    def _show_message(self, msg_type: str, content: dict[str, Any]) -> None:
+        """A message of the sandbox kernel, shown as this kernel (or terminal) would show its own."""
+        if msg_type == "stream":
+            stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
+            stream.write(str(content.get("text", "")))
+            stream.flush()
+        elif msg_type in ("display_data", "update_display_data"):
+            sys.stdout.flush()
+            publish_display_data(
+                content.get("data") or {},
+                content.get("metadata") or {},
+                transient=content.get("transient") or {},
+                update=msg_type == "update_display_data",
+            )
+        elif msg_type == "clear_output":
+            clear_output(wait=bool(content.get("wait")))
+        elif msg_type == "execute_result":
+            data = content.get("data") or {}
+            count = content.get("execution_count")
+            result = Result(**bundle_to_fields(data, json_in_extra=False), execution_count=count, is_main_result=True)
+            if self.show_main_result:
+                display(data, raw=True)
+            else:
+                self.main_result = result
+
     def _tick(self) -> None:
         if self._progress is not None and time.monotonic() - self._stage_t0 >= self.progress_delay:
             self._bar.show(self._progress)
@@ -214,6 +242,17 @@ class Relay:
         elif kind == "panel":
             self._bar.close()
             display(status_widget(value, run_now))
+        elif kind == "jupyter":
+            self._bar.close()
+            self._show_message(*value)
+        elif kind == "input":
+            prompt, password, answer = value
+            self._bar.close()
+            try:
+                text = getpass.getpass(prompt) if password else input(prompt)
+            except (EOFError, KeyboardInterrupt, StdinNotImplementedError):
+                text = ""
+            answer(text)
         elif kind == "result":
             result: Result = value
             if result.is_main_result and not self.show_main_result:

@@ -6,17 +6,19 @@ import atexit
 import contextlib
 import shlex
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Bool, Float
 
-from ..client import portal
+from ..client import ExecutionError, portal
 from ..config import ScaleboxConfig
-from ..errors import ExecutionTimeout, ScaleboxError
+from ..errors import ExecutionTimeout, SandboxNotFound, ScaleboxError
 from ..session import SandboxSession, canonical_language
 from ..subcommands import COMMANDS_HELP, Commands, Sessions, SubcommandError, cell_parser, parse_env
+from ._channel import CellChannels
 from ._display import Relay, ScaleboxInterrupted, cell_error, from_execution_error, from_scalebox_error
 from ._transfer import receive, send
 
@@ -37,6 +39,13 @@ Scalebox magics: run cells in a sandbox (scalebox-local, or the Scalebox cloud w
 {COMMANDS_HELP.format(exit="this shell exits")}"""
 
 
+@dataclass
+class _Outcome:
+    """What the magics need of a cell run over the Jupyter endpoint (as of an Execution): its error, if any."""
+
+    error: ExecutionError | None
+
+
 @magics_class
 class ScaleboxMagics(Magics):
     """Run cells in Scalebox sandboxes and manage them: `%scalebox help` lists everything."""
@@ -51,6 +60,7 @@ class ScaleboxMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self.sessions = Sessions(ScaleboxConfig(config=shell.config if shell is not None else None))
         self.auto_args: str | None = None  # set while %autoscalebox is on
+        self.channels = CellChannels()  # cells over the sandboxes' Jupyter endpoints (on the portal's loop)
         atexit.register(self.at_exit)
 
     # ------------------------------------------------------------------------------------------ plumbing
@@ -76,6 +86,12 @@ class ScaleboxMagics(Magics):
     def secrets(self) -> list[str]:
         return self.sessions.secrets()
 
+    @property
+    def _allow_stdin(self) -> bool:
+        """Whether input() in the sandbox can be answered here (a terminal can; a kernel when its frontend can)."""
+        kernel = getattr(self.shell, "kernel", None)
+        return bool(getattr(kernel, "_allow_stdin", True)) if kernel is not None else True
+
     def relay(self, *, show_main_result: bool = True) -> Relay:
         return Relay(widgets=self.widgets, progress_delay=self.progress_delay, show_main_result=show_main_result)
 
@@ -91,6 +107,8 @@ class ScaleboxMagics(Magics):
 
     def at_exit(self) -> None:
         """Kill the sandboxes this shell created (not those it attached to, nor those asked to be kept)."""
+        with contextlib.suppress(BaseException):
+            portal.run(self.channels.close())
         with contextlib.suppress(BaseException):
             portal.run(self.sessions.shutdown())
 
@@ -161,7 +179,51 @@ class ScaleboxMagics(Magics):
             for name, value in inputs.items():
                 await send(session, name, value, language, limit_mb=self.max_transfer_mb, use_pickle=True)
 
+        async def over_channel() -> tuple[SandboxSession, Any] | None:
+            """The cell over the sandbox's Jupyter endpoint (None: take the ExecutionService path)."""
+            if self.sessions.config.channel == "execute" or envs:
+                return None  # env vars for the cell are applied on the ExecutionService path
+            paused, entry.paused = entry.paused, False
+            for attempt in range(2):
+                session = await self.sessions.open(entry, relay, language)
+                if paused:  # paused here (%scalebox pause): a cell resumes it, as on the ExecutionService path
+                    await session.resume()
+                    paused = False
+                try:
+                    await send_inputs(session)
+                    reply = await self.channels.run(
+                        session, language, cell, relay, allow_stdin=self._allow_stdin, timeout=opts.timeout
+                    )
+                except SandboxNotFound:  # gone before the cell ran: a new one (announced), as sessions.run does
+                    if attempt:
+                        raise
+                    await self.sessions.lost(entry)
+                    continue
+                if reply is None:
+                    return None
+                error = None
+                if reply.get("status") == "aborted":
+                    why = "the sandbox's kernel did not run this cell: it was aborted after an earlier error"
+                    error = ExecutionError("CellAborted", why, f"CellAborted: {why}")
+                elif reply.get("status") == "error":
+                    traceback = reply.get("traceback") or []
+                    error = ExecutionError(
+                        str(reply.get("ename", "")), str(reply.get("evalue", "")), "\n".join(traceback)
+                    )
+                return session, error
+            return None
+
         async def job() -> tuple[Any, dict[str, Any]]:
+            done = await over_channel()
+            if done is not None:
+                session, error = done
+                outputs = {}
+                if error is None:
+                    for name in opts.outputs:
+                        outputs[name] = await receive(
+                            session, name, language, limit_mb=self.max_transfer_mb, allow_pickle=opts.unsafe_pickle
+                        )
+                return _Outcome(error), outputs
             session, execution = await self.sessions.run(
                 entry,
                 relay,

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from traitlets import Bool, Integer, Unicode, default
 
@@ -29,6 +29,7 @@ from ..local import API_KEY_ENV, LocalServerInfo, remove_runtime_info, runtime_f
 from .bodies import error_response
 from .isolation.jail import LINKS_DIR
 from .isolation.sandbox import describe
+from .jupyter_api import JupyterPlane
 from .rest import ControlPlane
 from .rpc import AgentPlane
 from .sandboxes import SandboxManager
@@ -56,8 +57,10 @@ def create_app(settings: ServerSettings, manager: SandboxManager, api_key: str) 
     async def internal_error(request: Request, exc: Exception) -> Response:
         return error_response(500, f"internal error: {type(exc).__name__}")
 
-    routes = [Route("/health", health, methods=["GET", "HEAD"])]
+    routes: list[BaseRoute] = [Route("/health", health, methods=["GET", "HEAD"])]
     routes += ControlPlane(manager, api_key).routes()
+    if settings.jupyter_endpoint:
+        routes += JupyterPlane(manager, settings).routes()
     routes += AgentPlane(manager, settings).routes()
     return Starlette(
         routes=routes,
@@ -276,7 +279,11 @@ class ServeApp(JupyterApp):
             timeout_graceful_shutdown=3,
             lifespan="off",
             http="h11",
-            ws="none",
+            ws="websockets-sansio",
+            ws_max_size=settings.max_request_bytes,
+            ws_per_message_deflate=False,  # a 20 MB plot is not worth compressing on loopback
+            ws_ping_interval=20.0,
+            ws_ping_timeout=20.0,
             loop="asyncio",
             server_header=False,
         )

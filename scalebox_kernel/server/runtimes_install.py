@@ -44,13 +44,23 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "python": Recipe(pip=("ipykernel", "numpy", "pandas", "matplotlib")),
+    # orjson: jupyter_client packs messages with it when it is there (a 20 MB plot in 13 ms instead of 300)
+    "python": Recipe(pip=("ipykernel", "orjson", "numpy", "pandas", "matplotlib", "ipywidgets", "tqdm")),
     "r": Recipe(apt=("r-base-core", "r-cran-irkernel")),
     "nodejs": Recipe(npm=("tslab",)),
     "typescript": Recipe(pip=("deno",)),
     "java": Recipe(pip=("jjava",)),
-    "bash": Recipe(pip=("ipykernel", "bash_kernel")),
+    "bash": Recipe(pip=("ipykernel", "orjson", "bash_kernel")),
 }
+
+
+#: Run by the runtime's Python to fill jedi's cache (XDG_CACHE_HOME/jedi) with the modules completed most.
+_WARM_COMPLETION = """\
+import jedi
+for code in ("import os; os.pa", "import json; json.lo", "import re; re.co", "import sys; sys.pa",
+             "import pathlib; pathlib.Pa", "import collections; collections.Co", "import math; math.sq"):
+    jedi.Interpreter(code, [{}]).complete()
+"""
 
 
 class InstallError(Exception):
@@ -122,6 +132,8 @@ class Installer:
 
     def _current(self, lang: str) -> bool:
         marker = self.store.marker(lang)
+        if lang == "python" and not self.store.completion_cache.is_dir():
+            return False
         return bool(marker and marker.get("recipe") == RECIPES[lang].ident and self.store.spec(lang) is not None)
 
     @contextlib.contextmanager
@@ -240,6 +252,8 @@ class Installer:
         if lang == "r" and not self._r_ready():
             raise InstallError("R's IRkernel package is not available (apt-get install r-cran-irkernel)")
         spec, versions, path = self._spec_and_versions(lang)
+        if lang == "python":
+            self._completion_cache()
         spec_dir = self.store.spec_dir(lang)
         spec_dir.mkdir(parents=True, exist_ok=True)
         (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1) + "\n")
@@ -254,6 +268,18 @@ class Installer:
         }
         self.store.marker_path(lang).parent.mkdir(parents=True, exist_ok=True)
         self.store.marker_path(lang).write_text(json.dumps(marker, indent=1) + "\n")
+
+    def _completion_cache(self) -> None:
+        """Parse the modules people complete first (os, json, ...) with jedi once, here: every new sandbox gets a
+        copy of that cache in its home, so its first Tab answers in a fraction of a second, not two."""
+        cache = self.store.completion_cache
+        build = cache.parent / f".{cache.name}.building"
+        shutil.rmtree(build, ignore_errors=True)
+        env = {**os.environ, "XDG_CACHE_HOME": str(build)}
+        self._run([str(self.store.venv_python), "-c", _WARM_COMPLETION], env=env)
+        shutil.rmtree(cache, ignore_errors=True)
+        (build / "jedi").rename(cache)
+        shutil.rmtree(build, ignore_errors=True)
 
     def _venv(self) -> None:
         python = self.store.venv_python
@@ -271,7 +297,7 @@ class Installer:
         conn = "{connection_file}"
         if lang == "python":
             argv = [python, "-m", "ipykernel_launcher", "-f", conn]
-            versions = self._pip_versions("ipykernel", "numpy", "pandas", "matplotlib")
+            versions = self._pip_versions("ipykernel", "numpy", "pandas", "matplotlib", "ipywidgets")
             return _spec(argv, "Python", "python"), versions, str(self.store.venv)
         if lang == "bash":
             argv = [python, "-m", "bash_kernel", "-f", conn]

@@ -83,6 +83,11 @@ class RuntimeStore:
         return self.root / "venv"
 
     @property
+    def completion_cache(self) -> Path:
+        """jedi's cache of the modules completed most, copied into each sandbox's ~/.cache/jedi."""
+        return self.root / "completion-cache" / "jedi"
+
+    @property
     def venv_python(self) -> Path:
         return self.venv / "bin" / "python"
 

@@ -208,7 +208,8 @@ class SandboxManager:
                 await self._reaper
         agents = list(self._agents.items())
         self._agents.clear()
-        await asyncio.gather(*(self._shutdown_agent(sid, agent) for sid, agent in agents))
+        reason = "scalebox-local stopped"
+        await asyncio.gather(*(self._shutdown_agent(sid, agent, reason=reason) for sid, agent in agents))
         self.store.close()
 
     def isolation(self) -> dict[str, Any]:
@@ -439,12 +440,14 @@ class SandboxManager:
             agent.mark_state_lost(reason)
         self._agents[record.sandbox_id] = agent
 
-    async def _shutdown_agent(self, sandbox_id: str, agent: SandboxAgent, *, paused: bool = False) -> None:
+    async def _shutdown_agent(
+        self, sandbox_id: str, agent: SandboxAgent, *, paused: bool = False, reason: str = "stopped"
+    ) -> None:
         if paused:
             with contextlib.suppress(Exception):
                 await agent.resume()  # stopped processes cannot shut down cleanly
         try:
-            await agent.shutdown()
+            await agent.shutdown(f"sandbox {sandbox_id} {reason}")
         except Exception:
             log.exception("error while shutting down sandbox %s", sandbox_id)
 
@@ -481,7 +484,7 @@ class SandboxManager:
     async def _terminate(self, record: SandboxRecord, reason: str) -> None:
         agent = self._agents.pop(record.sandbox_id, None)
         if agent is not None:
-            await self._shutdown_agent(record.sandbox_id, agent, paused=record.state == PAUSED)
+            await self._shutdown_agent(record.sandbox_id, agent, paused=record.state == PAUSED, reason=reason)
         await self._remove_files(record.sandbox_id, agent)
         record.state = TERMINATED
         record.reason = reason
@@ -597,7 +600,8 @@ class SandboxManager:
 
     async def _stop_paused(self, record: SandboxRecord) -> None:
         """Free the memory of a long-paused sandbox: stop its processes, keep its files."""
-        await self._shutdown_agent(record.sandbox_id, self._agents.pop(record.sandbox_id), paused=True)
+        reason = "was paused too long, so its processes were stopped"
+        await self._shutdown_agent(record.sandbox_id, self._agents.pop(record.sandbox_id), paused=True, reason=reason)
         self._lost[record.sandbox_id] = (
             f"the sandbox was paused for more than {self.settings.pause_stop_after:.0f} s, so its processes were "
             "stopped to free memory"

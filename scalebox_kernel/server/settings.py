@@ -121,6 +121,13 @@ class ServerSettings(Configurable):
     public_host = Unicode(
         "", config=True, help="Host[:port] put in sandbox_domain; defaults to the address the server listens on."
     )
+    jupyter_endpoint = Bool(
+        True,
+        config=True,
+        help="Serve each sandbox's Jupyter endpoint (the kernels REST API and WebSocket channels under "
+        "/sbx/<id>/api). Off, the server answers as a back end without one: Scalebox kernels fall back to "
+        "ExecutionService.",
+    )
 
     @property
     def stream_buffer_bytes(self) -> int:

@@ -190,6 +190,9 @@ class Commands:
     async def _rows(self, entry: NamedSession, session: SandboxSession) -> list[tuple[str, str]]:
         rows = info_rows(entry.name, session, await session.info(), entry.envs)
         rows.append(("kept at exit", "yes" if entry.keep else "no"))
+        channel = self.sessions.channel_of(entry)
+        if channel:
+            rows.append(("channel", channel))
         return rows
 
     async def cmd_close(self, args: list[str]) -> None:

@@ -81,6 +81,10 @@ class Sessions:
         """Metadata put on the sandboxes this door creates."""
         return {"scalebox_magics_session": entry.name}
 
+    def channel_of(self, entry: NamedSession) -> str | None:
+        """How this door's cells reach the entry's sandbox kernel, when the door has a choice (`%scalebox info`)."""
+        return None
+
     def secrets(self) -> list[str]:
         """What must never be shown: the API key in effect (the client already redacts access tokens)."""
         secrets = self.config.secrets()

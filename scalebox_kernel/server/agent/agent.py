@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from ..isolation.layout import HOME, USER_DIRS
 from ..isolation.sandbox import SandboxIsolation
-from ..runtimes_store import runtimes_dir
+from ..runtimes_store import RuntimeStore, runtimes_dir
 from ..settings import ServerSettings
 from . import transfer
 from .execution import Contexts
@@ -125,8 +125,24 @@ class SandboxAgent:
                 self.tree.makedirs(directory)
             profile = _PROFILE.format(bin_dir=os.pathsep.join(sandbox_bin_dirs())).encode()
             self.tree.write_new(f"{HOME}/.profile", profile)
+            self._seed_completion_cache()
         except OSError as exc:  # the sandbox filled its disk or broke its home: it starts anyway, without them
             log.warning("sandbox %s: could not set up its home: %s", self.sandbox_id, exc.strerror)
+
+    def _seed_completion_cache(self) -> None:
+        """A copy of the runtime's jedi cache (runtimes_install), so the first Tab in the sandbox is quick. The
+        source is the server's own directory; what is written goes through the tree, as the sandbox."""
+        source = RuntimeStore().completion_cache
+        if not source.is_dir():
+            return
+        for path in sorted(source.rglob("*")):
+            relative = path.relative_to(source).as_posix()
+            target = f"{HOME}/.cache/jedi/{relative}"
+            if path.is_dir() and not path.is_symlink():
+                self.tree.makedirs(target)
+            elif path.is_file() and not path.is_symlink():
+                self.tree.makedirs(target.rpartition("/")[0])
+                self.tree.write_new(target, path.read_bytes())
 
     async def pause(self) -> None:
         """Freeze every process of the sandbox (the cgroup freezer, where there is one: it also stops what left
@@ -141,10 +157,11 @@ class SandboxAgent:
         self.processes.resume()
         await self.confinement.thaw()
 
-    async def shutdown(self) -> None:
-        """Kill kernels, commands and watchers; the files stay (the server deletes the tree on kill)."""
+    async def shutdown(self, reason: str = "the sandbox stopped") -> None:
+        """Kill kernels, commands and watchers; the files stay (the server deletes the tree on kill). Jupyter
+        endpoint clients hear `reason`."""
         await self.watchers.close()
-        await asyncio.gather(self.contexts.shutdown(), self.processes.shutdown())
+        await asyncio.gather(self.contexts.shutdown(reason), self.processes.shutdown())
         await self.confinement.stop()
 
     def release(self) -> None:

@@ -27,7 +27,15 @@ from .runtimes import LANGUAGES, KernelLaunch, LaunchContext, Runtime, RuntimeRe
 
 #: Contexts (kernels) one sandbox may have at once.
 MAX_CONTEXTS = 32
-_CONTEXT_ID = re.compile(r"^(?P<language>[a-z]+)-[0-9a-f]{16}$")
+#: `<language>-` and 80 random bits in four dash-separated groups: five dash-separated words, the shape
+#: jupyter_server and JupyterLab route kernel ids by. (Ids of the older 16-hex-digit shape still come back after
+#: a restart.)
+_CONTEXT_ID = re.compile(r"^(?P<language>[a-z]+)-([0-9a-f]{16}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4})$")
+
+
+def _new_context_id(language: str) -> str:
+    bits = secrets.token_hex(10)
+    return f"{language}-{bits[:8]}-{bits[8:12]}-{bits[12:16]}-{bits[16:]}"
 
 
 @dataclass
@@ -81,7 +89,7 @@ class Contexts:
                 f"this sandbox already has {MAX_CONTEXTS} contexts (each one a kernel); destroy one first",
             )
         sandbox_cwd, host_cwd = self._paths.cwd(cwd)
-        context_id = context_id or f"{runtime.name}-{secrets.token_hex(8)}"
+        context_id = context_id or _new_context_id(runtime.name)
         home = self._paths.to_host(HOME)
 
         def launch() -> KernelLaunch:
@@ -165,12 +173,15 @@ class Contexts:
         for context in self._contexts.values():
             context.kernel.resume()
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, reason: str) -> None:
         contexts = list(self._contexts.values())
         self._contexts.clear()
         self._defaults.clear()
         for context in contexts:
-            await context.kernel.shutdown()
+            await context.kernel.shutdown(reason)
+
+    def all(self) -> list[CodeContext]:
+        return list(self._contexts.values())
 
     # ------------------------------------------------------------------ RPCs
 

@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -78,8 +79,11 @@ def _json(frame: zmq.Frame) -> Any:
     return json.loads(frame.bytes.decode("utf-8", "replace"))
 
 
-def parse(frames: list[zmq.Frame], auth: hmac.HMAC | None) -> IopubMessage:
-    """A received multipart message (`copy=False` frames) as an IopubMessage; MalformedMessage if it is not one."""
+def parse(
+    frames: list[zmq.Frame], auth: hmac.HMAC | None, wanted: Callable[[str, str], bool] | None = None
+) -> IopubMessage:
+    """A received multipart message (`copy=False` frames) as an IopubMessage; MalformedMessage if it is not one.
+    Its content is decoded only if `wanted(msg_type, parent_id)` (another client's output costs no parsing)."""
     index = next((i for i, f in enumerate(frames) if len(f) == len(DELIMITER) and f.bytes == DELIMITER), None)
     if index is None:
         raise MalformedMessage("no <IDS|MSG> delimiter")
@@ -87,12 +91,6 @@ def parse(frames: list[zmq.Frame], auth: hmac.HMAC | None) -> IopubMessage:
     if len(parts) < 5:
         raise MalformedMessage(f"{len(parts)} message parts after the delimiter, not 5")
     signature, header_frame, parent_frame, metadata_frame, content_frame = parts
-    if auth is not None:
-        check = auth.copy()
-        for frame in (header_frame, parent_frame, metadata_frame, content_frame):
-            check.update(frame.buffer)
-        if not hmac.compare_digest(check.hexdigest().encode(), signature.bytes):
-            raise MalformedMessage("invalid signature")
     try:
         header, parent, metadata = _json(header_frame), _json(parent_frame), _json(metadata_frame)
     except ValueError as exc:
@@ -100,6 +98,14 @@ def parse(frames: list[zmq.Frame], auth: hmac.HMAC | None) -> IopubMessage:
     msg_type = str(header.get("msg_type", "")) if isinstance(header, dict) else ""
     parent_id = str(parent.get("msg_id", "")) if isinstance(parent, dict) else ""
     message = IopubMessage(msg_type, parent_id, {}, sequence=_sequence(metadata))
+    if wanted is not None and not wanted(msg_type, parent_id):
+        return message  # nothing is done with it (a Jupyter endpoint client's output): not worth an HMAC
+    if auth is not None:
+        check = auth.copy()
+        for frame in (header_frame, parent_frame, metadata_frame, content_frame):
+            check.update(frame.buffer)
+        if not hmac.compare_digest(check.hexdigest().encode(), signature.bytes):
+            raise MalformedMessage("invalid signature")
     if msg_type == "stream" and len(content_frame) > TEXT_SLICE:
         split = _split_stream(content_frame.buffer)
         if split is not None:
@@ -282,6 +288,8 @@ class IopubReader:
         self._routes: dict[str, Handler] = {}
         self.losses = LossTracker()
         self._task: asyncio.Task[None] | None = None
+        self.execution_state = "starting"  # the kernel's last status, whoever's request it was about
+        self.last_activity = time.time()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"scalebox {self._name} iopub")
@@ -319,15 +327,23 @@ class IopubReader:
                     await asyncio.sleep(0.1)
             await asyncio.sleep(0)
 
+    def _wanted(self, msg_type: str, parent_id: str) -> bool:
+        return msg_type == "status" or parent_id in self._routes
+
     async def _handle(self, frames: list[zmq.Frame]) -> None:
         """One message (its frames are freed when this returns, before the next one is read)."""
         try:
-            message = parse(frames, self._auth)
+            message = parse(frames, self._auth, self._wanted)
         except MalformedMessage as exc:
             log.warning("dropped an iopub message of %s: %s", self._name, exc)
             return
         if message.sequence is not None:
             self.losses.see(*message.sequence)
+        self.last_activity = time.time()
+        if message.msg_type == "status":
+            state = message.content.get("execution_state")
+            if isinstance(state, str) and state in ("busy", "idle", "starting"):
+                self.execution_state = state
         handler = self._routes.get(message.parent_id)
         if handler is None:
             return

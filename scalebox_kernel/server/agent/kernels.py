@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
@@ -33,6 +34,7 @@ from ...protocol.connect import ConnectError
 from ..isolation.sandbox import SandboxIsolation
 from ..scrub import scrub
 from ..streaming import MiB, StreamBuffer
+from .channels import KernelClients
 from .events import cell_events, merge_following, stderr_event
 from .iopub import MAX_MESSAGE, IopubReader
 from .kernel_log import KernelLog
@@ -121,7 +123,9 @@ class Kernel:
         self._start_timeout = start_timeout
         self._isolation = isolation
         self._buffer_bytes = buffer_bytes  # per Execute stream, in memory; beyond it output spills to disk
-        self.lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # one Execute cell at a time
+        self._start_lock = asyncio.Lock()  # one start, stop or restart at a time
+        self.clients = KernelClients(self, buffer_bytes)  # WebSocket clients of the Jupyter endpoint
         self.notice: str | None = None  # stderr line written before the next cell runs
         self._km: AsyncKernelManager | None = None
         self._kc: AsyncKernelClient | None = None
@@ -145,21 +149,64 @@ class Kernel:
         self._spawn(self._warm(), "warm-up")
 
     async def _warm(self) -> None:
-        async with self.lock:
-            try:
-                await self._ensure_started()
-            except Exception as exc:  # reported again, to the client, by the first cell
-                log.warning("could not start the %s kernel of %s: %s", self.runtime.name, self._name, exc)
+        try:
+            await self._ensure_started()
+        except Exception as exc:  # reported again, to the client, by the first cell
+            log.warning("could not start the %s kernel of %s: %s", self.runtime.name, self._name, exc)
+
+    async def ready(self) -> None:
+        """Start the kernel if it is not running (a Jupyter endpoint client is about to use it)."""
+        await self._ensure_started()
 
     async def _ensure_started(self) -> None:
-        if self._closed:
-            raise ConnectError("not_found", f"context {self._name} was destroyed")
-        if self._km is not None and await self._km.is_alive():
-            return
-        if self._km is not None:
-            self.notice = self.notice or restarted_notice(self.runtime, "of this context had stopped and was restarted")
-            await self._stop()
-        await self._start()
+        async with self._start_lock:
+            if self._closed:
+                raise ConnectError("not_found", f"context {self._name} was destroyed")
+            if self._km is not None and await self._km.is_alive():
+                return
+            if self._km is not None:
+                why = "of this context had stopped and was restarted"
+                self.notice = self.notice or restarted_notice(self.runtime, why)
+                await self._stop()
+            await self._start()
+
+    # ------------------------------------------------------------------ the Jupyter endpoint's view
+
+    @property
+    def signer(self) -> Any:
+        """The kernel's jupyter_client Session (its key signs what clients send)."""
+        if self._km is None:
+            raise ConnectError("unavailable", f"the kernel of {self._name} is not running")
+        return self._km.session
+
+    def connect_channel(self, channel: str, identity: bytes) -> zmq.asyncio.Socket:
+        """A new socket on one channel of the running kernel (a SUB subscribed to everything for iopub)."""
+        km = self._km
+        if km is None:
+            raise ConnectError("unavailable", f"the kernel of {self._name} is not running")
+        if channel == "iopub":
+            socket = km.connect_iopub()
+            socket.setsockopt(zmq.RCVHWM, IOPUB_RCVHWM if self.runtime.ipykernel_based else 0)
+        else:
+            connect = {"shell": km.connect_shell, "control": km.connect_control, "stdin": km.connect_stdin}[channel]
+            socket = connect(identity=identity)
+        assert isinstance(socket, zmq.asyncio.Socket)  # an AsyncKernelManager's context makes asyncio sockets
+        return socket
+
+    @property
+    def execution_state(self) -> str:
+        if self._iopub is None:
+            return "starting" if not self._closed else "dead"
+        return self._iopub.execution_state
+
+    @property
+    def last_activity(self) -> float:
+        return self._iopub.last_activity if self._iopub is not None else 0.0
+
+    async def interrupt(self) -> None:
+        """The endpoint's interrupt: a signal or message to the kernel (a restart, for kernels that die of it)."""
+        await self._ensure_started()
+        await self._interrupt()
 
     async def _start(self) -> None:
         launch = self._launch()
@@ -207,6 +254,7 @@ class Kernel:
             raise ConnectError("unavailable", f"the {self.runtime.name} kernel did not start: {reason}{said}") from None
         if self._paused:
             self.signal_group(signal.SIGSTOP)
+        self.clients.reconnect()
 
     async def _stop(self) -> None:
         km, kc, iopub, self._km, self._kc, self._iopub = self._km, self._kc, self._iopub, None, None, None
@@ -223,12 +271,14 @@ class Kernel:
             self._last_log, self._log = self._log, None
 
     async def restart(self) -> None:
-        await self._stop()
-        await self._start()
+        async with self._start_lock:
+            await self._stop()
+            await self._start()
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, reason: str = "its context was destroyed") -> None:
         """Stop the kernel for good (the context was destroyed or the sandbox is going away)."""
         self._closed = True
+        await self.clients.close(f"the kernel is gone: {reason}")
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

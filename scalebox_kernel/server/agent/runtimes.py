@@ -80,6 +80,18 @@ def _numbered_send(self, stream, msg_or_type, content=None, parent=None, ident=N
     return _send(self, stream, msg_or_type, content, parent, ident, buffers, track, header, metadata)
 Session.send = _numbered_send
 
+if sys.argv[1] == "ipykernel_launcher":
+    # A history_reply names the current session 0 for a range and by its number for a tail; clients (and
+    # jupyter_kernel_test) ask for a range by the number a tail gave them and expect it back.
+    from ipykernel.ipkernel import IPythonKernel
+    _history = IPythonKernel.do_history
+    def _numbered_history(self, *args, **kwargs):
+        reply = _history(self, *args, **kwargs)
+        number = self.shell.history_manager.session_number
+        reply["history"] = [(row[0] or number, *row[1:]) for row in reply.get("history", [])]
+        return reply
+    IPythonKernel.do_history = _numbered_history
+
 runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 """.replace("@KEY@", SEQUENCE_KEY)
 

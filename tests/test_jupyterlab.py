@@ -1,0 +1,172 @@
+"""A real JupyterLab 4 on loopback, driven by headless Chromium the way a user works: widgets, `input()`,
+`clear_output`, display updates, Tab completion and prompt numbers, each in a fresh notebook, once on the plain
+ipykernel (`python3`, proving the harness) and once on the Scalebox kernel against a real scalebox-local.
+Screenshots of every step land in the artifacts folder printed at the start of the run."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+from browser_support import (
+    JupyterLab,
+    Notebook,
+    artifacts_dir,
+    chromium,
+    jupyterlab,
+    logged_in_context,
+)
+from conftest import LocalServer
+from kernel_support import KERNEL, install_kernelspecs
+from playwright.sync_api import Browser, BrowserContext, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+KERNELS = ["python3", KERNEL]
+SETTLE_MS = 5_000  # how long a finished cell's outputs may take to render
+WIDGET_MS = 15_000  # a widget or stdin box shows while its cell runs, after messages to and from the kernel
+
+
+@pytest.fixture(scope="module")
+def shots(request: pytest.FixtureRequest) -> Path:
+    folder = artifacts_dir()
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else nullcontext():  # in every CI log, passing or not
+        print(f"\nbrowser screenshots: {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lab(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory, shots: Path) -> Iterator[JupyterLab]:
+    base = tmp_path_factory.mktemp("jupyterlab")
+    env = {"JUPYTER_PATH": str(install_kernelspecs(base / "kernelspecs")), **local_server.env()}
+    with jupyterlab(base, env) as server:
+        try:
+            yield server
+        finally:
+            (shots / "jupyterlab.log").write_text(server.log_text())  # the token redacted
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def context(browser: Browser, lab: JupyterLab) -> Iterator[BrowserContext]:
+    ctx = logged_in_context(browser, lab)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(params=KERNELS)
+def notebook(
+    request: pytest.FixtureRequest, lab: JupyterLab, context: BrowserContext, shots: Path
+) -> Iterator[Notebook]:
+    """A fresh notebook on the kernel under test, open and idle, whose first cell has run (so a Scalebox kernel
+    has its sandbox and any start-up output stays out of the checked cells)."""
+    label = re.sub(r"[^\w.-]+", "-", request.node.name).strip("-")
+    name = f"{label}.ipynb"
+    lab.create_notebook(name, request.param)
+    nb = Notebook.open(context, lab, name, shots, label)
+    try:
+        with nb.step("first-cell"):
+            first = nb.run("print('ready')")
+            expect(first.locator.locator(".jp-OutputArea")).to_contain_text("ready", timeout=SETTLE_MS)
+        yield nb
+    finally:
+        nb.close()
+        lab.shutdown_session(name)
+
+
+def test_slider_moves_kernel_value(notebook: Notebook) -> None:
+    with notebook.step("slider-shown"):
+        cell = notebook.run("import ipywidgets\nslider = ipywidgets.IntSlider()\nslider")
+        slider = cell.widget("slider")
+        expect(slider).to_be_visible(timeout=WIDGET_MS)
+        expect(slider.locator(".widget-readout")).to_have_text("0")
+    with notebook.step("slider-moved"):
+        slider.locator(".noUi-handle").focus()
+        for _ in range(3):
+            notebook.page.keyboard.press("ArrowRight")
+        expect(slider.locator(".widget-readout")).to_have_text("3", timeout=WIDGET_MS)
+    with notebook.step("slider-value-read"):
+        check = notebook.run("print(slider.value)")
+        expect(check.outputs).to_have_text(["3"], timeout=SETTLE_MS)
+
+
+def test_input_prompt_reaches_kernel(notebook: Notebook) -> None:
+    with notebook.step("input-asked"):
+        cell = notebook.run("name = input('name?')\nprint('hello', name)", wait=False)
+        expect(cell.stdin).to_be_visible(timeout=WIDGET_MS)
+        expect(cell.locator.locator(".jp-Stdin-prompt")).to_contain_text("name?")
+    with notebook.step("input-answered"):
+        cell.stdin.fill("Ada")
+        cell.stdin.press("Enter")
+        cell.wait_done()
+        expect(cell.stdin).to_have_count(0, timeout=SETTLE_MS)
+        expect(cell.locator.locator(".jp-OutputArea")).to_contain_text("hello Ada", timeout=SETTLE_MS)
+    with notebook.step("input-value-read"):
+        check = notebook.run("print(repr(name))")
+        expect(check.outputs).to_have_text(["'Ada'"], timeout=SETTLE_MS)
+
+
+def test_clear_output_leaves_one_line(notebook: Notebook) -> None:
+    code = (
+        "import time\n"
+        "from IPython.display import clear_output\n"
+        "for i in range(5):\n"
+        "    clear_output(wait=True)\n"
+        "    print(f'step {i}')\n"
+        "    time.sleep(0.2)\n"
+    )
+    with notebook.step("progress-done"):
+        cell = notebook.run(code)
+        expect(cell.outputs).to_have_count(1, timeout=SETTLE_MS)
+        assert cell.output_texts() == ["step 4"]
+
+
+def test_display_update_replaces_output(notebook: Notebook) -> None:
+    with notebook.step("display-updated"):
+        cell = notebook.run("h = display('a', display_id=True)\nh.update('b')")
+        expect(cell.outputs).to_have_count(1, timeout=SETTLE_MS)
+        assert cell.output_texts() == ["'b'"]
+
+
+def test_tab_completes_module_attribute(notebook: Notebook) -> None:
+    with notebook.step("os-not-imported"):
+        check = notebook.run("print('os' in dir())")
+        expect(check.outputs).to_have_text(["False"], timeout=SETTLE_MS)
+    with notebook.step("completer-shown"):
+        # Tab at the end of `import os; os.pa`: the kernel's own completer (jedi) reads the import it has not run
+        cell = notebook.type_in_new_cell("import os; os.pa")
+        notebook.page.keyboard.press("Tab")
+        editor = cell.locator.locator(".jp-InputArea-editor .cm-content")
+        try:
+            items = notebook.completer_items()
+        except PlaywrightTimeout:  # a single match is inserted without a popup
+            items = []
+        names = [item.rsplit(".", 1)[-1] for item in items]
+        inserted = editor.inner_text().strip() == "import os; os.path"
+        assert "path" in names or inserted, (items, editor.inner_text())
+    notebook.page.keyboard.press("Escape")
+
+
+def test_prompt_numbers_match_tracebacks(notebook: Notebook) -> None:
+    with notebook.step("cells-run"):
+        notebook.run("a = 1")
+        notebook.run("b = a + 1")
+        counted = notebook.run("print(len(In) - 1)")  # IPython's own count of this cell's input
+        expect(counted.outputs).to_have_count(1, timeout=SETTLE_MS)
+        assert counted.output_texts() == [str(counted.execution_count())]
+    with notebook.step("error-raised"):
+        failing = notebook.run("b / 0")
+        prompt = failing.execution_count()
+        error = failing.locator.locator("[data-mime-type='application/vnd.jupyter.stderr']")
+        expect(error).to_contain_text("ZeroDivisionError", timeout=SETTLE_MS)
+        assert re.findall(r"Cell In\[(\d+)\]", failing.text()) == [str(prompt)], (prompt, failing.text())

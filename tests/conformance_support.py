@@ -10,7 +10,6 @@ so it is what the Scalebox kernel must pass too.
 from __future__ import annotations
 
 import json
-import os
 import unittest
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +18,10 @@ from typing import Any, ClassVar
 import jupyter_kernel_test
 from jupyter_client.manager import start_new_kernel
 
-from scalebox_kernel.server.agent.agent import PASSTHROUGH_ENV
+from scalebox_kernel.server.agent.agent import base_environment
 from scalebox_kernel.server.agent.runtimes import (
     LaunchContext,
     default_registry,
-    sandbox_bin_dirs,
-    sandbox_language_env,
 )
 from scalebox_kernel.server.settings import ServerSettings
 
@@ -44,20 +41,8 @@ class NativeKernel:
 
 
 def sandbox_env(root: Path) -> dict[str, str]:
-    """The environment scalebox-local gives a sandbox's kernels (`SandboxAgent.sandbox_env`), rooted at `root`
-    instead of a sandbox's tree: the server's harmless variables, the runtimes first on PATH, home and TMPDIR."""
-    env = {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
-    bin_dirs = sandbox_bin_dirs()
-    path = env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
-    if path.split(os.pathsep)[: len(bin_dirs)] != bin_dirs:
-        path = os.pathsep.join([*bin_dirs, path])
-    env["PATH"] = path
-    env.setdefault("LANG", "C.UTF-8")
-    env["HOME"] = str(root / "home" / "user")
-    env["TMPDIR"] = str(root / "tmp")
-    env["SHELL"] = "/bin/bash"
-    env.update(sandbox_language_env(root / "home" / "user"))
-    return env
+    """The environment scalebox-local gives a sandbox's kernels, rooted at `root` instead of a sandbox's tree."""
+    return base_environment(root)
 
 
 def write_native_kernelspec(language: str, root: Path, jupyter_path: Path) -> NativeKernel:

@@ -16,6 +16,12 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
 KERNEL = "scalebox-python"
+#: A tqdm-style cell: a progress line cleared (`wait=True`) and printed four times, then a display updated by id.
+CLEAR_AND_UPDATE = (
+    "from IPython.display import clear_output, display\n"
+    "for i in range(4):\n    clear_output(wait=True)\n    print('step', i)\n"
+    "h = display('first', display_id=True)\nh.update('second')\n"
+)
 
 
 def install_kernelspecs(prefix: Path) -> Path:

@@ -71,6 +71,9 @@ async def test_only_this_sandboxes_token_is_accepted(sandbox: AsyncSandbox, loca
         assert (await http.get("/api/kernels")).status_code == 403
         await http.aclose()
     async with httpx.AsyncClient(base_url=sandbox.jupyter().base_url) as http:
+        host = httpx.URL(sandbox.jupyter().base_url).netloc.decode()
+        as_the_sdks_name_it = {"Host": f"32000-{host}", "Authorization": f"token {access_token(sandbox)}"}
+        assert (await http.get("/api/kernels", headers=as_the_sdks_name_it)).status_code == 200
         missing = await http.get("/api/kernels")
         assert missing.status_code == 401 and "token" in missing.json()["message"]
         by_query = await http.get("/api/kernels", params={"token": access_token(sandbox)})
@@ -81,6 +84,7 @@ async def test_only_this_sandboxes_token_is_accepted(sandbox: AsyncSandbox, loca
     assert refused.value.response.status_code == 403
     frontend = await Frontend.open(ws_url(sandbox.jupyter().base_url, kernel_id, token=access_token(sandbox)))
     await frontend.close()
+    assert access_token(sandbox) not in local_server.log_text()  # the URL with ?token= is never logged as it is
 
 
 # ---- channels -------------------------------------------------------------------------------------------------------

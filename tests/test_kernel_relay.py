@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import LocalServer
-from kernel_support import KernelRun, environ, install_kernelspecs, of_type, text_of
+from kernel_support import CLEAR_AND_UPDATE, KernelRun, environ, install_kernelspecs, of_type, text_of
 from proxy_support import DropProxy, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,13 +46,9 @@ def cell_messages(run: KernelRun, msg_id: str, until: Callable[[dict[str, Any]],
 
 def test_the_full_protocol_reaches_the_sandbox_kernel(kernel: KernelRun) -> None:
     kernel.execute("1")  # opens the sandbox (its progress line is cleared with a clear_output of ours)
-    reply, outputs = kernel.execute(
-        "from IPython.display import display, clear_output\n"
-        "for i in range(5):\n    clear_output(wait=True)\n    print('step', i)\n"
-        "h = display('first', display_id=True)\nh.update('second')\n"
-    )
+    reply, outputs = kernel.execute(CLEAR_AND_UPDATE)
     assert reply["content"]["status"] == "ok"
-    assert [m["wait"] for m in of_type(outputs, "clear_output")] == [True] * 5
+    assert [m["wait"] for m in of_type(outputs, "clear_output")] == [True] * 4
     assert of_type(outputs, "update_display_data")[0]["data"]["text/plain"] == "'second'"
     # completion in the sandbox's own kernel, with nothing imported yet
     assert "path" in kernel.request("complete", "import os; os.pa")["matches"]

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import LocalServer
 from IPython.core.interactiveshell import InteractiveShell
-from kernel_support import KernelRun
+from kernel_support import CLEAR_AND_UPDATE, KernelRun
 from magics_support import magics, ok, run
 from test_session import tiny_wheel
 
@@ -288,11 +288,7 @@ def test_kernel_streams_results_plots_html_and_errors(kernel: KernelRun) -> None
 
 def test_kernel_cells_take_the_jupyter_channel(kernel: KernelRun) -> None:
     """clear_output, display updates and input() behave as they would locally."""
-    reply, outputs = kernel.execute(
-        "%%scalebox\nfrom IPython.display import clear_output, display\n"
-        "for i in range(4):\n    clear_output(wait=True)\n    print('step', i)\n"
-        "h = display('first', display_id=True)\nh.update('second')\n"
-    )
+    reply, outputs = kernel.execute("%%scalebox\n" + CLEAR_AND_UPDATE)
     assert reply["content"]["status"] == "ok"
     assert [c["wait"] for c in by_type(outputs, "clear_output")] == [True] * 4
     [update] = by_type(outputs, "update_display_data")

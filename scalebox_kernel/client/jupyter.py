@@ -35,6 +35,7 @@ JUPYTER_PORT = 32000
 #: same client session took over.
 CLOSE_GONE = 4004
 CLOSE_REPLACED = 4009
+CLOSE_PAUSED = 4409
 #: Seconds between reconnection attempts (the last one repeats until `reconnect_for` runs out).
 BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -179,6 +180,8 @@ class KernelChannel:
         self._reader: asyncio.Task[None] | None = None
         self.gone: str | None = None  # why the channel is over, once it is
         self.resumed = False  # the last connection found the session's kept messages (else they are lost)
+        self.paused = False  # the channel ended because the sandbox was paused
+        self.dropped = 0  # messages of the sandbox's that could not be handled
         self.notice: str | None = None  # the endpoint's word that the kernel lost its state, on the last connection
         self._closing = False
 
@@ -235,6 +238,14 @@ class KernelChannel:
         self._ws = await self._connect()
         self._connected.set()
         self._reader = asyncio.create_task(self._read(), name="scalebox channel reader")
+        self._reader.add_done_callback(self._reader_done)
+
+    def _reader_done(self, task: asyncio.Task[None]) -> None:
+        """However the reader ended, the channel is over unless it was closed: what waits on it must hear so."""
+        if self.gone is None and not self._closing:
+            error = None if task.cancelled() else task.exception()
+            log.warning("the channel to the sandbox kernel stopped: %r", error)
+            self._end(f"the connection to the sandbox kernel failed ({type(error).__name__ if error else 'stopped'})")
 
     async def send(self, message: WireMessage) -> None:
         """Send now, or (while reconnecting) once the channel is back; ChannelGone if it will not be."""
@@ -267,7 +278,11 @@ class KernelChannel:
                     except jupyter_ws.FramingError as exc:
                         log.warning("dropped a message from the sandbox kernel: %s", exc)
                         continue
-                    self._on_message(message)
+                    try:
+                        self._on_message(message)
+                    except Exception:  # the sandbox wrote it: it must not stop the channel
+                        self.dropped += 1
+                        log.warning("dropped a message from the sandbox kernel that could not be handled")
             except ConnectionClosed as exc:
                 closed = exc
             if self._closing:
@@ -275,6 +290,10 @@ class KernelChannel:
             code, reason = ws.close_code, ws.close_reason or ""
             if code in (CLOSE_GONE, CLOSE_REPLACED):
                 self._end(reason or "the kernel is gone", sandbox_gone="sandbox" in reason)
+                return
+            if code == CLOSE_PAUSED:  # its kernel is frozen: what waits fails, a new connection resumes it
+                self.paused = True
+                self._end(reason or "the sandbox was paused")
                 return
             self._ws = None
             self._connected.clear()

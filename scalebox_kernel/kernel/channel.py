@@ -211,6 +211,11 @@ class SandboxChannel:
         msg_id = str(header.get("msg_id", ""))
         buffers = [bytes(b) for b in buffers]
         pending = Pending(stream, idents, header, channel, parts, buffers)
+        if not pending.msg_type.endswith("_request"):  # comms: no reply comes, nothing to wait for
+            if self._channel is not None:
+                with contextlib.suppress(ChannelGone):
+                    await self._channel.send(WireMessage(channel, parts, buffers))
+            return
         self._pending[msg_id] = pending
         if header.get("msg_type") == "execute_request":
             if self._notice:
@@ -280,7 +285,7 @@ class SandboxChannel:
             if pending is not None:
                 pending.seen = True
             if pending is not None and msg_type == "status":
-                pending.idle = json.loads(bytes(message.parts[3])).get("execution_state") == "idle"
+                pending.idle = _content(message).get("execution_state") == "idle"
                 self._settle(parent_id)
             return
         pending = self._pending.get(parent_id)
@@ -296,10 +301,9 @@ class SandboxChannel:
         session.send_raw(pending.stream, frames, copy=False, ident=pending.idents)
         pending.replied = True
         if msg_type == "execute_reply":
-            with contextlib.suppress(Exception):
-                count = json.loads(bytes(message.parts[3])).get("execution_count")
-                if isinstance(count, int):
-                    self.kernel.execution_count = count
+            count = _content(message).get("execution_count")
+            if isinstance(count, int) and not isinstance(count, bool):
+                self.kernel.execution_count = count
             self._awaiting_input.discard(parent_id)
         if pending.msg_type != "execute_request":
             pending.idle = True  # only cells are waited on for their idle (they may still print after the reply)
@@ -353,18 +357,22 @@ class SandboxChannel:
             if channel.notice:
                 self._notice = f"scalebox: {channel.notice}\n"
         elif kind == "gone" and channel is not None:
-            if channel.sandbox_gone and self._entry is not None:
+            if (channel.sandbox_gone or channel.paused) and self._entry is not None:
                 # Cells the sandbox never saw go to the one that replaces it (announced), as on the Execute path.
                 unseen = {k: p for k, p in self._pending.items() if not p.seen and p.msg_type == "execute_request"}
                 for msg_id in unseen:
                     del self._pending[msg_id]
                 self._fail_all(detail)
-                task = asyncio.ensure_future(self._replace(self._entry, self._session, unseen, detail))
+                session = None if channel.paused else self._session  # paused: the same sandbox, resumed
+                task = asyncio.ensure_future(self._replace(self._entry, session, unseen, detail))
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
             else:
                 self._fail_all(detail)
         elif kind == "silent":  # the server stopped answering: every request waiting fails now, as on Execute
+            running = any(p.msg_type == "execute_request" and not p.replied for p in self._pending.values())
             self._fail_all(detail, ename="ServerUnavailable")
+            if running:  # and the cell stops once the server answers again, so the next one does not wait for it
+                self.kernel.run_later(self.interrupt(), lambda _result: None)
         elif kind == "dropped":
             log.info("The connection to the sandbox kernel dropped (%s); making it again", detail)
 
@@ -432,6 +440,18 @@ class SandboxChannel:
             kernel.session.send(
                 kernel.iopub_socket, "stream", content, parent={"header": header}, ident=kernel._topic("stream")
             )
+
+
+def _content(message: WireMessage) -> dict[str, Any]:
+    """A message's content as a dict, whatever the sandbox put there (only small ones are parsed: statuses and
+    replies; output passes through unparsed)."""
+    if len(message.parts[3]) > 1024 * 1024:
+        return {}
+    try:
+        content = json.loads(bytes(message.parts[3]))
+    except ValueError:
+        return {}
+    return content if isinstance(content, dict) else {}
 
 
 def _output(kernel: ScaleboxKernel, relay: CellRelay) -> Any:

@@ -160,12 +160,12 @@ class ScaleboxKernel(Kernel):
         if self.session:
             self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
 
-    def _interrupt_cell(self) -> None:
+    def _interrupt_cell(self, *, remote: bool = True) -> None:
         task = self._cell_task
         if task is not None and not task.done():
             self._interrupted = True
             task.cancel()
-        if self.channel.open:
+        if remote and self.channel.open:
             self.run_later(self.channel.interrupt(), lambda _result: None)
 
     # ------------------------------------------------------------------------------------------ the relay
@@ -510,6 +510,6 @@ class ScaleboxKernel(Kernel):
         return {"status": "ok", "restart": restart}
 
     async def _close(self, restart: bool) -> None:
-        self._interrupt_cell()
+        self._interrupt_cell(remote=False)  # the sandbox's kernel is restarted, or let go of, next
         await self.channel.close()
         await self.sessions.shutdown(restart)

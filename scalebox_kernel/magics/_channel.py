@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from jupyter_client.session import Session as Signer
 
 from ..client.jupyter import KernelChannel
-from ..errors import ExecutionTimeout, SandboxPaused, ScaleboxError
+from ..errors import ExecutionTimeout, SandboxPaused, ScaleboxError, ServerUnavailable
 from ..protocol.jupyter_ws import WireMessage
 
 if TYPE_CHECKING:
@@ -159,12 +159,14 @@ class CellChannels:
         try:
             header = json.loads(bytes(message.parts[0]))
             parent = json.loads(bytes(message.parts[1]))
+            content = json.loads(bytes(message.parts[3]))
         except ValueError:
             return
+        if not (isinstance(header, dict) and isinstance(parent, dict) and isinstance(content, dict)):
+            return  # not a message: the sandbox's kernel wrote something else
         if parent.get("msg_id") != cell.msg_id:
             return
         msg_type = str(header.get("msg_type", ""))
-        content = message.content
         if message.channel == "shell" and msg_type == "execute_reply":
             if not cell.reply.done():
                 cell.reply.set_result(content)
@@ -193,6 +195,10 @@ class CellChannels:
             cell.relay.emit("stderr", f"scalebox: {note}.\n")
         elif kind == "gone" and not cell.reply.done():
             cell.reply.set_exception(ScaleboxError(f"the sandbox kernel went away: {detail}"))
+        elif kind == "silent" and not cell.reply.done():  # the server stopped answering: the cell fails now,
+            cell.reply.set_exception(ServerUnavailable(detail))  # and stops once the server answers again
+            task = asyncio.ensure_future(channel.endpoint.interrupt(channel.kernel_id))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

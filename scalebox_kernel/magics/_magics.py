@@ -181,8 +181,10 @@ class ScaleboxMagics(Magics):
 
         async def over_channel() -> tuple[SandboxSession, Any] | None:
             """The cell over the sandbox's Jupyter endpoint (None: take the ExecutionService path)."""
-            if self.sessions.config.channel == "execute" or envs:
-                return None  # env vars for the cell are applied on the ExecutionService path
+            if self.sessions.config.channel == "execute" or envs or language != "python":
+                # Env vars for the cell are applied on the ExecutionService path, and other languages' output
+                # is made uniform there (results as Out[n], errors with their names), which these cells rely on.
+                return None
             paused, entry.paused = entry.paused, False
             for attempt in range(2):
                 session = await self.sessions.open(entry, relay, language)

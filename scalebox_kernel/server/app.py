@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import socket
 import sys
@@ -309,7 +310,21 @@ class ServeApp(JupyterApp):
         print(f"  API key and URL for clients: {runtime_file()}", flush=True)
 
 
+class _RedactTokens(logging.Filter):
+    """uvicorn logs a WebSocket's path with its query (browsers put `?token=` there): never the token."""
+
+    _TOKEN = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.msg, record.args = record.getMessage(), None
+        record.msg = self._TOKEN.sub(r"\1[redacted]", str(record.msg))
+        return True
+
+
 def _setup_logging() -> None:
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(_RedactTokens())
     logger = logging.getLogger("scalebox_kernel")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -1,6 +1,7 @@
 """Each sandbox's Jupyter endpoint: the Jupyter Server kernels API (REST + WebSocket channels) over its contexts.
 
-Under the sandbox's agent address (`/sbx/<id>/api/...`), the kernels of this API are the sandbox's contexts:
+Under the sandbox's agent address (`/sbx/<id>/api/...`, whatever the Host: the SDKs' `32000-<host>` form of the
+Jupyter port reaches it too), the kernels of this API are the sandbox's contexts:
 one kernel, one state, whether `run_code` or a notebook reaches it. The WebSocket carries every message unchanged
 both ways, in either framing (`protocol.jupyter_ws`), through `agent.channels`. Auth is that sandbox's access
 token only: `Authorization: token <t>`, `X-Access-Token`, or `?token=` (browsers cannot set headers on a
@@ -27,7 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..protocol import jupyter_ws
 from ..protocol.connect import ConnectError
 from .agent import SandboxAgent
-from .agent.channels import CLOSE_GONE, CLOSE_REPLACED, ClientSession, Closed
+from .agent.channels import CLOSE_GONE, CLOSE_PAUSED, CLOSE_REPLACED, PAUSED_PREFIX, ClientSession, Closed
 from .agent.execution import CodeContext
 from .bodies import BodyTooLarge, read_limited
 from .sandboxes import SandboxError, SandboxExpired, SandboxManager, SandboxNotFound, SandboxPaused
@@ -36,8 +37,6 @@ from .settings import ServerSettings
 
 log = logging.getLogger("scalebox_kernel.server")
 
-#: The port the Scalebox SDKs address a sandbox's Jupyter server on (PROTOCOL.md 2.1): `32000-<sandbox domain>`.
-JUPYTER_PORT = 32000
 #: Largest REST body (a kernel start request is a name and a path).
 MAX_BODY = 64 * 1024
 _SESSION_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -86,17 +85,17 @@ class JupyterPlane:
     def _agent(self, connection: HTTPConnection) -> SandboxAgent:
         """The sandbox's agent once the caller's token is that sandbox's; ApiError otherwise."""
         sandbox_id = connection.path_params["sandbox_id"]
+        given = _token(connection)
+        if given is None:  # before the lookup: without a token, nobody learns which sandboxes exist
+            raise ApiError(
+                401,
+                "missing token: send Authorization: token <the sandbox's envd_access_token> (or ?token= on the URL)",
+            )
         try:
             self.manager.get(sandbox_id)
         except SandboxError as exc:
             raise ApiError(404, exc.message, _gone_code(exc)) from None
         expected = (self.manager.token_of(sandbox_id) or "").encode()
-        given = _token(connection)
-        if given is None:
-            raise ApiError(
-                401,
-                "missing token: send Authorization: token <the sandbox's envd_access_token> (or ?token= on the URL)",
-            )
         if not expected or not hmac.compare_digest(given.encode(), expected):
             raise ApiError(403, f"invalid token for sandbox {sandbox_id}")
         try:
@@ -275,7 +274,11 @@ class JupyterPlane:
 
         async def on_close(reason: str) -> None:
             closed.set()
-            code = CLOSE_REPLACED if reason.startswith("replaced") else CLOSE_GONE
+            code = CLOSE_GONE
+            if reason.startswith("replaced"):
+                code = CLOSE_REPLACED
+            elif reason.startswith(PAUSED_PREFIX):
+                code = CLOSE_PAUSED
             with contextlib.suppress(Exception):
                 await websocket.close(code, _close_reason(reason))
 
@@ -308,8 +311,9 @@ class JupyterPlane:
                     log.info("Jupyter endpoint: dropped a client frame: %s", exc)
                     continue
                 ended = self._ended(sandbox_id)
-                if ended is not None and "paused" not in ended:
-                    await on_close(f"the kernel is gone: {ended}")
+                if ended is not None:  # not passed on: the client resumes the sandbox (or hears it is gone)
+                    paused = "paused" in ended
+                    await on_close(f"{PAUSED_PREFIX}{ended}" if paused else f"the kernel is gone: {ended}")
                     break
                 await session.send(message)
         except WebSocketDisconnect:

@@ -54,6 +54,23 @@ if [ -n "$BASH_VERSION" ] && [ -f "$HOME/.bashrc" ]; then . "$HOME/.bashrc"; fi
 """
 
 
+def base_environment(root: Path) -> dict[str, str]:
+    """What every process of a sandboxed tree at `root` gets: the server's harmless variables, the runtimes first
+    on PATH, its home and TMPDIR, the languages' own variables."""
+    env = {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
+    bin_dirs = sandbox_bin_dirs()
+    path = env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    if path.split(os.pathsep)[: len(bin_dirs)] != bin_dirs:
+        path = os.pathsep.join([*bin_dirs, path])
+    env["PATH"] = path
+    env.setdefault("LANG", "C.UTF-8")
+    env["HOME"] = str(root / HOME.lstrip("/"))
+    env["TMPDIR"] = str(root / "tmp")
+    env["SHELL"] = "/bin/bash"
+    env.update(sandbox_language_env(root / HOME.lstrip("/")))
+    return env
+
+
 class SandboxAgent:
     """Everything that runs inside one sandbox: code contexts (kernels), processes, file watchers."""
 
@@ -179,19 +196,7 @@ class SandboxAgent:
 
     def sandbox_env(self) -> dict[str, str]:
         """The environment of the sandbox's kernels and commands (before per-call additions)."""
-        env = {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
-        bin_dirs = sandbox_bin_dirs()
-        path = env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
-        if path.split(os.pathsep)[: len(bin_dirs)] != bin_dirs:
-            path = os.pathsep.join([*bin_dirs, path])
-        env["PATH"] = path
-        env.setdefault("LANG", "C.UTF-8")
-        env["HOME"] = str(self.root / HOME.lstrip("/"))
-        env["TMPDIR"] = str(self.root / "tmp")
-        env["SHELL"] = "/bin/bash"
-        env.update(sandbox_language_env(self.root / HOME.lstrip("/")))
-        env.update(self.envs)
-        return env
+        return {**base_environment(self.root), **self.envs}
 
     def _command_cwd(self, cwd: str) -> Path:
         return self.paths.cwd(cwd)[1]

@@ -4,9 +4,9 @@ Each client session (the `session_id` of `/api/kernels/<id>/channels`) gets ZMQ 
 shell, control and stdin DEALERs sharing one identity (the kernel sends `input_request` to the identity that
 sent the execute request) and an iopub SUB. Messages pass as their JSON bytes, re-signed with the kernel's key on
 the way in and never parsed on the way out. The sockets outlive a dropped WebSocket: what the kernel sends
-meanwhile (output, replies, input requests) is kept for `KEEP_FOR` seconds, up to `budget` bytes (then the
-sockets stop being read, which holds the kernel back rather than dropping), and replayed when the same session
-reconnects.
+meanwhile (output, replies, input requests) is kept for `KEEP_FOR` seconds, up to `budget` bytes, and replayed
+when the same session reconnects. A session that outgrows its budget, or whose client stays away longer, is
+closed: its client then reconnects to a new session, and learns that what was sent in between is lost.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ NUDGE_LINGER = 5.0
 #: WebSocket close codes: the kernel (or its sandbox) is gone for good; another connection took the session over.
 CLOSE_GONE = 4004
 CLOSE_REPLACED = 4009
+#: ... and the sandbox was paused: its kernel is frozen (the session stays, for the client that resumes it).
+CLOSE_PAUSED = 4409
+PAUSED_PREFIX = "paused: "
 
 Sender = Callable[[WireMessage], Awaitable[None]]
 
@@ -65,8 +68,11 @@ class Closed(Exception):
 class ClientSession:
     """One frontend session on one kernel: its sockets, its WebSocket when there is one, its kept messages."""
 
-    def __init__(self, kernel: KernelConnection, session_id: str, budget: int) -> None:
+    def __init__(
+        self, kernel: KernelConnection, session_id: str, budget: int, expire: Callable[[], None] | None = None
+    ) -> None:
         self.kernel = kernel
+        self._expire = expire  # looks for sessions away too long (called KEEP_FOR after a detach)
         self.session_id = session_id
         self.identity = f"scalebox-{session_id}".encode()[:255]
         self._budget = budget
@@ -74,8 +80,6 @@ class ClientSession:
         self._send_lock = asyncio.Lock()
         self._kept: deque[WireMessage] = deque()
         self._kept_bytes = 0
-        self._room = asyncio.Event()  # set while kept messages fit in the budget (or a client is there)
-        self._room.set()
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._pumps: list[asyncio.Task[None]] = []
         self._iopub_seen = asyncio.Event()  # the kernel's iopub reached this session's subscription
@@ -162,14 +166,12 @@ class ClientSession:
             except Exception as exc:  # the WebSocket broke under us: keep the message for the next one
                 log.debug("client session %s dropped: %s", self.session_id, exc)
                 self.detach(sender)
-        await self._room.wait()  # past the budget: stop reading, so the kernel's queue holds the rest
-        if self._sender is not None:
-            await self._deliver(message)
+        if self._kept_bytes + _size(message) > self._budget:  # the client is away for too much: let it all go
+            budget = self._budget // (1024 * 1024)
+            await self.close(f"the kernel sent more than {budget} MiB while the client was away")
             return
         self._kept.append(message)
         self._kept_bytes += _size(message)
-        if self._kept_bytes >= self._budget:
-            self._room.clear()
 
     # ---- client ------------------------------------------------------------------------------------------------------
 
@@ -185,16 +187,16 @@ class ClientSession:
                 await sender(message)
                 self._kept.popleft()
                 self._kept_bytes -= _size(message)
-            self._room.set()
 
     def detach(self, sender: Sender | None = None) -> None:
         """The WebSocket went away (only if it is still `sender`'s): keep messages from now on."""
         if sender is not None and self._sender is not sender:
             return
         self._sender = None
-        self.detached_at = asyncio.get_running_loop().time()
-        if self._kept_bytes >= self._budget:
-            self._room.clear()
+        loop = asyncio.get_running_loop()
+        self.detached_at = loop.time()
+        if self._expire is not None:
+            loop.call_later(KEEP_FOR + 1, self._expire)
 
     @property
     def attached(self) -> bool:
@@ -209,6 +211,13 @@ class ClientSession:
         signature = self.kernel.signer.sign(parts)
         await socket.send_multipart([DELIMITER, signature, *parts, *message.buffers], copy=False)
 
+    async def disconnect(self, reason: str) -> None:
+        """Close the attached WebSocket (if any) with `reason`; the session and what it keeps stay."""
+        notify, self.on_close = self.on_close, None
+        if notify is not None:
+            with contextlib.suppress(Exception):
+                await notify(reason)
+
     async def close(self, reason: str) -> None:
         if self.closed is not None:
             return
@@ -216,7 +225,6 @@ class ClientSession:
         self._close_sockets()
         self._kept.clear()
         self._kept_bytes = 0
-        self._room.set()
         notify, self.on_close = self.on_close, None
         if notify is not None:
             with contextlib.suppress(Exception):
@@ -256,7 +264,7 @@ class KernelClients:
             oldest = min(waiting, key=lambda s: s.detached_at or 0.0)
             self.sessions.pop(oldest.session_id)
             self._close_later(oldest, "replaced by a newer client session")
-        session = ClientSession(self.kernel, session_id, self.budget)
+        session = ClientSession(self.kernel, session_id, self.budget, self.expire)
         session.connect()
         self.sessions[session_id] = session
         return session, True
@@ -270,6 +278,12 @@ class KernelClients:
             if gone or stale:
                 del self.sessions[session_id]
                 self._close_later(session, "the client was away too long")
+
+    def pause(self) -> None:
+        """The sandbox is being paused: its clients hear so (a running cell cannot end while its kernel is frozen)."""
+        for session in self.sessions.values():
+            if session.attached:
+                self._background(session.disconnect(f"{PAUSED_PREFIX}the sandbox was paused"))
 
     def reconnect(self) -> None:
         """The kernel restarted: every session gets sockets on the new process."""

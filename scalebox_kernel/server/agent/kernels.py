@@ -53,6 +53,9 @@ BARRIER_TRIES = 3  # barriers sent for a missing idle before the cell ends witho
 LOSS_WAIT = 0.5  # seconds a numbered message may trail its successors before it counts as lost
 #: Messages of a kernel started through IOPUB_LAUNCHER that wait for the iopub reader in the server's memory.
 IOPUB_RCVHWM = 16
+#: Messages of other kernels a Jupyter endpoint client's iopub socket holds in the server's memory before the
+#: kernel's side drops for that client (a client that reads far slower than its kernel prints).
+BRIDGE_RCVHWM = 10_000
 
 
 class _OneSpec(KernelSpecManager):
@@ -186,7 +189,9 @@ class Kernel:
             raise ConnectError("unavailable", f"the kernel of {self._name} is not running")
         if channel == "iopub":
             socket = km.connect_iopub()
-            socket.setsockopt(zmq.RCVHWM, IOPUB_RCVHWM if self.runtime.ipykernel_based else 0)
+            # A client's socket takes what its client has not read yet up to a bound (the Execute path's reader
+            # takes everything: it has its own spill file); kernels of ours then hold the rest.
+            socket.setsockopt(zmq.RCVHWM, IOPUB_RCVHWM if self.runtime.ipykernel_based else BRIDGE_RCVHWM)
         else:
             connect = {"shell": km.connect_shell, "control": km.connect_control, "stdin": km.connect_stdin}[channel]
             socket = connect(identity=identity)
@@ -293,6 +298,7 @@ class Kernel:
 
     def pause(self) -> None:
         self._paused = True
+        self.clients.pause()
         self.signal_group(signal.SIGSTOP)
 
     def resume(self) -> None:

@@ -28,9 +28,8 @@ from .runtimes import CellOutput, LaunchContext, Message, Runtime
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-RESULT_MIME = "application/vnd.scalebox.result+json"
-ERROR_MIME = "application/vnd.scalebox.error+json"
-DIAGNOSTIC_MIME = "application/vnd.scalebox.diagnostic+json"
+#: Metadata key of the displays the tslab hook makes of the cell's value, errors and compile diagnostics.
+SCALEBOX_KEY = "scalebox"
 
 
 def _error(name: str, value: str, traceback: list[str]) -> Message:
@@ -102,18 +101,23 @@ class RRuntime(Runtime):
 # Run once in every jslab kernel. tslab's executor prints the last value with console.log and errors (thrown
 # values and compile diagnostics) with console.error, through node's global console; the hook wraps that console's
 # formatters, tells tslab's calls from the user's by the first caller outside node's internals, and sends them as
-# displays of our own MIME types instead of text.
+# text displays instead (what any frontend shows), marked in their metadata (`SCALEBOX_KEY`) for the Execute path.
 TSLAB_HOOK = """\
 (() => {
   const util = require("util");
-  const tslab = require("tslab");
+  const cache = require.cache || {};  // tslab's own jupyter module (loaded, not importable by name) sends displays
+  const key = Object.keys(cache).find((k) => k.endsWith("/tslab/dist/jupyter.js"));
+  const jupyter = key && cache[key].exports;
+  if (!jupyter) return;
   const symbols = Object.getOwnPropertySymbols(console);
   const find = (name) => symbols.find((s) => s.description === name);
   const [kOut, kErr, kWrite] = ["kFormatForStdout", "kFormatForStderr", "kWriteToConsole"].map(find);
   if (!kOut || !kErr || !kWrite) return;
   const SKIP = "\\u0000scalebox-skip\\u0000";
-  const send = (kind, payload) => {
-    tslab.display.raw("application/vnd.scalebox." + kind + "+json", JSON.stringify(payload));
+  const send = (kind, payload, text) => {
+    if (!jupyter.lastWriteDisplayData) return undefined;
+    const metadata = { "@KEY@": JSON.stringify({ kind: kind, payload: payload }) };
+    jupyter.lastWriteDisplayData({ data: { "text/plain": text }, metadata: metadata, transient: {} }, false);
     return SKIP;
   };
   const fromTslab = () => {
@@ -128,25 +132,43 @@ TSLAB_HOOK = """\
     if (text !== SKIP) return write.call(this, stream, text);
   };
   console[kOut] = function (args) {
-    if (args.length === 1 && fromTslab()) return send("result", { "text/plain": util.inspect(args[0]) });
+    if (args.length === 1 && fromTslab()) {
+      const text = util.inspect(args[0]);
+      return send("result", { "text/plain": text }, text);
+    }
     return formatOut.call(this, args);
   };
   console[kErr] = function (args) {
     if (fromTslab() && args.length === 5 && args[0] === "%s%d:%d - %s") {
       const [, file, line, column, message] = args;
-      return send("diagnostic", { file: String(file).trim(), line, column, message: String(message) });
+      const where = String(file).trim() || "cell";
+      const diagnostic = { file: String(file).trim(), line, column, message: String(message) };
+      return send("diagnostic", diagnostic, where + ":" + line + ":" + column + " - " + String(message));
     }
     if (fromTslab() && args.length === 1) {
       const e = args[0];
       const isError = e !== null && typeof e === "object" && typeof e.stack === "string";
-      return send("error", isError
+      const error = isError
         ? { name: String(e.name || "Error"), value: String(e.message || ""), stack: e.stack }
-        : { name: "Uncaught", value: util.inspect(e), stack: "Uncaught " + util.inspect(e) });
+        : { name: "Uncaught", value: util.inspect(e), stack: "Uncaught " + util.inspect(e) };
+      return send("error", error, error.stack);
     }
     return formatErr.call(this, args);
   };
 })();
-"""
+""".replace("@KEY@", SCALEBOX_KEY)
+
+
+def _marked(content: dict[str, Any]) -> dict[str, Any] | None:
+    """What the tslab hook put in a display's metadata (its kind and payload), if it made that display."""
+    marked = (content.get("metadata") or {}).get(SCALEBOX_KEY)
+    if not isinstance(marked, str):
+        return None
+    try:
+        value = json.loads(marked)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _trim_js_stack(stack: str) -> list[str]:
@@ -170,16 +192,17 @@ class TslabOutput(CellOutput):
         self.stderr_tail = ""
 
     def message(self, msg_type: str, content: dict[str, Any]) -> list[Message]:
-        data = content.get("data", {})
-        if msg_type == "display_data" and RESULT_MIME in data:
-            self.result = json.loads(data[RESULT_MIME])
+        marked = _marked(content) if msg_type == "display_data" else None
+        kind, payload = (marked.get("kind"), marked.get("payload")) if marked else (None, None)
+        if kind == "result" and isinstance(payload, dict):
+            self.result = payload
             return []
-        if msg_type == "display_data" and ERROR_MIME in data:
-            error = json.loads(data[ERROR_MIME])
+        if kind == "error" and isinstance(payload, dict):
             self.errored = True
-            return [_error(error["name"], error["value"], _trim_js_stack(error.get("stack", "")))]
-        if msg_type == "display_data" and DIAGNOSTIC_MIME in data:
-            self.diagnostics.append(json.loads(data[DIAGNOSTIC_MIME]))
+            name, value = str(payload.get("name", "Error")), str(payload.get("value", ""))
+            return [_error(name, value, _trim_js_stack(str(payload.get("stack", ""))))]
+        if kind == "diagnostic" and isinstance(payload, dict):
+            self.diagnostics.append(payload)
             return []
         if msg_type == "error":
             self.errored = True

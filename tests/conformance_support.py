@@ -73,6 +73,7 @@ class LaunchedKernelTests(jupyter_kernel_test.KernelTests):
     """The suite, with the kernel started with `launch_options` (env, cwd) as scalebox-local would start it.
     Without options, the kernel inherits the test's environment (a Scalebox kernel, which needs the server's)."""
 
+    __test__ = False  # a base for the classes run_suite() runs, not a suite pytest should collect itself
     launch_options: ClassVar[dict[str, Any]] = {}
 
     @classmethod

@@ -169,7 +169,8 @@ def test_an_execute_stream_never_read_keeps_the_server_small(server: LocalServer
             grown = status_bytes(pid, "VmRSS") - before
             assert grown < NEVER_READ_BOUND, f"the server grew by {grown / MiB:.0f} MiB for an unread stream"
             assert deleted_files_under(pid, server.data_dir)  # the spill file, open and nameless
-        assert_rss_settles(pid, before + 16 * MiB)  # closing the stream frees it all
+        # Closing the stream frees it all (300 MiB went through; allocator slack and queued frames stay under 24)
+        assert_rss_settles(pid, before + 24 * MiB)
         wait_for(lambda: not deleted_files_under(pid, server.data_dir))
         messages = box.execute("print('still fine')").messages  # print() writes twice: one or two events
         assert "".join(m.stdout.content for m in messages if m.HasField("stdout")) == "still fine\n"

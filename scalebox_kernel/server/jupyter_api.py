@@ -122,6 +122,11 @@ class JupyterPlane:
             return exc.response()
         except ConnectError as exc:
             return ApiError(exc.http_status, exc.message).response()
+        except SandboxError as exc:  # it went away meanwhile (killed while its kernel restarted, say)
+            return ApiError(503, exc.message).response()
+        except Exception as exc:  # what no check foresaw: an answer, and one line in the log
+            log.warning("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+            return ApiError(500, f"{request.method} {request.url.path} failed: {type(exc).__name__}").response()
 
     # ---- REST -------------------------------------------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ MAX_SESSIONS = 16
 BATCH = 64
 #: Seconds the iopub subscription of a new session may take to reach the kernel (it is nudged meanwhile).
 SUBSCRIBE_WAIT = 10.0
+#: Seconds a barrier may take to come back before a cell's held idle goes on anyway (kernels that send late).
+BARRIER_WAIT = 2.0
 #: Seconds the iopub messages of those nudges are still told apart from the client's own.
 NUDGE_LINGER = 5.0
 #: WebSocket close codes: the kernel (or its sandbox) is gone for good; another connection took the session over.
@@ -55,6 +57,11 @@ class KernelConnection(Protocol):
 
     @property
     def signer(self) -> Session: ...
+
+    @property
+    def late_output(self) -> bool:
+        """Whether the kernel may send a cell's output after its idle status (Deno's does)."""
+        ...
 
 
 class Closed(Exception):
@@ -84,6 +91,10 @@ class ClientSession:
         self._pumps: list[asyncio.Task[None]] = []
         self._iopub_seen = asyncio.Event()  # the kernel's iopub reached this session's subscription
         self._nudges: set[str] = set()  # ids of our own kernel_info requests: their iopub is nobody's
+        # For kernels that send output after idle: this client's cells, whose idle waits for a barrier.
+        self._cells: set[str] = set()
+        self._barriers: dict[str, asyncio.Event] = {}
+        self._held: set[asyncio.Task[None]] = set()
         self.detached_at: float | None = None
         self.closed: str | None = None  # why, once closed
         self.on_close: Callable[[str], Awaitable[None]] | None = None  # tells the attached WebSocket
@@ -94,6 +105,7 @@ class ClientSession:
         """Sockets on the kernel's current process (again after a restart: the old ones are closed)."""
         self._close_sockets()
         self._iopub_seen.clear()
+        self._cells.clear()
         for channel in ("shell", "control", "stdin", "iopub"):
             socket = self.kernel.connect_channel(channel, self.identity)
             socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
@@ -126,7 +138,42 @@ class ClientSession:
                     self._iopub_seen.set()
                     if self._nudges and _parent_id(message) in self._nudges:
                         continue
+                    if self._cells or self._barriers:
+                        parent = _parent_id(message)
+                        idle = (parent in self._cells or parent in self._barriers) and _is_idle(message)
+                        if parent in self._barriers:  # our barrier: its idle says everything before it is out
+                            if idle:
+                                self._barriers[parent].set()
+                            continue
+                        if parent in self._cells and idle:
+                            self._cells.discard(parent)
+                            self._hold(message)
+                            continue
                 await self._deliver(message)
+
+    def _hold(self, idle: WireMessage) -> None:
+        """Pass a cell's idle on only after a kernel_info barrier came back (or BARRIER_WAIT passed): output the
+        kernel sends late then reaches the client before the idle that ends the cell for it."""
+
+        async def release() -> None:
+            barrier = self.kernel.signer.msg("kernel_info_request")
+            msg_id = str(barrier["header"]["msg_id"])
+            done = self._barriers[msg_id] = asyncio.Event()
+            socket = self.kernel.connect_channel("shell", b"")
+            socket.setsockopt(zmq.LINGER, 0)
+            try:
+                self.kernel.signer.send(socket, barrier)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BARRIER_WAIT):
+                        await done.wait()
+            finally:
+                socket.close(linger=0)
+                self._barriers.pop(msg_id, None)
+            await self._deliver(idle)
+
+        task = asyncio.create_task(release())
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
 
     async def subscribed(self) -> bool:
         """Wait until the iopub subscription reaches the kernel (a SUB socket misses what a kernel publishes
@@ -208,6 +255,9 @@ class ClientSession:
         if socket is None or socket.closed:
             return  # between a restart's stop and start: the kernel could not have taken it
         parts = [bytes(part) for part in message.parts]
+        if self.kernel.late_output and message.channel == "shell" and b'"execute_request"' in parts[0]:
+            with contextlib.suppress(ValueError, AttributeError):
+                self._cells.add(str(json.loads(parts[0]).get("msg_id", "")))
         signature = self.kernel.signer.sign(parts)
         await socket.send_multipart([DELIMITER, signature, *parts, *message.buffers], copy=False)
 
@@ -321,6 +371,13 @@ def _parent_id(message: WireMessage) -> str:
     except ValueError:
         return ""
     return str(parent.get("msg_id", "")) if isinstance(parent, dict) else ""
+
+
+def _is_idle(message: WireMessage) -> bool:
+    """An idle status (its small header says status before its content is looked at)."""
+    if b'"status"' not in bytes(message.parts[0]):
+        return False
+    return b'"idle"' in bytes(message.parts[3])
 
 
 def _size(message: WireMessage) -> int:

@@ -199,6 +199,10 @@ class Kernel:
         return socket
 
     @property
+    def late_output(self) -> bool:
+        return self.runtime.flush_barrier
+
+    @property
     def execution_state(self) -> str:
         if self._iopub is None:
             return "starting" if not self._closed else "dead"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import ssl
@@ -21,7 +22,15 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from ..errors import NotFound, SandboxExpired, SandboxNotFound, SandboxPaused, ScaleboxError, ServerUnavailable
+from ..errors import (
+    AuthenticationError,
+    NotFound,
+    SandboxExpired,
+    SandboxNotFound,
+    SandboxPaused,
+    ScaleboxError,
+    ServerUnavailable,
+)
 from ..protocol import jupyter_ws
 from ..protocol.jupyter_ws import WireMessage
 
@@ -215,8 +224,6 @@ class KernelChannel:
         status = exc.response.status_code
         code, message = None, ""
         with contextlib.suppress(Exception):
-            import json
-
             body = json.loads(exc.response.body or b"{}")
             code, message = body.get("code"), str(body.get("message") or "")
         message = self._redact(message or f"HTTP {status}")
@@ -229,8 +236,6 @@ class KernelChannel:
         if status == 404:
             return NotFound(message)
         if status in (401, 403):
-            from ..errors import AuthenticationError
-
             return AuthenticationError(message)
         return ServerUnavailable(message)
 

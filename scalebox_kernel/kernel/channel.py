@@ -97,7 +97,7 @@ class SandboxChannel:
             return "ExecutionService (SCALEBOX_CHANNEL=execute)"
         if self.fallback_said:
             return "ExecutionService (the back end has no Jupyter endpoint)"
-        return "Jupyter endpoint (from the next cell)" if self.mode != "execute" else "ExecutionService"
+        return "Jupyter endpoint (from the next cell)"
 
     @property
     def wanted(self) -> bool:
@@ -279,8 +279,7 @@ class SandboxChannel:
         session = self.kernel.session
         assert session is not None
         if message.channel == "iopub":
-            topic = f"kernel.{self.kernel.ident}.{msg_type}".encode()
-            session.send_raw(self.kernel.iopub_socket, frames, copy=False, ident=topic)
+            session.send_raw(self.kernel.iopub_socket, frames, copy=False, ident=self.kernel._topic(msg_type))
             pending = self._pending.get(parent_id)
             if pending is not None:
                 pending.seen = True
@@ -416,30 +415,30 @@ class SandboxChannel:
         kernel = self.kernel
         session = kernel.session
         assert session is not None
-        parent = {"header": pending.header}
         reason = redact(reason, kernel.secrets())
         if not pending.replied:
             reply_type = pending.msg_type.replace("_request", "_reply")
             if pending.msg_type == "execute_request":
                 error = {"ename": ename, "evalue": reason, "traceback": [f"{ename}: {reason}"]}
-                session.send(kernel.iopub_socket, "error", error, parent=parent, ident=kernel._topic("error"))
+                self._publish(pending.header, "error", error)
                 content = {"status": "error", "execution_count": kernel.execution_count, **error}
             elif pending.msg_type in _EMPTY_REPLIES:
                 content = dict(_EMPTY_REPLIES[pending.msg_type])
             else:
                 content = {"status": "error", "ename": ename, "evalue": reason, "traceback": []}
-            session.send(pending.stream, reply_type, content, parent=parent, ident=pending.idents)
+            session.send(pending.stream, reply_type, content, parent={"header": pending.header}, ident=pending.idents)
         if not pending.idle:
-            status = {"execution_state": "idle"}
-            session.send(kernel.iopub_socket, "status", status, parent=parent, ident=kernel._topic("status"))
+            self._publish(pending.header, "status", {"execution_state": "idle"})
 
     def _publish_stream(self, header: dict[str, Any], name: str, text: str) -> None:
+        self._publish(header, "stream", {"name": name, "text": text})
+
+    def _publish(self, header: dict[str, Any], msg_type: str, content: dict[str, Any]) -> None:
+        """An iopub message of ours, answering the frontend request whose header this is."""
         kernel = self.kernel
         if kernel.session is not None:
-            content = {"name": name, "text": text}
-            kernel.session.send(
-                kernel.iopub_socket, "stream", content, parent={"header": header}, ident=kernel._topic("stream")
-            )
+            parent = {"header": header}
+            kernel.session.send(kernel.iopub_socket, msg_type, content, parent=parent, ident=kernel._topic(msg_type))
 
 
 def _content(message: WireMessage) -> dict[str, Any]:

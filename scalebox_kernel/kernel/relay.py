@@ -43,7 +43,7 @@ class CellRelay:
         if self.parent is None:
             self.kernel.send_response(self.kernel.iopub_socket, msg_type, content)
         elif self.kernel.session is not None:
-            topic = f"kernel.{self.kernel.ident}.{msg_type}".encode()
+            topic = self.kernel._topic(msg_type)
             self.kernel.session.send(self.kernel.iopub_socket, msg_type, content, parent=self.parent, ident=topic)
 
     def stream(self, name: str, text: str) -> None:

@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
 import zmq
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 KEEP_FOR = 120.0
 #: Client sessions one kernel keeps (connected or waiting); the oldest waiting one goes first beyond it.
 MAX_SESSIONS = 16
-#: Messages read in a row from one socket before the loop lets other work run.
-BATCH = 64
 #: Seconds the iopub subscription of a new session may take to reach the kernel (it is nudged meanwhile).
 SUBSCRIBE_WAIT = 10.0
 #: Seconds a barrier may take to come back before a cell's held idle goes on anyway (kernels that send late).
@@ -136,10 +134,11 @@ class ClientSession:
             if message is not None:
                 if channel == "iopub":
                     self._iopub_seen.set()
-                    if self._nudges and _parent_id(message) in self._nudges:
+                    # The parent is looked at only while there are nudges or held cells to tell apart.
+                    parent = _parent_id(message) if self._nudges or self._cells or self._barriers else ""
+                    if parent in self._nudges:
                         continue
-                    if self._cells or self._barriers:
-                        parent = _parent_id(message)
+                    if parent:
                         idle = (parent in self._cells or parent in self._barriers) and _is_idle(message)
                         if parent in self._barriers:  # our barrier: its idle says everything before it is out
                             if idle:
@@ -156,19 +155,15 @@ class ClientSession:
         kernel sends late then reaches the client before the idle that ends the cell for it."""
 
         async def release() -> None:
-            barrier = self.kernel.signer.msg("kernel_info_request")
-            msg_id = str(barrier["header"]["msg_id"])
-            done = self._barriers[msg_id] = asyncio.Event()
-            socket = self.kernel.connect_channel("shell", b"")
-            socket.setsockopt(zmq.LINGER, 0)
-            try:
-                self.kernel.signer.send(socket, barrier)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(BARRIER_WAIT):
-                        await done.wait()
-            finally:
-                socket.close(linger=0)
-                self._barriers.pop(msg_id, None)
+            with self._side_socket() as socket:
+                msg_id = self._kernel_info(socket)
+                done = self._barriers[msg_id] = asyncio.Event()
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(BARRIER_WAIT):
+                            await done.wait()
+                finally:
+                    self._barriers.pop(msg_id, None)
             await self._deliver(idle)
 
         task = asyncio.create_task(release())
@@ -181,27 +176,38 @@ class ClientSession:
         kernel never answered."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SUBSCRIBE_WAIT
-        socket = self.kernel.connect_channel("shell", b"")
-        socket.setsockopt(zmq.LINGER, 0)
         wait = 0.05
         try:
-            while not self._iopub_seen.is_set() and loop.time() < deadline:
-                signer = self.kernel.signer
-                nudge = signer.msg("kernel_info_request")
-                self._nudges.add(nudge["header"]["msg_id"])
-                signer.send(socket, nudge)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._iopub_seen.wait()
-                wait = min(wait * 2, 1.0)
-                with contextlib.suppress(zmq.Again):  # its reply is nobody's: drop it
-                    while True:
-                        await socket.recv_multipart(zmq.NOBLOCK)
+            with self._side_socket() as socket:
+                while not self._iopub_seen.is_set() and loop.time() < deadline:
+                    self._nudges.add(self._kernel_info(socket))
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._iopub_seen.wait()
+                    wait = min(wait * 2, 1.0)
+                    with contextlib.suppress(zmq.Again):  # its reply is nobody's: drop it
+                        while True:
+                            await socket.recv_multipart(zmq.NOBLOCK)
         finally:
-            socket.close(linger=0)
             # Their busy and idle may still be on the way: dropped for a while yet, then nobody looks any more.
             loop.call_later(NUDGE_LINGER, self._nudges.clear)
         return self._iopub_seen.is_set()
+
+    @contextlib.contextmanager
+    def _side_socket(self) -> Iterator[zmq.asyncio.Socket]:
+        """A shell socket of the server's own (no client identity): its replies reach no client."""
+        socket = self.kernel.connect_channel("shell", b"")
+        socket.setsockopt(zmq.LINGER, 0)
+        try:
+            yield socket
+        finally:
+            socket.close(linger=0)
+
+    def _kernel_info(self, socket: zmq.asyncio.Socket) -> str:
+        """Send a kernel_info request (its idle on iopub follows everything the kernel sent before); its id."""
+        request = self.kernel.signer.msg("kernel_info_request")
+        self.kernel.signer.send(socket, request)
+        return str(request["header"]["msg_id"])
 
     async def _deliver(self, message: WireMessage) -> None:
         sender = self._sender
@@ -213,12 +219,13 @@ class ClientSession:
             except Exception as exc:  # the WebSocket broke under us: keep the message for the next one
                 log.debug("client session %s dropped: %s", self.session_id, exc)
                 self.detach(sender)
-        if self._kept_bytes + _size(message) > self._budget:  # the client is away for too much: let it all go
+        size = _size(message)
+        if self._kept_bytes + size > self._budget:  # the client is away for too much: let it all go
             budget = self._budget // (1024 * 1024)
             await self.close(f"the kernel sent more than {budget} MiB while the client was away")
             return
         self._kept.append(message)
-        self._kept_bytes += _size(message)
+        self._kept_bytes += size
 
     # ---- client ------------------------------------------------------------------------------------------------------
 
@@ -275,10 +282,7 @@ class ClientSession:
         self._close_sockets()
         self._kept.clear()
         self._kept_bytes = 0
-        notify, self.on_close = self.on_close, None
-        if notify is not None:
-            with contextlib.suppress(Exception):
-                await notify(reason)
+        await self.disconnect(reason)
 
 
 class KernelClients:
@@ -289,15 +293,12 @@ class KernelClients:
         self.budget = budget
         self.sessions: dict[str, ClientSession] = {}
         self.closed: str | None = None
-        self._closing: set[asyncio.Task[Any]] = set()
-
-    def _close_later(self, session: ClientSession, reason: str) -> None:
-        self._background(session.close(reason))
+        self._tasks: set[asyncio.Task[Any]] = set()  # closes, nudges and pause notices under way
 
     def _background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(work)
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def open(self, session_id: str) -> tuple[ClientSession, bool]:
         """The session of that id (kept from an earlier WebSocket, or new: then connected now); True if new."""
@@ -313,7 +314,7 @@ class KernelClients:
                 raise Closed(f"this kernel already serves {MAX_SESSIONS} client sessions")
             oldest = min(waiting, key=lambda s: s.detached_at or 0.0)
             self.sessions.pop(oldest.session_id)
-            self._close_later(oldest, "replaced by a newer client session")
+            self._background(oldest.close("replaced by a newer client session"))
         session = ClientSession(self.kernel, session_id, self.budget, self.expire)
         session.connect()
         self.sessions[session_id] = session
@@ -327,7 +328,7 @@ class KernelClients:
             stale = session.detached_at is not None and now - session.detached_at > KEEP_FOR
             if gone or stale:
                 del self.sessions[session_id]
-                self._close_later(session, "the client was away too long")
+                self._background(session.close("the client was away too long"))
 
     def pause(self) -> None:
         """The sandbox is being paused: its clients hear so (a running cell cannot end while its kernel is frozen)."""

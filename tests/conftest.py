@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import signal
@@ -139,9 +140,9 @@ def local_server(server_factory: Callable[..., LocalServer]) -> LocalServer:
 
 
 @pytest.fixture(scope="session")
-def local_server_tls(server_factory: Callable[..., LocalServer]) -> LocalServer:
-    """scalebox-local over HTTPS with its self-signed certificate, shared by the session."""
-    return server_factory(tls=True)
+def local_server_tls(local_server: LocalServer) -> LocalServer:
+    """The same scalebox-local, addressed over HTTPS (its one port answers both schemes) with its certificate."""
+    return dataclasses.replace(local_server, url=local_server.url.replace("http://", "https://", 1))
 
 
 @pytest.fixture(scope="module")

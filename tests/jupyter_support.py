@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import ssl as ssl_module
 from typing import Any
 
 from jupyter_client.session import Session
@@ -35,10 +36,19 @@ class Frontend:
         self.inbox: list[dict[str, Any]] = []
 
     @classmethod
-    async def open(cls, url: str, token: str | None = None, *, v1: bool = True) -> Frontend:
+    async def open(
+        cls, url: str, token: str | None = None, *, v1: bool = True, ssl: ssl_module.SSLContext | None = None
+    ) -> Frontend:
         headers = {"Authorization": f"token {token}"} if token else {}
         protocols = [jupyter_ws.V1_SUBPROTOCOL] if v1 else None
-        ws = await connect(url, additional_headers=headers, subprotocols=protocols, max_size=None, proxy=None)  # type: ignore[list-item]
+        ws = await connect(
+            url,
+            additional_headers=headers,
+            subprotocols=protocols,  # type: ignore[arg-type]
+            max_size=None,
+            proxy=None,
+            ssl=ssl,
+        )
         return cls(ws)
 
     async def send(

@@ -9,7 +9,9 @@ sockets, the network, memory past its limit and processes past its limit.
 from __future__ import annotations
 
 import json
+import site
 import socket
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -135,6 +137,37 @@ def test_host_files_and_the_servers_secrets_are_out_of_reach(
         assert not got[name].startswith("SUCCEEDED"), (name, got[name])
     assert got["own home"] == "FileNotFoundError"  # the victim's file is not in the attacker's home either
     assert got["key in /proc"] == [] and got["key in env"] is False
+
+
+def test_nothing_of_the_servers_own_environment_is_inside(attacker: Sandbox) -> None:
+    """The server's interpreter, its packages and this package's source are not in a sandbox (issue 12): only the
+    runtimes the kernels need are bound."""
+    import scalebox_kernel
+
+    package = Path(scalebox_kernel.__file__).resolve().parent
+    server_env = {
+        "prefix": sys.prefix,
+        "base prefix": sys.base_prefix,
+        "interpreter": sys.executable,
+        "package source": str(package),
+        **{f"site {i}": path for i, path in enumerate(site.getsitepackages())},
+    }
+    # Paths under a system directory (a Debian-installed server) are only checked for our package's presence.
+    system = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib")
+    checked = {name: path for name, path in server_env.items() if not path.startswith(system)}
+    got = attempt(
+        attacker,
+        f"""
+        paths = {checked!r}
+        found = {{name: os.path.lexists(p) for name, p in paths.items()}}
+        import importlib.util
+        found["scalebox_kernel importable"] = importlib.util.find_spec("scalebox_kernel") is not None
+        print(json.dumps(found))
+        """,
+    )
+    assert got == {**dict.fromkeys(checked, False), "scalebox_kernel importable": False}
+    # The runtimes still work: the attempt above ran on the runtimes' python, and so does a shell.
+    assert attacker.commands.run("python3 -c 'import ipykernel; print(1)'").stdout.strip() == "1"
 
 
 def test_other_processes_cannot_be_seen_or_signalled(

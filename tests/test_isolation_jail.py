@@ -44,6 +44,8 @@ async def make_jail(tmp_path: Path) -> AsyncIterator[MakeJail]:
     jails: list[Jail] = []
 
     async def make(name: str = "sbx-a", **options: object) -> Jail:
+        # These jails run kernels on the test's own interpreter, so they are given its prefix as a runtime.
+        options.setdefault("runtime", (sys.prefix, sys.base_prefix))
         private = tmp_path / "sandboxes" / name
         for directory in ("home/user", "workspace", "tmp"):
             (private / "root" / directory).mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,7 @@ async def test_host_and_server_files_are_out_of_reach(make_jail: MakeJail) -> No
     jail = await make_jail()
     secret = jail.private_dir / "secret.json"  # beside the root, like the server's data: not mounted
     secret.write_text("{}")
-    prefix = Path(sys.prefix).resolve()  # bound read-only (it may sit in root's home, like pyenv's)
+    prefix = Path(sys.prefix).resolve()  # bound read-only as asked (it may sit in root's home, like pyenv's)
     _, out, _ = await run(
         jail,
         f"cat {Path(__file__).resolve()} || echo no-repo; cat {secret} || echo no-secret;"

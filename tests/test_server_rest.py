@@ -82,10 +82,18 @@ def test_regions_and_api_key(local_server: LocalServer, http: httpx.Client) -> N
     assert r.status_code == 200
     assert r.json() == {"success": True, "data": {"scalebox_regions": [{"id": "local", "name": "scalebox-local"}]}}
     with httpx.Client(base_url=local_server.url) as anon:
-        assert_error(anon.get("/v1/scalebox-regions"), 401, "X-API-KEY")
+        assert_error(anon.get("/v1/scalebox-regions"), 401, "X-API-KEY or as Authorization: Bearer")
         assert_error(anon.get("/v1/sandboxes", headers={"X-API-KEY": "wrong"}), 401, "invalid API key")
+        # The JS SDK sends SCALEBOX_ACCESS_TOKEN as a bearer token when it has no API key.
+        bearer = anon.get("/v1/sandboxes", headers={"Authorization": f"Bearer {local_server.api_key}"})
+        assert bearer.status_code == 200, bearer.text
+        assert_error(anon.get("/v1/sandboxes", headers={"Authorization": "Bearer wrong"}), 401, "Authorization")
+        assert_error(anon.get("/v1/sandboxes", headers={"Authorization": f"Basic {local_server.api_key}"}), 401)
         # The Python SDK's instance calls add `Authorization: Bearer root`: never a substitute for the key.
         assert_error(anon.get("/v1/sandboxes", headers={"Authorization": "Bearer root"}), 401)
+        # A wrong X-API-KEY is not rescued by a right bearer token.
+        both = {"X-API-KEY": "wrong", "Authorization": f"Bearer {local_server.api_key}"}
+        assert_error(anon.get("/v1/sandboxes", headers=both), 401, "X-API-KEY")
         ok = anon.get("/v1/sandboxes", headers={"Authorization": "Bearer root", "X-API-KEY": local_server.api_key})
         assert ok.status_code == 200
     assert_error(http.get("/v1/no-such-thing"), 404, "no such endpoint")

@@ -54,14 +54,15 @@ async def resolve_connection(
     if key:
         url = (api_url or config.api_url or DEFAULT_CLOUD_URL).rstrip("/")
         verify: str | bool = config.ca_file or True
-        if not config.ca_file and url.startswith("https://127.0.0.1"):  # scalebox-local by URL: trust its cert
+        if not config.ca_file and url.startswith("https://"):  # scalebox-local by URL, either scheme: its cert
             local = read_runtime_info()
-            if local is not None and local.url.rstrip("/") == url and local.certfile:
+            if local is not None and local.certfile and urlsplit(local.url).netloc == urlsplit(url).netloc:
                 verify = local.certfile
         return config, Connection(url, key, verify, timeout, stream_idle_timeout=idle)
     wanted = (api_url or config.api_url or "").rstrip("/")
     info = read_runtime_info()
-    if wanted and (info is None or info.url.rstrip("/") != wanted):  # only scalebox-local can do without a key
+    # Only scalebox-local can do without a key (addressed by either scheme: its port answers both).
+    if wanted and (info is None or urlsplit(info.url).netloc != urlsplit(wanted).netloc):
         raise AuthenticationError(
             f"No API key is set for {wanted}. Set SCALEBOX_API_KEY (or pass api_key=...), or unset "
             "SCALEBOX_API_URL / SBX_DOMAIN to use scalebox-local."
@@ -74,7 +75,7 @@ async def resolve_connection(
             "(or set SCALEBOX_LOCAL_AUTOSTART=1), or set SCALEBOX_API_KEY to use the Scalebox cloud."
         )
     return config, Connection(
-        info.url.rstrip("/"),
+        wanted or info.url.rstrip("/"),
         info.api_key,
         config.ca_file or info.certfile or True,
         timeout,

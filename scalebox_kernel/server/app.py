@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from .bodies import error_response
 from .isolation.jail import LINKS_DIR
 from .isolation.sandbox import describe
 from .jupyter_api import JupyterPlane
+from .listener import DualSchemeListener
 from .rest import ControlPlane
 from .rpc import AgentPlane
 from .sandboxes import SandboxManager
@@ -137,7 +139,25 @@ def _bind(ip: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, minus re-raising SIGTERM/SIGINT after shutdown: we still have kernels to stop then."""
+    """uvicorn on one port for both schemes (server/listener.py), minus re-raising SIGTERM/SIGINT after shutdown:
+    we still have kernels to stop then."""
+
+    def __init__(self, config: uvicorn.Config, ssl_context: ssl.SSLContext | None) -> None:
+        super().__init__(config)
+        self._ssl_context = ssl_context
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])  # the lifespan and server state, no listener of uvicorn's own
+
+        def create_protocol() -> asyncio.Protocol:
+            return self.config.http_protocol_class(  # type: ignore[call-arg]
+                config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        for sock in sockets or []:
+            listener = DualSchemeListener(sock, create_protocol, self._ssl_context, self.config.backlog)
+            listener.start()
+            self.servers.append(listener)  # type: ignore[arg-type]
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -175,7 +195,10 @@ class ServeApp(JupyterApp):
         "log-level": "Application.log_level",
     }
     flags = {
-        "tls": ({"ServeApp": {"tls": True}}, "Serve HTTPS with a self-signed certificate made in the data dir."),
+        "tls": (
+            {"ServeApp": {"tls": True}},
+            "Point clients at https:// (the runtime file's URL); both schemes answer on the port either way.",
+        ),
         "no-isolation": (
             {"ServerSettings": {"isolation": "none"}},
             "Run sandbox code on the host, unconfined (as without bubblewrap); allow_internet_access=false is then "
@@ -199,9 +222,16 @@ class ServeApp(JupyterApp):
     def _default_api_key(self) -> str:
         return os.environ.get(API_KEY_ENV, "")
 
-    certfile = Unicode("", config=True, help="PEM certificate for HTTPS.")
-    keyfile = Unicode("", config=True, help="PEM private key for HTTPS.")
-    tls = Bool(False, config=True, help="Serve HTTPS with a self-signed certificate (made once in the data dir).")
+    certfile = Unicode(
+        "", config=True, help="PEM certificate for HTTPS; by default a self-signed one, made once in the data dir."
+    )
+    keyfile = Unicode("", config=True, help="PEM private key of --certfile.")
+    tls = Bool(
+        False,
+        config=True,
+        help="Name the https:// URL in the runtime file. HTTP and HTTPS both answer on the one port regardless: a "
+        "connection that starts with a TLS handshake is served over TLS.",
+    )
 
     @default("config_file_name")
     def _default_config_file_name(self) -> str:
@@ -262,21 +292,21 @@ class ServeApp(JupyterApp):
         register_data_dir(LINKS_DIR)
         api_key = self.api_key or secrets.token_urlsafe(32)
         certfile, keyfile = self.certfile, self.keyfile
-        if self.tls and not certfile:
+        if not certfile:
             cert, key = ensure_self_signed(data / "tls")
             certfile, keyfile = str(cert), str(key)
+        ssl_context = _ssl_context(certfile, keyfile)
         sock = _bind(self.ip, self.port)
         port = sock.getsockname()[1]
         host = _url_host(self.ip)
-        url = f"{'https' if certfile else 'http'}://{host}:{port}"
+        # Both schemes answer on the port; the runtime file names the one clients are pointed at by default.
+        url = f"{'https' if self.tls or self.certfile else 'http'}://{host}:{port}"
         manager = SandboxManager(settings, public_host=settings.public_host or f"{host}:{port}")
         await manager.start()
         config = uvicorn.Config(
             create_app(settings, manager, api_key),
             log_level="warning",
             access_log=False,
-            ssl_certfile=certfile or None,
-            ssl_keyfile=keyfile or None,
             timeout_graceful_shutdown=3,
             lifespan="off",
             http="h11",
@@ -288,26 +318,34 @@ class ServeApp(JupyterApp):
             loop="asyncio",
             server_header=False,
         )
-        server = _Server(config)
+        server = _Server(config, ssl_context)
         pid = os.getpid()
         task = asyncio.create_task(server.serve(sockets=[sock]))
         try:
             while not server.started and not task.done():
                 await asyncio.sleep(0.02)
             if server.started:
-                write_runtime_info(LocalServerInfo(url, api_key, certfile or None, pid, str(data)))
-                self._announce(url, data, describe(settings))
+                write_runtime_info(LocalServerInfo(url, api_key, certfile, pid, str(data)))
+                self._announce(url, certfile, data, describe(settings))
             await task
         finally:
             remove_runtime_info(pid)
             await manager.close()
             log.info("scalebox-local stopped")
 
-    def _announce(self, url: str, data: Path, protections: str) -> None:
+    def _announce(self, url: str, certfile: str, data: Path, protections: str) -> None:
         print(f"scalebox-local {__version__} serving at {url}", flush=True)
+        print(f"  HTTP and HTTPS on this port; certificate: {certfile}", flush=True)
         print(f"  data dir: {data}", flush=True)
         print(f"  {protections}", flush=True)
         print(f"  API key and URL for clients: {runtime_file()}", flush=True)
+
+
+def _ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, keyfile)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class _RedactTokens(logging.Filter):

@@ -159,8 +159,20 @@ def _query_int(request: Request, *names: str, default: int, minimum: int) -> int
 # ---- the control plane ------------------------------------------------------------------------------------------
 
 
+def _credential(request: Request) -> tuple[str, str]:
+    """The API key the request offers, and which header it came in."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key, "X-API-KEY"
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token and token != "root":
+        return token, "Authorization: Bearer"
+    return "", ""
+
+
 class ControlPlane:
-    """Handlers of /v1/...; each checks X-API-KEY first."""
+    """Handlers of /v1/...; each checks the API key first."""
 
     def __init__(self, manager: SandboxManager, api_key: str) -> None:
         self.manager = manager
@@ -183,15 +195,19 @@ class ControlPlane:
         ]
 
     def _guard(self, handler: Handler) -> Handler:
-        """Authenticate by X-API-KEY (the `Authorization: Bearer root` the Python SDK adds is ignored) and turn
-        errors into JSON error bodies."""
+        """Authenticate by X-API-KEY, or by `Authorization: Bearer <key>` (what the JS SDK sends for
+        SCALEBOX_ACCESS_TOKEN), and turn errors into JSON error bodies. The constant `Authorization: Bearer root`
+        the Python SDK adds beside its X-API-KEY is no credential (PROTOCOL.md 1.2)."""
 
         async def guarded(request: Request) -> Response:
-            given = request.headers.get("x-api-key")
+            given, source = _credential(request)
             if not given:
-                return error_response(401, "missing X-API-KEY header; pass the scalebox-local API key")
+                return error_response(
+                    401,
+                    "missing credentials; send the scalebox-local API key as X-API-KEY or as Authorization: Bearer",
+                )
             if not hmac.compare_digest(given.encode(), self._api_key):
-                return error_response(401, "invalid API key")
+                return error_response(401, f"invalid API key (from {source})")
             try:
                 return await handler(request)
             except SandboxError as exc:

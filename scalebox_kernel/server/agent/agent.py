@@ -19,14 +19,20 @@ from starlette.responses import Response
 
 from ..isolation.layout import HOME, USER_DIRS
 from ..isolation.sandbox import SandboxIsolation
-from ..runtimes_store import RuntimeStore, runtimes_dir
+from ..runtimes_store import RuntimeStore
 from ..settings import ServerSettings
 from . import transfer
 from .execution import Contexts
 from .filesystem import Filesystem
 from .paths import SandboxPaths
 from .process import ProcessManager
-from .runtimes import RuntimeRegistry, default_registry, sandbox_bin_dirs, sandbox_language_env
+from .runtimes import (
+    RuntimeRegistry,
+    default_registry,
+    sandbox_bin_dirs,
+    sandbox_host_dirs,
+    sandbox_language_env,
+)
 from .watch import Watchers
 
 log = logging.getLogger("scalebox_kernel.server")
@@ -102,7 +108,7 @@ class SandboxAgent:
             cpu_count=cpu_count,
             disk_mb=disk_mb,
             internet=allow_internet_access,
-            runtime=[str(runtimes_dir())],
+            runtime=sandbox_host_dirs(),
         )
         self.tree = self.confinement.tree
         self.paths = SandboxPaths(self.root, self.tree)

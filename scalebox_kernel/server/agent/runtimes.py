@@ -238,6 +238,35 @@ def sandbox_python_version(store: RuntimeStore | None = None) -> str:
     return f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 
+def sandbox_host_dirs(store: RuntimeStore | None = None) -> list[str]:
+    """The host directories a sandbox's kernels need (bound read-only): the runtimes, the prefix of the
+    interpreter the runtimes venv was made from when that is not a system one, and, only where python falls back
+    to scalebox-local's own interpreter (no runtimes venv, or no /usr/bin/python3 for the socket relay), that
+    interpreter's prefix. The server's environment is otherwise nowhere inside."""
+    store = store or RuntimeStore()
+    dirs = [str(store.root)]
+    if store.spec("python") is not None:
+        dirs += _venv_base_prefix(store.venv)
+    else:
+        dirs += [sys.prefix, sys.base_prefix]
+    if not os.path.exists("/usr/bin/python3"):
+        dirs.append(sys.base_prefix)
+    return dirs
+
+
+def _venv_base_prefix(venv: Path) -> list[str]:
+    """The prefix of the interpreter a venv was made from (`home` in its pyvenv.cfg is that prefix's bin)."""
+    try:
+        lines = (venv / "pyvenv.cfg").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip() == "home" and value.strip():
+            return [str(Path(os.path.realpath(value.strip())).parent)]
+    return []
+
+
 def sandbox_bin_dirs(store: RuntimeStore | None = None) -> list[str]:
     """Directories put first on a sandbox's PATH: the runtimes venv (python, pip, deno), else the server's."""
     store = store or RuntimeStore()

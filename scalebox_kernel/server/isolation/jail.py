@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shlex
+import site
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,8 @@ class Jail:
             if Path("/etc", name).exists():
                 argv += ["--ro-bind", str(host), f"/etc/{name}"]
         for hidden in hidden_config_dirs(mounts):  # their files may hold API keys (jupyter_scalebox_config.py)
+            argv += ["--tmpfs", hidden]
+        for hidden in hidden_server_dirs(mounts, self.options.runtime):
             argv += ["--tmpfs", hidden]
         argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm"]
         argv += ["--ro-bind", str(RELAY_SOURCE), SANDBOX_RELAY]
@@ -483,6 +486,28 @@ def hidden_config_dirs(mounts: list[tuple[str, str]]) -> list[str]:
     for directory in jupyter_config_path():
         path = Path(os.path.abspath(directory))
         if path.is_dir() and not path.is_symlink() and any(path.is_relative_to(b) for b in bound):
+            found.append(str(path))
+    return sorted(set(found))
+
+
+#: Debian's own Python packages: its tools in a sandbox may need them, and pip never installs there.
+DEBIAN_PACKAGES = "/usr/lib/python3/dist-packages"
+
+
+def hidden_server_dirs(mounts: list[tuple[str, str]], runtime: Sequence[str]) -> list[str]:
+    """The server's own packages that a system mount would show a sandbox (scalebox-local installed into
+    /usr/local's Python, say): each gets an empty tmpfs on top. Kept where a runtime needs them (python falling
+    back to the server's interpreter names that interpreter's prefix as a runtime)."""
+    bound = [Path(path) for kind, path in mounts if kind == "ro"]
+    needed = [Path(os.path.realpath(r)) for r in runtime]
+    package = Path(os.path.realpath(__file__)).parents[3]  # the folder holding scalebox_kernel/
+    candidates = [*site.getsitepackages(), site.getusersitepackages(), str(package)]
+    found = []
+    for directory in candidates:
+        path = Path(os.path.realpath(directory))
+        if str(path) == DEBIAN_PACKAGES or not path.is_dir() or any(path.is_relative_to(n) for n in needed):
+            continue
+        if any(path.is_relative_to(b) for b in bound) and path not in bound:
             found.append(str(path))
     return sorted(set(found))
 

@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import stat
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,12 +33,12 @@ SANDBOX_USER = "user"
 HOST_ONLY = "/run/scalebox-host"
 
 
-def runtime_paths(extra: Iterable[str | Path] = ()) -> list[Path]:
-    """Host directories the kernels need besides the system ones: this interpreter's prefix (pyenv lives in
-    root's home, say) and whatever the caller adds; each is bound read-only at its own path."""
-    candidates = [Path(sys.prefix), Path(sys.base_prefix), *map(Path, extra)]
+def runtime_paths(needed: Iterable[str | Path] = ()) -> list[Path]:
+    """The host directories the kernels need besides the system ones (the runtimes, say), without duplicates or
+    nested pairs; each is bound read-only at its own path. Nothing else of the host's, and so nothing of the
+    server's own environment, is in a sandbox."""
     found: list[Path] = []
-    for path in candidates:
+    for path in map(Path, needed):
         real = Path(os.path.realpath(path))
         if not real.is_dir() or any(real.is_relative_to(d) for d in (*map(Path, SYSTEM_DIRS), *found)):
             continue

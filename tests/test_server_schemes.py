@@ -4,6 +4,7 @@ certificate it made once in its data dir, and keeps serving whatever a connectio
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import ssl
@@ -132,3 +133,34 @@ async def test_https_sandbox_and_its_jupyter_channels_over_wss(local_server_tls:
             assert any(m["content"].get("text") == "over wss\n" for m in of_type(messages, "stream"))
         finally:
             await asyncio.wait_for(frontend.close(), 10)
+
+
+def _spki_sha256(certfile: str) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    cert = x509.load_pem_x509_certificate(Path(certfile).read_bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return base64.b64encode(digest.finalize()).decode()
+
+
+@pytest.mark.browser
+def test_a_browser_gets_both_schemes(local_server: LocalServer) -> None:
+    """Chromium, trusting exactly scalebox-local's key (not ignoring certificate errors), loads both schemes."""
+    from browser_support import CHROMIUM, CHROMIUM_ARGS
+    from playwright.sync_api import sync_playwright
+
+    assert local_server.certfile
+    trust = f"--ignore-certificate-errors-spki-list={_spki_sha256(local_server.certfile)}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, trust], timeout=60_000)
+        try:
+            page = browser.new_page(extra_http_headers={"X-API-KEY": local_server.api_key})
+            for base in (_https(local_server), local_server.url):
+                response = page.goto(base + REGIONS, timeout=30_000)
+                assert response is not None and response.status == 200, base
+                assert json.loads(response.text())["data"]["scalebox_regions"][0]["id"] == "local"
+        finally:
+            browser.close()

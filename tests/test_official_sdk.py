@@ -1,4 +1,5 @@
-"""The official `scalebox-sdk==1.0.10` from PyPI, unchanged, in its own venv, against scalebox-local over HTTPS."""
+"""The official `scalebox-sdk==1.0.10` from PyPI, unchanged, in its own venv, against the default scalebox-local:
+the SDK speaks HTTPS only, which the server's one port answers beside HTTP, with its self-signed certificate."""
 
 from __future__ import annotations
 
@@ -129,9 +130,10 @@ def sdk_python() -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_official_sdk_end_to_end(sdk_python: Path, local_server_tls: LocalServer, tmp_path: Path) -> None:
-    server = local_server_tls
-    assert server.certfile and server.url.startswith("https://")
+def test_official_sdk_end_to_end(sdk_python: Path, local_server: LocalServer, tmp_path: Path) -> None:
+    server = local_server
+    assert server.url.startswith("http://127.0.0.1:") and "--tls" not in server.argv  # the default server
+    assert server.certfile
     script = tmp_path / "sdk_flow.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SCALEBOX_", "SBX_", "PYTHON"))}

@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..protocol import pb
-from ..protocol.mime import FIELD_TO_MIME, fields_to_bundle
+from ..protocol.charts import chart_from_pb
+from ..protocol.mime import FIELD_TO_MIME, bundle_to_fields, fields_to_bundle
 
 # ------------------------------------------------------------------------------------------------ sandboxes
 
@@ -124,7 +124,13 @@ _RESULT_FIELDS = [*FIELD_TO_MIME, "data"]
 
 @dataclass
 class Result:
-    """One output of a cell (`execute_result` when `is_main_result`, else `display_data`), in every format it has."""
+    """One output of a cell (`execute_result` when `is_main_result`, else `display_data`), in every format it has.
+
+    `chart` is the data of a matplotlib figure the cell showed (next to its `png`), as a dict in the seed SDK's
+    chart shape: `type` (`line`, `scatter`, `bar`, `pie`, `box_and_whisker`, `superchart`), `title`, `elements`
+    and, by type, `x_label`/`y_label`/`x_unit`/`y_unit`, `x_ticks`/`x_tick_labels`/`x_scale` (and `y_…`), and
+    `extra` (`{"truncated": "true", …}` when points were left out). See protocol/charts.py for every field.
+    """
 
     text: str | None = None
     html: str | None = None
@@ -145,9 +151,7 @@ class Result:
     @classmethod
     def from_pb(cls, message: pb.Result) -> Result:
         values: dict[str, Any] = {name: getattr(message, name) or None for name in _RESULT_FIELDS}
-        chart = None
-        if message.HasField("chart") and message.chart.ByteSize():
-            chart = json_format.MessageToDict(message.chart, preserving_proto_field_name=True)
+        chart = chart_from_pb(message.chart) if message.HasField("chart") and message.chart.ByteSize() else None
         return cls(
             **values,
             chart=chart,
@@ -155,6 +159,16 @@ class Result:
             execution_count=message.execution_count or None,
             is_main_result=message.is_main_result,
         )
+
+    @classmethod
+    def from_bundle(
+        cls, bundle: dict[str, Any], *, execution_count: int | None = None, is_main_result: bool = False
+    ) -> Result:
+        """A Jupyter MIME bundle (a kernel's display_data or execute_result `data`) as a Result."""
+        message = pb.Result(**bundle_to_fields(bundle, json_in_extra=False), is_main_result=is_main_result)
+        result = cls.from_pb(message)
+        result.execution_count = execution_count
+        return result
 
     def formats(self) -> list[str]:
         """The non-empty formats, in the seed SDK's order, then the `extra` MIME types."""

@@ -14,7 +14,6 @@ from IPython.display import clear_output, display, publish_display_data
 
 from ..client import ExecutionError, OutputMessage, Result, portal
 from ..errors import ScaleboxError, redact
-from ..protocol.mime import bundle_to_fields
 from ..session import ProgressInfo
 from ..session._progress import ProgressCallback
 from ..subcommands import StatusPanel, status_widget
@@ -212,7 +211,7 @@ class Relay:
         elif msg_type == "execute_result":
             data = content.get("data") or {}
             count = content.get("execution_count")
-            result = Result(**bundle_to_fields(data, json_in_extra=False), execution_count=count, is_main_result=True)
+            result = Result.from_bundle(data, execution_count=count, is_main_result=True)
             if self.show_main_result:
                 display(data, raw=True)
             else:

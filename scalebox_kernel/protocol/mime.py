@@ -3,6 +3,7 @@
 scalebox-local uses it to turn kernel output into `Result` messages; the kernel and the magics use it to turn
 results back into bundles. `application/json` never goes into `Result.json` for proto-codec clients, because
 the official Python SDK 1.0.10 crashes on a non-empty `json` or `data` (section 5.5): it travels in `extra`.
+A figure's chart (CHART_MIME, a chart dict of charts.py) becomes the `chart` message, never an `extra` entry.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
+
+from . import sandboxagent_pb2 as pb
+from .charts import chart_from_pb, chart_to_pb
 
 # Result field -> MIME type, in the order the seed SDK lists formats.
 FIELD_TO_MIME: dict[str, str] = {
@@ -28,6 +32,8 @@ MIME_TO_FIELD: dict[str, str] = {mime: field for field, mime in FIELD_TO_MIME.it
 
 #: The field that carries structured data (a DataFrame's records, say); no Jupyter MIME type of its own.
 DATA_MIME = "application/vnd.scalebox.data+json"
+#: The `chart` field: the chart dict a Python sandbox's kernel shows beside each matplotlib figure's PNG.
+CHART_MIME = "application/vnd.scalebox.chart+json"
 
 
 def _as_text(value: Any) -> str:
@@ -46,6 +52,8 @@ def bundle_to_fields(bundle: Mapping[str, Any], *, json_in_extra: bool) -> dict[
         field = MIME_TO_FIELD.get(mime)
         if field == "json" and json_in_extra:
             extra[mime] = _as_text(value)
+        elif mime == CHART_MIME and (chart := _chart_message(value)) is not None:
+            fields["chart"] = chart
         elif mime == DATA_MIME:
             if json_in_extra:
                 extra[mime] = _as_text(value)
@@ -70,6 +78,11 @@ def fields_to_bundle(fields: Mapping[str, Any]) -> dict[str, Any]:
         bundle[mime] = _json_or_text(value) if mime == "application/json" else value
     if fields.get("data"):
         bundle[DATA_MIME] = _json_or_text(fields["data"])
+    chart = fields.get("chart")
+    if isinstance(chart, pb.Chart):
+        chart = chart_from_pb(chart) if chart.ByteSize() else None
+    if chart:
+        bundle[CHART_MIME] = chart
     for mime, value in (fields.get("extra") or {}).items():
         if "/" not in mime:
             continue  # not a MIME type; the seed SDK puts nothing else there, but be safe
@@ -85,3 +98,13 @@ def _json_or_text(value: Any) -> Any:
         return json.loads(value)
     except ValueError:
         return value
+
+
+def _chart_message(value: Any) -> pb.Chart | None:
+    """The `chart` message of a chart MIME value (a dict, or its JSON text); None if it is not a chart, and it
+    then stays in `extra` as it came."""
+    try:
+        chart = json.loads(value) if isinstance(value, str) else value
+        return chart_to_pb(chart)
+    except (TypeError, ValueError, KeyError, RecursionError):
+        return None

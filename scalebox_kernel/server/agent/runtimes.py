@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ...protocol.connect import ConnectError
+from ...protocol.mime import CHART_MIME
 from ..runtimes_store import LANGUAGES, RuntimeStore
 from ..settings import ServerSettings
 from .iopub import SEQUENCE_KEY
@@ -45,6 +46,9 @@ class KernelLaunch:
 
 
 Message = tuple[str, dict[str, Any]]  # (Jupyter msg_type, content)
+
+#: Runs inside Python kernels (IOPUB_LAUNCHER carries it there): the chart of each matplotlib figure shown.
+CHART_SOURCE = Path(__file__).with_name("chart_extractor.py")
 
 # Run in place of `python -m <module>` for kernels built on ipykernel (python, bash). Their iopub socket gets no
 # high-water mark, so it never drops a message when the server is briefly behind (it queues in the kernel, inside
@@ -92,8 +96,50 @@ if sys.argv[1] == "ipykernel_launcher":
         return reply
     IPythonKernel.do_history = _numbered_history
 
+    # Each matplotlib figure a cell shows carries its chart beside its PNG: a formatter for the chart MIME type
+    # that knows figures by their type's name (nothing imports matplotlib for it), and whose code
+    # (chart_extractor.py) is compiled when the first figure is shown. Not a printer registered with
+    # for_type_by_name: matplotlib_inline pops `Figure` from every formatter whenever it sets the figure formats.
+    # A figure the code cannot read gets no chart, silently.
+    from IPython.core.formatters import BaseFormatter
+    from traitlets import ObjectName, Unicode
+    CHART_SOURCE = @CHART_SOURCE@
+    _chart = []
+    def _figure_chart(figure):
+        if not _chart:
+            namespace = {"__name__": "scalebox_chart_extractor"}
+            try:
+                exec(compile(CHART_SOURCE, "scalebox_chart_extractor.py", "exec"), namespace)
+                _chart.append(namespace["chart_or_none"])
+            except Exception:
+                _chart.append(lambda figure: None)
+        return _chart[0](figure)
+    class _ChartFormatter(BaseFormatter):
+        format_type = Unicode("@CHART_MIME@")
+        print_method = ObjectName("_repr_scalebox_chart_")
+        _return_type = (dict,)
+        def __call__(self, obj):
+            for cls in type(obj).__mro__:
+                if cls.__name__ == "Figure" and cls.__module__ == "matplotlib.figure":
+                    return _figure_chart(obj) if self.enabled else None
+            return None
+    _kernel_init = IPythonKernel.__init__
+    def _init_with_charts(self, *args, **kwargs):
+        _kernel_init(self, *args, **kwargs)
+        try:
+            formatter = _ChartFormatter(parent=self.shell.display_formatter)
+            self.shell.display_formatter.formatters[formatter.format_type] = formatter
+        except Exception:
+            pass
+    IPythonKernel.__init__ = _init_with_charts
+
 runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
-""".replace("@KEY@", SEQUENCE_KEY)
+"""
+IOPUB_LAUNCHER = (
+    IOPUB_LAUNCHER.replace("@KEY@", SEQUENCE_KEY)
+    .replace("@CHART_MIME@", CHART_MIME)
+    .replace("@CHART_SOURCE@", repr(CHART_SOURCE.read_text()))
+)
 
 
 def lossless_iopub_argv(argv: list[str]) -> list[str]:

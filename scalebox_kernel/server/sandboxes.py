@@ -567,7 +567,15 @@ class SandboxManager:
         retry.at = time.time() + delay
         verb = _STEP_VERBS[step]
         if retry.attempts == 1:
-            log.warning("could not %s sandbox %s; retrying with back-off", verb, sandbox_id, exc_info=exc)
+            # A file system still busy, a disk full: one line says it; anything unexpected gets its traceback.
+            detail = None if isinstance(exc, OSError) else exc
+            log.warning(
+                "could not %s sandbox %s (%s); retrying with back-off",
+                verb,
+                sandbox_id,
+                _describe(exc),
+                exc_info=detail,
+            )
         else:
             log.debug("could not %s sandbox %s (attempt %d)", verb, sandbox_id, retry.attempts)
         times = "once" if retry.attempts == 1 else f"{retry.attempts} times"

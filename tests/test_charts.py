@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from agent_support import EXECUTE, Box
 from client_support import config_for
 from conftest import LocalServer
 from kernel_support import KernelRun, environ, install_kernelspecs, of_type
-from test_official_sdk import _sdk_python
+from test_official_sdk import sdk_env, sdk_venv_python
 
 from scalebox_kernel.client import Execution, Result, Sandbox
 from scalebox_kernel.protocol import connect, pb
@@ -357,18 +356,14 @@ SDK_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(300)
 def test_the_official_python_sdk_parses_a_chart(local_server: LocalServer, tmp_path: Path) -> None:
     try:
-        python = _sdk_python()
+        python = sdk_venv_python()
     except subprocess.CalledProcessError as exc:
         pytest.fail(f"could not build the official SDK's venv: {exc}")
     script = tmp_path / "chart_flow.py"
     script.write_text(SDK_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCALEBOX_", "SBX_", "PYTHON"))}
-    env.update(
-        SBX_API_KEY=local_server.api_key,
-        SBX_DOMAIN=local_server.url.split("://", 1)[1] + "/v1",
-        SSL_CERT_FILE=str(local_server.certfile),
+    proc = subprocess.run(
+        [str(python), str(script)], env=sdk_env(local_server), capture_output=True, text=True, timeout=240
     )
-    proc = subprocess.run([str(python), str(script)], env=env, capture_output=True, text=True, timeout=240)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("@@CHART@@")]
     assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     out = json.loads(lines[-1][len("@@CHART@@") :])

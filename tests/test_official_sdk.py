@@ -96,7 +96,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _sdk_python() -> Path:
+def sdk_venv_python() -> Path:
     """The venv's python, made once (with a lock against parallel sessions) and reused."""
     python = VENV / "bin" / "python"
     VENV.parent.mkdir(parents=True, exist_ok=True)
@@ -120,10 +120,22 @@ def _sdk_python() -> Path:
     return python
 
 
+def sdk_env(server: LocalServer) -> dict[str, str]:
+    """The environment a user sets for the SDK against this server (PROTOCOL.md 8.1), and none of ours."""
+    assert server.certfile
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCALEBOX_", "SBX_", "PYTHON"))}
+    env.update(
+        SBX_API_KEY=server.api_key,
+        SBX_DOMAIN=server.url.split("://", 1)[1] + "/v1",
+        SSL_CERT_FILE=server.certfile,
+    )
+    return env
+
+
 @pytest.fixture(scope="module")
 def sdk_python() -> Path:
     try:
-        return _sdk_python()
+        return sdk_venv_python()
     except subprocess.CalledProcessError as exc:  # no package index here: say so rather than pass
         pytest.fail(f"could not build the scalebox-sdk=={SDK_VERSION} venv: {exc}")
 
@@ -136,14 +148,8 @@ def test_official_sdk_end_to_end(sdk_python: Path, local_server: LocalServer, tm
     assert server.certfile
     script = tmp_path / "sdk_flow.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCALEBOX_", "SBX_", "PYTHON"))}
-    env.update(
-        SBX_API_KEY=server.api_key,
-        SBX_DOMAIN=server.url.split("://", 1)[1] + "/v1",
-        SSL_CERT_FILE=server.certfile,
-    )
     proc = subprocess.run(
-        [str(sdk_python), str(script)], env=env, capture_output=True, text=True, timeout=380, cwd=tmp_path
+        [str(sdk_python), str(script)], env=sdk_env(server), capture_output=True, text=True, timeout=380, cwd=tmp_path
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     assert proc.returncode == 0 and lines, f"SDK script failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

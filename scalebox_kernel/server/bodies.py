@@ -1,7 +1,9 @@
-"""Reading request bodies with a size limit, and the JSON error body every non-Connect endpoint answers with."""
+"""Reading requests (bodies with a size limit, the credential of an Authorization header), and the JSON error body
+every non-Connect endpoint answers with."""
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -10,6 +12,14 @@ from .scrub import scrub
 #: After a body went over the limit, this much more is read and dropped so the client still sees the error
 #: (closing mid-upload makes most clients report a broken pipe instead of the 413).
 _DRAIN_LIMIT = 1024 * 1024 * 1024
+
+
+def authorization_token(headers: Headers, schemes: tuple[str, ...] = ("bearer",)) -> str:
+    """The credential of an `Authorization: <scheme> <token>` header whose scheme is one of `schemes`; "" when there
+    is none, and for the constant `Bearer root` the SDKs send beside their real credential (PROTOCOL.md 1.2, 2.3)."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() in schemes and token != "root" else ""
 
 
 class BodyTooLarge(Exception):

@@ -30,7 +30,7 @@ from ..protocol.connect import ConnectError
 from .agent import SandboxAgent
 from .agent.channels import CLOSE_GONE, CLOSE_PAUSED, CLOSE_REPLACED, PAUSED_PREFIX, ClientSession, Closed
 from .agent.execution import CodeContext
-from .bodies import BodyTooLarge, read_limited
+from .bodies import BodyTooLarge, authorization_token, read_limited
 from .sandboxes import SandboxError, SandboxExpired, SandboxManager, SandboxNotFound, SandboxPaused
 from .scrub import scrub
 from .settings import ServerSettings
@@ -334,11 +334,12 @@ def _gone_code(exc: SandboxError) -> str:
 
 
 def _token(connection: HTTPConnection) -> str | None:
-    authorization = connection.headers.get("authorization", "")
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() in ("token", "bearer") and value.strip() and value.strip() != "root":
-        return value.strip()
-    return connection.headers.get("x-access-token") or connection.query_params.get("token") or None
+    return (
+        authorization_token(connection.headers, ("token", "bearer"))
+        or connection.headers.get("x-access-token")
+        or connection.query_params.get("token")
+        or None
+    )
 
 
 async def _body(request: Request) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .bodies import BodyTooLarge, error_response, read_limited
+from .bodies import BodyTooLarge, authorization_token, error_response, read_limited
 from .sandboxes import BadRequest, Conflict, CreateSpec, SandboxError, SandboxManager
 from .scrub import scrub
 from .settings import ServerSettings
@@ -164,11 +164,8 @@ def _credential(request: Request) -> tuple[str, str]:
     key = request.headers.get("x-api-key")
     if key:
         return key, "X-API-KEY"
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() == "bearer" and token and token != "root":
-        return token, "Authorization: Bearer"
-    return "", ""
+    token = authorization_token(request.headers)
+    return (token, "Authorization: Bearer") if token else ("", "")
 
 
 class ControlPlane:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ...protocol.connect import ConnectError
 from ...protocol.mime import CHART_MIME
+from ..isolation.kernels import relay_python
 from ..runtimes_store import LANGUAGES, RuntimeStore
 from ..settings import ServerSettings
 from .iopub import SEQUENCE_KEY
@@ -295,7 +296,7 @@ def sandbox_host_dirs(store: RuntimeStore | None = None) -> list[str]:
         dirs += _venv_base_prefix(store.venv)
     else:
         dirs += [sys.prefix, sys.base_prefix]
-    if not os.path.exists("/usr/bin/python3"):
+    if relay_python() == sys.executable:
         dirs.append(sys.base_prefix)
     return dirs
 

@@ -255,9 +255,15 @@ class Kernel:
             startup = self.runtime.startup_code()
             if startup:
                 await self._silent(startup)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            task = asyncio.current_task()
+            if cancelled and (task is None or task.cancelling()):
+                raise  # this task itself is being cancelled
+            # Otherwise a cancel means our sockets were closed under the start (the kernel was shut down
+            # meanwhile, its sandbox killed): a start that failed, like any other.
             await self._stop()
-            reason = str(exc) or type(exc).__name__
+            reason = "it was shut down while it started" if cancelled else (str(exc) or type(exc).__name__)
             tail = scrub(self._last_log.tail()) if self._last_log is not None else ""
             said = f"; it said: {tail}" if tail else ""
             raise ConnectError("unavailable", f"the {self.runtime.name} kernel did not start: {reason}{said}") from None

@@ -7,6 +7,8 @@ treats as an interrupt.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +32,9 @@ from .transport import Transport, error_body
 M = TypeVar("M", bound=Message)
 
 PACKAGE = "sandboxagent"
+#: After a stream's end-of-stream frame, how long and how many bytes the rest of the HTTP body may take.
+_FINISH_TIMEOUT = 1.0
+_FINISH_BYTES = 64 * 1024
 
 
 class MessageStream(Generic[M]):
@@ -85,6 +90,7 @@ class MessageStream(Generic[M]):
                     error = parse_end_stream(payload)
                     if error is not None:
                         self._error = self._client.error(error, self._what)
+                    await self._finish_body()
                     return
                 self._pending.append(self._client.codec.decode(payload, self._type))
         except ConnectError as exc:  # our own reading failed: the bytes are not a Connect stream of this type
@@ -97,6 +103,18 @@ class MessageStream(Generic[M]):
                     "between, is not speaking the Connect protocol as it should."
                 )
             self._error = transport.error(ScaleboxError, message)
+
+    async def _finish_body(self) -> None:
+        """Read the HTTP body's end after the end-of-stream frame: a response closed unread drops its connection,
+        and the next call would pay a new TCP (and TLS) handshake. Bounded: a server that sends on, or never
+        ends the body, just loses the connection."""
+        extra = 0
+        with contextlib.suppress(httpx.HTTPError, TimeoutError):
+            async with asyncio.timeout(_FINISH_TIMEOUT):
+                async for chunk in self._chunks:
+                    extra += len(chunk)
+                    if extra > _FINISH_BYTES:
+                        break
 
     async def aclose(self) -> None:
         self._done = True

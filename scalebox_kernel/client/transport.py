@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,16 +21,20 @@ from .. import errors
 from ..errors import ScaleboxError, redact
 from ..protocol.connect import ConnectError
 from .connection import Connection
+from .http11 import Http11Transport
 
 log = logging.getLogger("scalebox_kernel.client")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+#: Parsed URLs and header sets a transport keeps (a sandbox's agent calls reuse a handful of each).
+_CACHED = 256
 
 
-def _ssl_context(verify: str | bool) -> ssl.SSLContext | bool:
+def _ssl_context(verify: str | bool, trust_env: bool) -> ssl.SSLContext:
+    """What HTTPS trusts: the CA file given, or the default bundle (SSL_CERT_FILE when trust_env), or nothing."""
     if not isinstance(verify, str):
-        return verify
+        return httpx.create_ssl_context(verify=verify, trust_env=trust_env)
     try:
         return ssl.create_default_context(cafile=verify)
     except (OSError, ssl.SSLError) as exc:
@@ -66,12 +71,21 @@ class Transport:
         self.max_retries = max_retries
         self.backoff = backoff
         self._secrets: list[str] = [connection.api_key]
+        trust_env = not connection.is_loopback  # no proxy, nor the environment's CA bundle, for scalebox-local
+        context = _ssl_context(connection.verify, trust_env)
+        # Direct connections go on our own HTTP/1.1 transport, requests built here and sent on it (httpx's client
+        # layer costs more than a trivial cell); with a proxy in the environment, httpx's client sends them.
+        self._direct = None if trust_env and urllib.request.getproxies() else Http11Transport(context)
         self.http = httpx.AsyncClient(
-            verify=_ssl_context(connection.verify),
-            timeout=_timeout(connection.request_timeout),
-            trust_env=not connection.is_loopback,  # no proxy for scalebox-local
-            follow_redirects=False,
+            verify=context, trust_env=trust_env, follow_redirects=False, transport=self._direct
         )
+        self._headers = dict(self.http.headers)  # Accept, Accept-Encoding, Connection, User-Agent
+        self._timeouts = _timeout(connection.request_timeout).as_dict()
+        self._stream_timeouts = _timeout(
+            connection.request_timeout, connection.stream_idle_timeout, streaming=True
+        ).as_dict()
+        self._urls: dict[str, httpx.URL] = {}
+        self._header_sets: dict[tuple[tuple[str, str], ...], httpx.Headers] = {}
 
     @property
     def secrets(self) -> list[str]:
@@ -92,10 +106,6 @@ class Transport:
             setattr(exc, name, value)
         return exc
 
-    def stream_timeout(self) -> httpx.Timeout:
-        """A stream's timeouts: the request timeout to connect and send, `stream_idle_timeout` between chunks."""
-        return _timeout(self.connection.request_timeout, self.connection.stream_idle_timeout, streaming=True)
-
     async def aclose(self) -> None:
         await self.http.aclose()
 
@@ -109,22 +119,62 @@ class Transport:
         what: str,
         idempotent: bool | None = None,
         retry_statuses: frozenset[int] = RETRY_STATUSES,
+        timeout: float | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send a request, retrying connection failures always, and `retry_statuses` or drops when `idempotent`."""
-        request = self.http.build_request(method, url, **kwargs)
+        """Send a request, retrying connection failures always, and `retry_statuses` or drops when `idempotent`.
+        `timeout` (s) replaces the request timeout; kwargs are httpx.Request's (headers, content, json, files…)."""
+        timeouts = self._timeouts if timeout is None else httpx.Timeout(timeout).as_dict()
+        request = self._build(method, url, timeouts, **kwargs)
         return await self._send(request, what=what, idempotent=idempotent, stream=False, retry_statuses=retry_statuses)
 
     @asynccontextmanager
     async def stream(self, method: str, url: str, *, what: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
         """A streamed response (closed on exit, which tells the server the client went away). Reading it raises
         httpx.ReadTimeout after `stream_idle_timeout` s of silence: `silence_error` says what that means."""
-        request = self.http.build_request(method, url, timeout=self.stream_timeout(), **kwargs)
+        request = self._build(method, url, self._stream_timeouts, **kwargs)
         response = await self._send(request, what=what, idempotent=False, stream=True, retry_statuses=RETRY_STATUSES)
         try:
             yield response
         finally:
             await response.aclose()
+
+    def _build(
+        self,
+        method: str,
+        url: str,
+        timeouts: dict[str, float | None],
+        *,
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Request:
+        """An httpx.Request, its URL and headers parsed once for the few this client sends again and again."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _CACHED:
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        key = tuple(headers.items()) if headers else ()
+        merged = self._header_sets.get(key)
+        if merged is None:
+            if len(self._header_sets) >= _CACHED:
+                self._header_sets.clear()
+            merged = self._header_sets[key] = httpx.Headers({**self._headers, **(headers or {})})
+        return httpx.Request(method, parsed, headers=merged, extensions={"timeout": timeouts}, **kwargs)
+
+    async def _dispatch(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        """One attempt: on our transport when the connection is direct, else through httpx's client (proxies)."""
+        if self._direct is None:
+            return await self.http.send(request, stream=stream)
+        response = await self._direct.handle_async_request(request)
+        response.request = request
+        if not stream:
+            try:
+                await response.aread()
+            except BaseException:
+                await response.aclose()
+                raise
+        return response
 
     async def _send(
         self,
@@ -141,7 +191,7 @@ class Transport:
         while True:
             delay = self.backoff * (2**attempt) * (0.75 + random.random() / 2)
             try:
-                response = await self.http.send(request, stream=stream)
+                response = await self._dispatch(request, stream)
             except httpx.ConnectTimeout as exc:
                 failure: Exception = exc
             except httpx.ConnectError as exc:

@@ -64,7 +64,10 @@ class _RpcStream(StreamingResponse):
     The handler is decoupled from the response so that a client disconnect cancels it exactly once (a plain
     asyncio cancel it can react to, e.g. by interrupting a kernel), rather than under anyio's cancel scope,
     which would cancel every await of its clean-up too. At most `_QUEUE_BYTES` of frames wait here: a client
-    that reads slowly holds the handler back, and frames that are ready together go out in one write.
+    that reads slowly holds the handler back, and frames that are ready together go out in one write. The ASGI
+    messages are sent here (not by StreamingResponse, whose task group per call costs more than a trivial cell's
+    other work): a small task waits for the client's disconnect, and the last frames end the body in the same
+    message.
     """
 
     def __init__(self, frames: AsyncIterator[Message], codec: Codec, method: str, tasks: set[asyncio.Task[Any]]):
@@ -80,16 +83,32 @@ class _RpcStream(StreamingResponse):
         super().__init__(self._body(), media_type=codec.stream_content_type)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._producer = asyncio.create_task(self._produce(), name=f"rpc {self._method}")
-        self._tasks.add(self._producer)
-        self._producer.add_done_callback(self._tasks.discard)
+        producer = self._producer = asyncio.create_task(self._produce(), name=f"rpc {self._method}")
+        self._tasks.add(producer)
+        producer.add_done_callback(self._tasks.discard)
+        watcher = asyncio.create_task(self._watch(receive), name=f"rpc {self._method} disconnect")
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for data, last in self._batches():
+                await send({"type": "http.response.body", "body": data, "more_body": not last})
         finally:
-            self._gone = True
-            self._space.set()
-            if not self._producer.done():  # the client went away: stop the handler (interrupts a cell)
-                self._producer.cancel()
+            watcher.cancel()
+            self._leave()
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._leave()
+
+    def _leave(self) -> None:
+        """The response is over: release the handler's waits, and stop it if it still runs (interrupts a cell)."""
+        if self._gone:
+            return
+        self._gone = True
+        self._space.set()
+        self._queue.put_nowait((b"", True))  # wakes the sender, which sends nothing more
+        if self._producer is not None and not self._producer.done():
+            self._producer.cancel()
 
     async def _put(self, frame: bytes, last: bool) -> None:
         while self._queued >= _QUEUE_BYTES and not self._gone:
@@ -116,9 +135,12 @@ class _RpcStream(StreamingResponse):
                 await aclose()
         await self._put(connect.end_stream(_public(error) if error is not None else None), True)
 
-    async def _body(self) -> AsyncIterator[bytes]:
+    async def _batches(self) -> AsyncIterator[tuple[bytes, bool]]:
+        """The queued frames, those ready together joined, and whether they end the stream."""
         while True:
             frame, last = await self._queue.get()
+            if self._gone:
+                return
             frames, size = [frame], len(frame)
             while not last and not self._queue.empty() and size < _QUEUE_BYTES:
                 frame, last = self._queue.get_nowait()
@@ -126,9 +148,14 @@ class _RpcStream(StreamingResponse):
                 size += len(frame)
             self._queued -= size
             self._space.set()
-            yield frames[0] if len(frames) == 1 else b"".join(frames)
+            yield (frames[0] if len(frames) == 1 else b"".join(frames)), last
             if last:
                 return
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        """StreamingResponse's body iterator, for anything that reads the response that way."""
+        async for data, _ in self._batches():
+            yield data
 
 
 class AgentPlane:

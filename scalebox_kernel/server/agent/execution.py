@@ -74,6 +74,7 @@ class Contexts:
         self._contexts: dict[str, CodeContext] = {}
         self._created: set[str] = set()  # every context id this server made (destroyed ones stay destroyed)
         self._defaults: dict[str, str] = {}  # language -> id of its default context
+        self._resolved: dict[str, str] = {}  # a wire language name ("", "Python", "js") -> its runtime's name
         self._lost_reason: str | None = None
         self._lost_languages: set[str] = set()  # languages whose next default context must announce the loss
         self._paused = False
@@ -116,8 +117,15 @@ class Contexts:
         return context
 
     def default(self, language: str) -> CodeContext:
-        """The default context of a language, created on first use."""
+        """The default context of a language, created on first use. A name seen before finds it without resolving
+        the runtime again (which reads the runtime's spec from disk: a cost on every cell)."""
+        context = self._contexts.get(self._defaults.get(self._resolved.get(language, ""), ""))
+        if context is not None:
+            return context
         runtime = self.registry.resolve(language)
+        if len(self._resolved) >= 64:  # the names clients spell, not every spelling one might send
+            self._resolved.clear()
+        self._resolved[language] = runtime.name
         context = self._contexts.get(self._defaults.get(runtime.name, ""))
         if context is None:
             context = self.create(runtime.name)

@@ -38,6 +38,7 @@ class _Cell:
     relay: Relay
     reply: asyncio.Future[dict[str, Any]]
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # its execute_reply came (even after we gave up)
 
 
 class _Channel:
@@ -48,6 +49,9 @@ class _Channel:
         self.endpoint = endpoint
         self.kernel_id = kernel_id
         self.cell: _Cell | None = None
+        # A cell given up on while the server was silent, interrupted once it answers: the next cell waits for its
+        # end first (a little), else the kernel would abort the next one with it.
+        self.abandoned: _Cell | None = None
         # One cell at a time, an interrupted one until it ended: the shell's thread returns at once on Ctrl-C,
         # and a cell sent while the last one still ran would be aborted by the kernel along with it.
         self.lock = asyncio.Lock()
@@ -89,6 +93,9 @@ class CellChannels:
             "allow_stdin": allow_stdin,
             "stop_on_error": True,
         }
+        if channel.abandoned is not None:
+            await self._settle(channel.abandoned)
+            channel.abandoned = None
         msg = self._signer.msg("execute_request", content)
         msg_id = str(msg["header"]["msg_id"])
         cell = _Cell(msg_id, relay, asyncio.get_running_loop().create_future())
@@ -118,10 +125,16 @@ class CellChannels:
         would be aborted by the kernel along with it."""
         with contextlib.suppress(ScaleboxError):
             await channel.endpoint.interrupt(channel.kernel_id)
-        with contextlib.suppress(Exception):
+        await self._settle(cell)
+
+    @staticmethod
+    async def _settle(cell: _Cell) -> None:
+        """Wait (at most INTERRUPT_WAIT s) for an interrupted cell's reply and the kernel's idle after it: by then
+        the kernel has aborted what was queued meanwhile, and takes a new cell."""
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(INTERRUPT_WAIT):
-                await asyncio.shield(cell.reply)
-                await cell.idle.wait()  # by then the kernel has set itself to abort what was queued meanwhile
+                await cell.ended.wait()
+                await cell.idle.wait()
 
     async def _channel(self, session: SandboxSession, language: str) -> _Channel | None:
         if session.session_id in self.missing:
@@ -153,8 +166,7 @@ class CellChannels:
         return holder[0]
 
     def _on_message(self, channel: _Channel, message: WireMessage) -> None:
-        cell = channel.cell
-        if cell is None:
+        if channel.cell is None and channel.abandoned is None:
             return
         try:
             header = json.loads(bytes(message.parts[0]))
@@ -164,10 +176,19 @@ class CellChannels:
             return
         if not (isinstance(header, dict) and isinstance(parent, dict) and isinstance(content, dict)):
             return  # not a message: the sandbox's kernel wrote something else
-        if parent.get("msg_id") != cell.msg_id:
-            return
         msg_type = str(header.get("msg_type", ""))
+        abandoned = channel.abandoned
+        if abandoned is not None and parent.get("msg_id") == abandoned.msg_id:  # its end only; its output is late
+            if message.channel == "shell" and msg_type == "execute_reply":
+                abandoned.ended.set()
+            elif message.channel == "iopub" and msg_type == "status" and content.get("execution_state") == "idle":
+                abandoned.idle.set()
+            return
+        cell = channel.cell
+        if cell is None or parent.get("msg_id") != cell.msg_id:
+            return
         if message.channel == "shell" and msg_type == "execute_reply":
+            cell.ended.set()
             if not cell.reply.done():
                 cell.reply.set_result(content)
         elif message.channel == "stdin" and msg_type == "input_request":
@@ -197,6 +218,7 @@ class CellChannels:
             cell.reply.set_exception(ScaleboxError(f"the sandbox kernel went away: {detail}"))
         elif kind == "silent" and not cell.reply.done():  # the server stopped answering: the cell fails now,
             cell.reply.set_exception(ServerUnavailable(detail))  # and stops once the server answers again
+            channel.abandoned = cell
             task = asyncio.ensure_future(channel.endpoint.interrupt(channel.kernel_id))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 

@@ -1,7 +1,7 @@
 """Issue 12: p50 of a trivial `run_code("1 + 1")` through our client beside the official `scalebox-sdk==1.0.10`,
 against the same default scalebox-local (one port, HTTP and HTTPS) in the same run. Prints; asserts nothing.
 
-The SDK lives in its own venv (the one tests/test_official_sdk.py builds, made here the same way if missing) and
+The SDK lives in its own venv (the one tests/test_official_sdk.py builds, made by its code if missing) and
 runs in a worker process (bench/_sdk_worker.py) over HTTPS, the only scheme it speaks. Our client runs here, over
 HTTP and over HTTPS, synchronously (as the SDK's `Sandbox`) and as `AsyncSandbox` on a loop of its own (the
 difference is the sync wrapper's hop to its loop thread). Every client warms up, then the clients take turns in
@@ -15,7 +15,6 @@ shared machine's drift disturbs less.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import statistics
@@ -33,36 +32,18 @@ from scalebox_kernel.config import ScaleboxConfig
 from scalebox_kernel.errors import redact
 from scalebox_kernel.local import LocalServerInfo
 
-SDK_VERSION = "1.0.10"
-VENV = (
-    Path.home()
-    / ".cache"
-    / "scalebox-kernel-tests"
-    / f"sdk-venv-{SDK_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_official_sdk import SDK_VERSION, sdk_venv_python  # the venv that test builds, shared
+
 WORKER = Path(__file__).with_name("_sdk_worker.py")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20"))
 RUNS = int(os.environ.get("BENCH_RUNS", "20"))
 WARMUP = 10
 CODE = "1 + 1"
-OFFICIAL = "official scalebox-sdk 1.0.10 Sandbox, HTTPS"
+OFFICIAL = f"official scalebox-sdk {SDK_VERSION} Sandbox, HTTPS"
 
 #: A client under test: `run(n)` makes n calls and returns their wall seconds.
 Runner = Callable[[int], list[float]]
-
-
-def sdk_python() -> Path:
-    """The SDK venv's python: the venv tests/test_official_sdk.py uses, built under the same lock if missing."""
-    python = VENV / "bin" / "python"
-    VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(VENV.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (VENV / ".complete").exists():
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-            pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-            subprocess.run([*pip, f"scalebox-sdk=={SDK_VERSION}"], check=True)
-            (VENV / ".complete").write_text(SDK_VERSION)
-    return python
 
 
 @contextmanager
@@ -73,7 +54,7 @@ def official_sdk(info: LocalServerInfo, log: Path) -> Iterator[Runner]:
     env.update(SBX_API_KEY=info.api_key, SBX_DOMAIN=info.url.split("://", 1)[1] + "/v1", SSL_CERT_FILE=info.certfile)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(sdk_python()), str(WORKER)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out
+            [str(sdk_venv_python()), str(WORKER)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out
         )
     assert proc.stdin and proc.stdout
 

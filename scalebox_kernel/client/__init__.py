@@ -15,18 +15,23 @@ from .models import (
     ExecutionError,
     FilesystemEvent,
     FileType,
+    Locality,
     Logs,
     OutputMessage,
     ProcessInfo,
     Result,
     SandboxInfo,
+    SandboxMetrics,
+    ScaleboxRegion,
 )
+from .pty import AsyncPty, PtyHandle, PtySize
 from .sandbox import AsyncSandbox
-from .sync import Commands, Filesystem, Sandbox, SyncCommandHandle, SyncWatchHandle, portal
+from .sync import Commands, Filesystem, Pty, Sandbox, SyncCommandHandle, SyncPtyHandle, SyncWatchHandle, portal
 
 __all__ = [
     "AsyncCommands",
     "AsyncFilesystem",
+    "AsyncPty",
     "AsyncSandbox",
     "CommandHandle",
     "CommandResult",
@@ -39,13 +44,20 @@ __all__ = [
     "FileType",
     "Filesystem",
     "FilesystemEvent",
+    "Locality",
     "Logs",
     "OutputMessage",
     "ProcessInfo",
+    "Pty",
+    "PtyHandle",
+    "PtySize",
     "Result",
     "Sandbox",
     "SandboxInfo",
+    "SandboxMetrics",
+    "ScaleboxRegion",
     "SyncCommandHandle",
+    "SyncPtyHandle",
     "SyncWatchHandle",
     "WatchHandle",
     "portal",

@@ -17,11 +17,19 @@ from .models import CommandResult, OutputMessage, ProcessInfo
 
 
 class CommandHandle:
-    """A started command whose output keeps being read in the background; `wait()` for its end."""
+    """A started command whose output keeps being read in the background; `wait()` for its end. A terminal's
+    output (`on_pty`) goes to its callback as raw bytes, and is not kept."""
 
-    def __init__(self, commands: AsyncCommands, on_stdout: Callback | None, on_stderr: Callback | None) -> None:
+    def __init__(
+        self,
+        commands: AsyncCommands,
+        on_stdout: Callback | None,
+        on_stderr: Callback | None,
+        on_pty: Callback | None = None,
+    ) -> None:
         self._commands = commands
         self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self._on_pty = on_pty
         self._output: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self._decoders = {name: codecs.getincrementaldecoder("utf-8")(errors="replace") for name in self._output}
         self._task: asyncio.Task[CommandResult] | None = None
@@ -88,8 +96,11 @@ class CommandHandle:
 
     async def _on_data(self, data: Any) -> None:
         stream = data.WhichOneof("output")
+        if stream == "pty":
+            await call_back(self._on_pty, data.pty)
+            return
         if stream not in ("stdout", "stderr"):
-            return  # pty output has no place here
+            return
         text = self._decoders[stream].decode(getattr(data, stream))
         if text:
             self._output[stream].append(text)

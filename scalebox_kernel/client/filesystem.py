@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -19,6 +20,7 @@ from ..errors import (
     ScaleboxError,
 )
 from ..protocol import pb
+from ..protocol.signature import DEFAULT_USER, EXPIRATION, SIGNATURE, USERNAME, Operation, sign
 from .callbacks import Callback, call_back
 from .connect_client import ConnectClient
 from .models import EntryInfo, FilesystemEvent, FileType
@@ -32,6 +34,35 @@ def download_path(path: str) -> str:
     """`path` for the URL of `/download/<path>`, with `.` and `..` escaped so no HTTP layer resolves them."""
     segments = path.lstrip("/").split("/")
     return "/".join(seg.replace(".", "%2E") if seg in (".", "..") else quote(seg, safe="") for seg in segments)
+
+
+def file_url(
+    agent_url: str,
+    path: str,
+    operation: Operation,
+    *,
+    user: str = DEFAULT_USER,
+    token: str | None = None,
+    expires_in: int | None = None,
+) -> str:
+    """A URL that downloads (`read`: GET it) or uploads (`write`: POST a multipart `file` to it) one file with no
+    headers (PROTOCOL.md 4): signed with the sandbox's access `token`, and valid for `expires_in` seconds when
+    given. The signature covers the path as given, the operation, the user and the expiry."""
+    if not isinstance(path, str) or not path:
+        raise InvalidArgument("a file URL needs the file's path in the sandbox")
+    if expires_in is not None and (isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in <= 0):
+        raise InvalidArgument(f"use_signature_expiration must be a positive number of seconds, not {expires_in!r}")
+    query = {"path": path} if operation == "write" else {}
+    url = agent_url + ("/upload" if operation == "write" else "/download/" + download_path(path))
+    query[USERNAME] = user
+    if token:
+        expiration = int(time.time()) + expires_in if expires_in else None
+        query[SIGNATURE] = sign(path, operation, user, token, expiration)
+        if expiration is not None:
+            query[EXPIRATION] = str(expiration)
+    elif expires_in:
+        raise InvalidArgument("this sandbox has no access token, so its file URLs cannot be signed or expire")
+    return url + "?" + urlencode(query, quote_via=quote)
 
 
 class WatchHandle:

@@ -79,6 +79,70 @@ class SandboxInfo:
 
 
 @dataclass
+class SandboxMetrics:
+    """One sample of a sandbox's resource use (PROTOCOL.md 1.9): CPU in percent of its `cpu_count` CPUs, memory
+    and disk in bytes, taken at `timestamp`."""
+
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used: int
+    mem_total: int
+    disk_used: int
+    disk_total: int
+    timestamp: datetime | None = None
+
+    @classmethod
+    def from_api(cls, item: dict[str, Any]) -> SandboxMetrics:
+        return cls(
+            cpu_count=_as_int(item.get("cpu_count"), 0) or 0,
+            cpu_used_pct=_as_float(item.get("cpu_used_pct")),
+            mem_used=_as_int(item.get("mem_used"), 0) or 0,
+            mem_total=_as_int(item.get("mem_total"), 0) or 0,
+            disk_used=_as_int(item.get("disk_used"), 0) or 0,
+            disk_total=_as_int(item.get("disk_total"), 0) or 0,
+            timestamp=parse_time(item.get("timestamp")),
+        )
+
+    @classmethod
+    def list_from_api(cls, data: dict[str, Any]) -> list[SandboxMetrics]:
+        """The samples of a metrics answer: `data.metrics` (what Python reads), else the one sample that is `data`
+        itself (what JS reads)."""
+        samples = data.get("metrics")
+        if isinstance(samples, list):
+            return [cls.from_api(item) for item in samples if isinstance(item, dict)]
+        return [cls.from_api(data)] if "cpu_used_pct" in data else []
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+@dataclass
+class ScaleboxRegion:
+    """A region sandboxes can be created in (`Sandbox.get_regions()`); its `id` goes into `Locality.region`."""
+
+    id: str
+    name: str
+
+
+@dataclass
+class Locality:
+    """Where `create` should place a sandbox (PROTOCOL.md 1.9): `region` (an id from `get_regions()`) wins over
+    `auto_detect`; with `force`, a region that cannot be had fails the create (HTTP 409) instead of falling back."""
+
+    region: str | None = None
+    auto_detect: bool | None = None
+    force: bool | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        """The create body's `locality` object (only the fields that were set)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
 class Context:
     """A code context: one kernel of one language inside the sandbox, keeping its state between cells."""
 

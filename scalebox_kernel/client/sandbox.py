@@ -5,38 +5,43 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit
 
-import httpx
-
 from ..config import ScaleboxConfig
-from ..errors import ScaleboxError
+from ..errors import InvalidArgument, ScaleboxError
 from ..protocol import pb
 from ..protocol.connect import JSON, PROTO
+from ..protocol.signature import DEFAULT_USER
+from . import control_plane
 from .callbacks import Callback
 from .commands import AsyncCommands
 from .connect_client import ConnectClient
-from .connection import Connection, agent_url, resolve_connection
+from .connection import Connection, agent_url
+from .control_plane import data_of, rest
 from .execution import Handlers, execute
-from .filesystem import AsyncFilesystem
+from .filesystem import AsyncFilesystem, file_url
 from .jupyter import JupyterEndpoint, jupyter_url
-from .models import Context, Execution, SandboxInfo
+from .lifecycle import SandboxLifecycle
+from .models import Context, Execution, Locality, SandboxInfo, ScaleboxRegion
+from .ports import port_host, port_origin, port_url
+from .pty import AsyncPty
 from .transport import Transport
 
 CodecName = Literal["proto", "json"]
+# `list` is also a method of AsyncSandbox, so its body spells this list by alias.
+Regions = list[ScaleboxRegion]
 
 
-def _data(transport: Transport, response: httpx.Response, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The `data` object of a control-plane answer, and the whole body beside it."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
-        raise transport.error(ScaleboxError, f"{what}: the server's answer has no `data` object", status_code=200)
-    return body["data"], body
+def _locality(locality: Locality | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(locality, Locality):
+        return locality.to_api()
+    if not isinstance(locality, dict):
+        raise InvalidArgument(f"locality must be a Locality or a dict, not {type(locality).__name__}")
+    return dict(locality)
 
 
-class AsyncSandbox:
-    """A sandbox: create or connect with the class methods, then run code, manage files and run commands."""
+class AsyncSandbox(SandboxLifecycle):
+    """A sandbox: create or connect with the class methods, then run code, manage files and run commands. Its
+    lifecycle calls (`kill`, `set_timeout`, `get_info`, `get_metrics`, `pause`) work on the class with a sandbox
+    id too (lifecycle.py)."""
 
     sandbox_id: str
     template_id: str
@@ -44,6 +49,7 @@ class AsyncSandbox:
     config: ScaleboxConfig
     files: AsyncFilesystem
     commands: AsyncCommands
+    pty: AsyncPty
 
     def __init__(
         self, config: ScaleboxConfig, transport: Transport, data: dict[str, Any], *, codec: CodecName = "proto"
@@ -60,6 +66,7 @@ class AsyncSandbox:
         self._attach(data)
         self.files = AsyncFilesystem(self._rpc)
         self.commands = AsyncCommands(self._rpc)
+        self.pty = AsyncPty(self._rpc, self.commands)
 
     def _attach(self, data: dict[str, Any]) -> None:
         """Point the agent client at the domain and token of a create/connect answer."""
@@ -93,6 +100,22 @@ class AsyncSandbox:
         token = self._rpc.headers.get("X-Access-Token", "")
         return JupyterEndpoint(self._transport, base, token, self.sandbox_id)
 
+    # ---- the sandbox's own ports (a web server started in it); client/ports.py
+    def get_host(self, port: int) -> str:
+        """Host, and on scalebox-local path, that reaches `port` inside the sandbox, without a scheme:
+        `127.0.0.1:<server port>/sbx/<id>/port/<port>` on scalebox-local, `<port>-<sandbox_domain>` on a cloud.
+        Requests need the sandbox's access token (X-Access-Token, or `get_url(..., token=True)`)."""
+        return port_host(self.sandbox_domain, port)
+
+    def get_url(self, port: int, path: str = "/", *, token: bool = False) -> str:
+        """The full URL of `path` on `port` inside the sandbox. `token=True` makes it a browser's URL: the access
+        token in it as `?token=` (treat it as a secret), and on scalebox-local the port's own origin
+        `N-<id>.localhost:<server port>`, where the first visit trades the token for a cookie of that origin."""
+        if not token:
+            return port_url(self.agent_url, self.get_host(port), path, None)
+        host = port_origin(self.sandbox_domain, port) or self.get_host(port)
+        return port_url(self.agent_url, host, path, self._rpc.headers.get("X-Access-Token"))
+
     def secrets(self) -> list[str]:
         """Values that must never be shown or logged (the API key, the access token): for `errors.redact`."""
         return self._transport.secrets
@@ -107,30 +130,7 @@ class AsyncSandbox:
         api_url: str | None,
         request_timeout: float | None = None,
     ) -> tuple[ScaleboxConfig, Transport]:
-        config, connection = await resolve_connection(
-            config, api_key=api_key, api_url=api_url, request_timeout=request_timeout
-        )
-        return config, Transport(connection)
-
-    @staticmethod
-    async def _rest(
-        transport: Transport,
-        method: str,
-        path: str,
-        *,
-        what: str,
-        sandbox_id: str | None = None,
-        ok: tuple[int, ...] = (),
-        idempotent: bool | None = None,
-        **kwargs: Any,
-    ) -> httpx.Response:
-        """One control-plane call; any status >= 300 not in `ok` becomes a typed error."""
-        url = transport.connection.rest_url + path
-        headers = {"X-API-KEY": transport.connection.api_key}
-        response = await transport.request(method, url, what=what, idempotent=idempotent, headers=headers, **kwargs)
-        if response.status_code >= 300 and response.status_code not in ok:
-            raise transport.rest_error(response, what, sandbox_id)
-        return response
+        return await control_plane.open_transport(config, api_key, api_url, request_timeout)
 
     @classmethod
     async def create(
@@ -142,15 +142,17 @@ class AsyncSandbox:
         envs: dict[str, str] | None = None,
         allow_internet_access: bool = True,
         auto_pause: bool = False,
+        locality: Locality | dict[str, Any] | None = None,
         config: ScaleboxConfig | None = None,
         api_key: str | None = None,
         api_url: str | None = None,
         request_timeout: float | None = None,
         codec: CodecName = "proto",
     ) -> AsyncSandbox:
-        """Create a sandbox (`timeout`: seconds it lives unless extended; defaults from the config)."""
+        """Create a sandbox (`timeout`: seconds it lives unless extended; defaults from the config). `locality`
+        asks for a region (see `get_regions()`); with `force`, one that cannot be had fails with HTTP 409."""
         config, transport = await cls._open(config, api_key, api_url, request_timeout)
-        body = {
+        body: dict[str, Any] = {
             "template": template or config.template,
             "timeout": int(timeout if timeout is not None else config.sandbox_timeout),
             "metadata": dict(metadata or {}),
@@ -160,8 +162,10 @@ class AsyncSandbox:
             "auto_pause": auto_pause,
         }
         try:
-            response = await cls._rest(transport, "POST", "/sandboxes", what="Creating a sandbox", json=body)
-            data, _ = _data(transport, response, "Creating a sandbox")
+            if locality is not None:
+                body["locality"] = _locality(locality)
+            response = await rest(transport, "POST", "/sandboxes", what="Creating a sandbox", json=body)
+            data, _ = data_of(transport, response, "Creating a sandbox")
             return cls(config, transport, data, codec=codec)
         except BaseException:
             await transport.aclose()
@@ -182,27 +186,11 @@ class AsyncSandbox:
         """Attach to an existing sandbox, resuming it if it is paused."""
         config, transport = await cls._open(config, api_key, api_url, request_timeout)
         try:
-            data = await cls._connect(transport, sandbox_id, timeout)
+            data = await control_plane.connect(transport, sandbox_id, timeout)
             return cls(config, transport, data, codec=codec)
         except BaseException:
             await transport.aclose()
             raise
-
-    @classmethod
-    async def _connect(cls, transport: Transport, sandbox_id: str, timeout: int | None) -> dict[str, Any]:
-        what = f"Connecting to sandbox {sandbox_id}"
-        body = {"timeout": int(timeout)} if timeout is not None else None
-        response = await cls._rest(
-            transport,
-            "POST",
-            f"/sandboxes/{sandbox_id}/connect",
-            what=what,
-            sandbox_id=sandbox_id,
-            idempotent=True,
-            json=body,
-        )
-        data, _ = _data(transport, response, what)
-        return data
 
     @classmethod
     async def list(
@@ -229,8 +217,8 @@ class AsyncSandbox:
                         params["metadata"] = urlencode(metadata)
                     if page > 1:
                         params["page"] = page
-                    response = await cls._rest(transport, "GET", "/sandboxes", what="Listing sandboxes", params=params)
-                    data, _ = _data(transport, response, "Listing sandboxes")
+                    response = await rest(transport, "GET", "/sandboxes", what="Listing sandboxes", params=params)
+                    data, _ = data_of(transport, response, "Listing sandboxes")
                     for item in data.get("sandboxes") or []:
                         info = SandboxInfo.from_api(item)
                         found.setdefault(info.sandbox_id, info)
@@ -253,6 +241,18 @@ class AsyncSandbox:
         ]
 
     @classmethod
+    async def get_regions(
+        cls,
+        *,
+        config: ScaleboxConfig | None = None,
+        api_key: str | None = None,
+        api_url: str | None = None,
+        request_timeout: float | None = None,
+    ) -> Regions:
+        """The regions sandboxes can be created in (`Locality(region=...)` on `create`)."""
+        return await control_plane.call_by_id(control_plane.get_regions, config, api_key, api_url, request_timeout)
+
+    @classmethod
     async def kill_by_id(
         cls,
         sandbox_id: str,
@@ -261,63 +261,32 @@ class AsyncSandbox:
         api_key: str | None = None,
         api_url: str | None = None,
     ) -> bool:
-        """Kill a sandbox by id; False when the server does not know it."""
-        _, transport = await cls._open(config, api_key, api_url)
-        try:
-            response = await cls._rest(
-                transport, "DELETE", f"/sandboxes/{sandbox_id}", what=f"Killing sandbox {sandbox_id}", ok=(404,)
-            )
-            return response.status_code != 404
-        finally:
-            await transport.aclose()
-
-    # ------------------------------------------------------------------------------------------ lifecycle
-
-    async def kill(self) -> None:
-        """Kill the sandbox (its files and kernels are gone); killing one already gone is not an error."""
-        await self._rest(
-            self._transport,
-            "DELETE",
-            f"/sandboxes/{self.sandbox_id}",
-            what=f"Killing sandbox {self.sandbox_id}",
-            ok=(404,),
-        )
-
-    async def set_timeout(self, timeout: int) -> None:
-        """Let the sandbox live `timeout` seconds from now (extends or shortens its life)."""
-        await self._rest(
-            self._transport,
-            "POST",
-            f"/sandboxes/{self.sandbox_id}/timeout",
-            what=f"Setting the timeout of sandbox {self.sandbox_id}",
-            sandbox_id=self.sandbox_id,
-            idempotent=True,
-            json={"timeout": int(timeout)},
-        )
-
-    async def pause(self) -> None:
-        """Pause the sandbox (files and, where supported, memory are kept); pausing a paused one is fine."""
-        await self._rest(
-            self._transport,
-            "POST",
-            f"/sandboxes/{self.sandbox_id}/pause",
-            what=f"Pausing sandbox {self.sandbox_id}",
-            sandbox_id=self.sandbox_id,
-            ok=(409,),
-            idempotent=True,
-        )
+        """Kill a sandbox by id; False when the server does not know it (the same as `AsyncSandbox.kill(id)`)."""
+        return await cls._kill_by_id(sandbox_id, config=config, api_key=api_key, api_url=api_url)
 
     async def resume(self, timeout: int | None = None) -> None:
         """Resume a paused sandbox (a no-op for a running one) and re-attach this object to it."""
-        self._attach(await self._connect(self._transport, self.sandbox_id, timeout))
+        self._attach(await control_plane.connect(self._transport, self.sandbox_id, timeout))
 
-    async def get_info(self) -> SandboxInfo:
-        what = f"Getting sandbox {self.sandbox_id}"
-        response = await self._rest(
-            self._transport, "GET", f"/sandboxes/{self.sandbox_id}", what=what, sandbox_id=self.sandbox_id
+    # ------------------------------------------------------------------------------------------ file URLs
+
+    def download_url(self, path: str, user: str = DEFAULT_USER, use_signature_expiration: int | None = None) -> str:
+        """A URL that downloads the file at `path` with a plain GET (a browser, curl): no header needed, signed
+        with this sandbox's access token, and valid for `use_signature_expiration` seconds when given."""
+        return file_url(
+            self.agent_url, path, "read", user=user, token=self._access_token, expires_in=use_signature_expiration
         )
-        data, body = _data(self._transport, response, what)
-        return SandboxInfo.from_api(data, body)
+
+    def upload_url(self, path: str, user: str = DEFAULT_USER, use_signature_expiration: int | None = None) -> str:
+        """A URL that writes the file at `path` from a POST of multipart/form-data with a `file` part (a browser's
+        form, curl -F): no header needed, signed like `download_url`."""
+        return file_url(
+            self.agent_url, path, "write", user=user, token=self._access_token, expires_in=use_signature_expiration
+        )
+
+    @property
+    def _access_token(self) -> str | None:
+        return self._rpc.headers.get("X-Access-Token")
 
     async def is_running(self) -> bool:
         """Whether the sandbox's agent answers its health check."""

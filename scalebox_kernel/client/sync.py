@@ -19,8 +19,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from ..config import ScaleboxConfig
 from ..errors import ScaleboxError
 from .commands import AsyncCommands, CommandHandle
+from .dual import class_or_instance
 from .filesystem import AsyncFilesystem, WatchHandle
 from .models import CommandResult
+from .pty import AsyncPty, PtyHandle
 from .sandbox import AsyncSandbox
 
 P = ParamSpec("P")
@@ -112,6 +114,16 @@ def _same(value: R) -> R:
     return value
 
 
+def _direct(method: Callable[Concatenate[Any, P], R]) -> Callable[Concatenate[Any, P], R]:
+    """The sync twin of a plain (not async) method: called on `self._async` in this thread."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: P.args, **kwargs: P.kwargs) -> R:
+        return method(self._async, *args, **kwargs)
+
+    return call
+
+
 class SyncCommandHandle:
     """A background command (sync twin of CommandHandle)."""
 
@@ -186,6 +198,36 @@ class Commands:
     list = _blocking(AsyncCommands.list)
 
 
+class SyncPtyHandle:
+    """A running terminal (sync twin of PtyHandle); its `on_data` callback runs on the portal's thread."""
+
+    def __init__(self, handle: PtyHandle) -> None:
+        self._async = handle
+
+    def __repr__(self) -> str:
+        return f"PtyHandle(pid={self.pid})"
+
+    @property
+    def pid(self) -> int:
+        return self._async.pid
+
+    wait = _blocking(PtyHandle.wait)
+    kill = _blocking(PtyHandle.kill)
+    disconnect = _blocking(PtyHandle.disconnect)
+
+
+class Pty:
+    """The sandbox's terminals, synchronously (see AsyncPty)."""
+
+    def __init__(self, pty: AsyncPty) -> None:
+        self._async = pty
+
+    create = _blocking_then(AsyncPty.create, SyncPtyHandle)
+    send_stdin = _blocking(AsyncPty.send_stdin)
+    resize = _blocking(AsyncPty.resize)
+    kill = _blocking(AsyncPty.kill)
+
+
 class Sandbox:
     """A sandbox, synchronously: the same API as AsyncSandbox without `await` (callbacks run on the portal)."""
 
@@ -193,6 +235,7 @@ class Sandbox:
         self._async = sandbox
         self.files = Filesystem(sandbox.files)
         self.commands = Commands(sandbox.commands)
+        self.pty = Pty(sandbox.pty)
 
     def __repr__(self) -> str:
         return f"Sandbox(sandbox_id={self.sandbox_id!r}, sandbox_domain={self.sandbox_domain!r})"
@@ -217,6 +260,14 @@ class Sandbox:
     def agent_url(self) -> str:
         return self._async.agent_url
 
+    def get_host(self, port: int) -> str:
+        """Host (and path) that reaches `port` inside the sandbox; see AsyncSandbox.get_host."""
+        return self._async.get_host(port)
+
+    def get_url(self, port: int, path: str = "/", *, token: bool = False) -> str:
+        """The full URL of `path` on `port` inside the sandbox; see AsyncSandbox.get_url."""
+        return self._async.get_url(port, path, token=token)
+
     def secrets(self) -> list[str]:
         """Values that must never be shown or logged (the API key, the access token)."""
         return self._async.secrets()
@@ -230,12 +281,24 @@ class Sandbox:
     connect = staticmethod(_blocking_static(AsyncSandbox.connect, lambda sandbox: Sandbox(sandbox)))
     list = staticmethod(_blocking_static(AsyncSandbox.list, _same))
     kill_by_id = staticmethod(_blocking_static(AsyncSandbox.kill_by_id, _same))
+    get_regions = staticmethod(_blocking_static(AsyncSandbox.get_regions, _same))
 
-    kill = _blocking(AsyncSandbox.kill)
-    set_timeout = _blocking(AsyncSandbox.set_timeout)
-    pause = _blocking(AsyncSandbox.pause)
+    # On the class with a sandbox id (`Sandbox.kill("sbx-...")`) or on a sandbox (`sandbox.kill()`).
+    kill = class_or_instance(_blocking_static(AsyncSandbox._kill_by_id, _same), _blocking(AsyncSandbox._kill))
+    set_timeout = class_or_instance(
+        _blocking_static(AsyncSandbox._set_timeout_by_id, _same), _blocking(AsyncSandbox._set_timeout)
+    )
+    get_info = class_or_instance(
+        _blocking_static(AsyncSandbox._get_info_by_id, _same), _blocking(AsyncSandbox._get_info)
+    )
+    get_metrics = class_or_instance(
+        _blocking_static(AsyncSandbox._get_metrics_by_id, _same), _blocking(AsyncSandbox._get_metrics)
+    )
+    pause = class_or_instance(_blocking_static(AsyncSandbox._pause_by_id, _same), _blocking(AsyncSandbox._pause))
+
     resume = _blocking(AsyncSandbox.resume)
-    get_info = _blocking(AsyncSandbox.get_info)
+    download_url = _direct(AsyncSandbox.download_url)
+    upload_url = _direct(AsyncSandbox.upload_url)
     is_running = _blocking(AsyncSandbox.is_running)
     create_code_context = _blocking(AsyncSandbox.create_code_context)
     destroy_context = _blocking(AsyncSandbox.destroy_context)

@@ -33,6 +33,7 @@ from .isolation.jail import LINKS_DIR
 from .isolation.sandbox import describe
 from .jupyter_api import JupyterPlane
 from .listener import DualSchemeListener
+from .ports import HostForm, PortForwarding
 from .rest import ControlPlane
 from .rpc import AgentPlane
 from .sandboxes import SandboxManager
@@ -64,10 +65,11 @@ def create_app(settings: ServerSettings, manager: SandboxManager, api_key: str) 
     routes += ControlPlane(manager, api_key).routes()
     if settings.jupyter_endpoint:
         routes += JupyterPlane(manager, settings).routes()
+    routes += PortForwarding(manager, settings).routes()  # before the agent's /sbx/<id>/<service>/<method>
     routes += AgentPlane(manager, settings).routes()
     return Starlette(
         routes=routes,
-        middleware=[Middleware(CatchAll)],
+        middleware=[Middleware(CatchAll), Middleware(HostForm, public_host=manager.public_host)],
         exception_handlers={HTTPException: http_error, 500: internal_error},
     )
 

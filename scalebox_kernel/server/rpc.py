@@ -22,7 +22,9 @@ from starlette.types import Receive, Scope, Send
 
 from ..protocol import connect
 from ..protocol.connect import Codec, ConnectError
+from ..protocol.signature import SIGNATURE, Operation
 from .agent import RPCS, CallInfo, SandboxAgent
+from .agent.transfer import signature_problem, signed_path
 from .bodies import BodyTooLarge, error_response, read_limited
 from .sandboxes import SandboxError, SandboxManager, SandboxNotFound, SandboxPaused
 from .scrub import scrub
@@ -192,10 +194,25 @@ class AgentPlane:
 
     # ---- plain HTTP endpoints -------------------------------------------------------------------------------------
 
-    async def _file_endpoint_agent(self, request: Request) -> SandboxAgent | Response:
-        """The agent for /health, /upload, /download, or the error response (502 = sandbox not running)."""
+    async def _file_endpoint_agent(
+        self, request: Request, operation: Operation | None = None, path: str | None = None
+    ) -> SandboxAgent | Response:
+        """The agent for /health, /upload, /download, or the error response (502 = sandbox not running). An upload
+        or download without X-Access-Token may instead be a signed URL for `operation` on `path`."""
         try:
-            sandbox_id = self._authorize(request)
+            signed = SIGNATURE in request.query_params and "x-access-token" not in request.headers
+            if operation is not None and signed:
+                sandbox_id = request.path_params["sandbox_id"]
+                self.manager.get(sandbox_id)
+                if not path:
+                    return error_response(400, "a signed upload URL must name the file in its ?path= parameter")
+                token = self.manager.token_of(sandbox_id) or ""
+                from_url = not request.query_params.get("path")
+                problem = signature_problem(request.query_params, path, operation, token, from_url)
+                if problem:
+                    return error_response(*problem)
+            else:
+                sandbox_id = self._authorize(request)
             return self.manager.agent(sandbox_id)
         except ConnectError as exc:
             return error_response(exc.http_status, exc.message)
@@ -207,11 +224,12 @@ class AgentPlane:
         return agent if isinstance(agent, Response) else Response(status_code=204)
 
     async def upload(self, request: Request) -> Response:
-        agent = await self._file_endpoint_agent(request)
+        agent = await self._file_endpoint_agent(request, "write", signed_path(request.query_params, None))
         return agent if isinstance(agent, Response) else await agent.upload(request)
 
     async def download(self, request: Request) -> Response:
-        agent = await self._file_endpoint_agent(request)
+        path = signed_path(request.query_params, request.path_params["path"])
+        agent = await self._file_endpoint_agent(request, "read", path)
         if isinstance(agent, Response):
             return agent
         problem = path_problem(request.query_params.get("path") or request.path_params["path"])

@@ -129,6 +129,19 @@ class ServerSettings(Configurable):
         "ExecutionService.",
     )
 
+    port_connect_timeout = Float(
+        5.0, config=True, help="Seconds to connect to a sandbox's own port (/sbx/<id>/port/<n>) before a 504."
+    )
+    port_idle_timeout = Float(
+        300.0,
+        config=True,
+        help="Seconds a forwarded HTTP request to a sandbox's port may pass without a byte either way before it is "
+        "cut (WebSockets are kept alive by pings instead).",
+    )
+    port_max_connections = Int(
+        64, min=1, config=True, help="Forwarded connections (HTTP and WebSocket) to one sandbox's ports at once."
+    )
+
     @property
     def stream_buffer_bytes(self) -> int:
         return self.stream_buffer_mb * 1024 * 1024

@@ -5,6 +5,9 @@ sandbox. An upload streams into an anonymous file (O_TMPFILE) on the sandbox's o
 sandbox's disk limit, and only a complete one gets its name, atomically (whatever had that name, a symlink
 included, is replaced, never followed); a failed, oversized or truncated upload leaves nothing behind. A
 download opens the file once (never blocking on a FIFO) and streams from that fd.
+
+Either carries the sandbox's access token, or is a signed URL (`?username=&signature=[&signature_expiration=]`,
+PROTOCOL.md 4) that `signature_problem` checks, so a browser can fetch or send one file without the token.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hmac
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from python_multipart import MultipartParser
@@ -24,6 +30,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ...protocol import signature
 from ...protocol.connect import ConnectError
 from ..bodies import error_response
 from ..isolation.tree import OwnedFd, SandboxTree, split
@@ -42,6 +49,58 @@ class _UploadError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def signed_path(query: Mapping[str, str], url_path: str | None) -> str | None:
+    """The path a signed URL acts on, the one its signature must cover: the `path` query parameter (an upload's
+    only way to name it; a download's override), else the path of `/download/<path>`."""
+    return query.get("path") or url_path
+
+
+def signature_problem(
+    query: Mapping[str, str],
+    path: str,
+    operation: signature.Operation,
+    token: str,
+    from_url_path: bool = False,
+) -> tuple[int, str] | None:
+    """Why a signed URL may not do `operation` on `path` (HTTP status, message), or None if it may.
+
+    The SDKs sign the path as the user gave it (Python) or with one leading slash (JS). A `?path=` is the
+    spelling that was signed and must match it exactly; only a path taken from the URL of `/download/<path>`
+    (`from_url_path`), which drops the leading slash, may also be the absolute path signed with one. A username
+    with a `:` is refused: the signed `path:operation:user:token` would not say where the user begins. A wrong
+    signature is 401, an expired one 403.
+    """
+    given = query.get(signature.SIGNATURE, "")
+    if not given.startswith("v1_"):
+        return 401, "unsupported URL signature: it must start with v1_ (see the SDK's upload_url/download_url)"
+    user = query.get(signature.USERNAME) or signature.DEFAULT_USER
+    if ":" in user:
+        return 401, f"invalid {signature.USERNAME} {user[:40]!r}: a signed URL's username cannot contain ':'"
+    raw_expiration = query.get(signature.EXPIRATION)
+    expiration: int | None = None
+    if raw_expiration is not None:
+        if not (raw_expiration.isascii() and raw_expiration.isdigit() and len(raw_expiration) <= 12):
+            return 401, f"{signature.EXPIRATION} must be unix seconds, not {raw_expiration[:40]!r}"
+        expiration = int(raw_expiration)
+    if not token:
+        return 401, "this sandbox has no access token, so no signed URL can be valid for it"
+    matched = False
+    spellings = [path, "/" + path] if from_url_path and not path.startswith("/") else [path]
+    for candidate in spellings:
+        expected = signature.sign(candidate, operation, user, token, expiration)
+        matched |= hmac.compare_digest(given.encode(), expected.encode())
+    if not matched:
+        verb = "download" if operation == "read" else "upload"
+        return (
+            401,
+            f"invalid signature for a {verb} of {path!r} as {user!r}: the URL was altered or is not this sandbox's",
+        )
+    if expiration is not None and expiration <= time.time():
+        when = datetime.fromtimestamp(expiration, UTC).isoformat(timespec="seconds")
+        return 403, f"the signed URL expired at {when}; ask for a new one (upload_url/download_url)"
+    return None
 
 
 def _connect_error_response(exc: ConnectError) -> JSONResponse:

@@ -26,6 +26,7 @@ import platform
 import re
 import shlex
 import site
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 from jupyter_core.paths import jupyter_config_path
 
 from ..validation import ENV_NAME, RESERVED_ENV_PREFIX
-from . import network
+from . import netns, network
 from .cgroups import Limits, SandboxCgroups, Usage
 from .detect import Capabilities
 from .disk import DiskImage, can_limit_disk
@@ -121,6 +122,7 @@ class Jail:
         self._holder_pid = 0  # host pid of the namespaces' init (bwrap's pid 1)
         self._namespaces: dict[str, int] = {}
         self._ns_fds: dict[str, int] = {}  # held-open namespace files of the holder, and its root
+        self._net_sockets: netns.NamespaceSockets | None = None  # made on the first tcp_socket()
         self._slirp: asyncio.subprocess.Process | None = None
         self._slirp_exit_fd: int | None = None
         self._lock = asyncio.Lock()
@@ -288,6 +290,9 @@ class Jail:
         self._ns_fds["root"] = os.open(f"/proc/{self._holder_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _unpin_namespaces(self) -> None:
+        if self._net_sockets is not None:
+            self._net_sockets.close()
+            self._net_sockets = None
         for fd in self._ns_fds.values():
             os.close(fd)
         self._ns_fds = {}
@@ -403,6 +408,15 @@ class Jail:
             value = re.sub(prefix + "(?=/)", inside, value)  # host/a -> inside/a
             value = re.sub(prefix + r"(?=$|[:;,'\"\s])", inside or "/", value)  # the directory itself
         return value
+
+    async def tcp_socket(self, family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+        """An unconnected TCP socket in the sandbox's network namespace (the server reaching a port it listens
+        on), through the namespace fd held since it started."""
+        if not self.running or "net" not in self._ns_fds:
+            raise JailError(f"sandbox {self.sandbox_id} is not running (its namespaces are gone)")
+        if self._net_sockets is None:
+            self._net_sockets = netns.NamespaceSockets(self._ns_fds["net"])
+        return await self._net_sockets.socket(family)
 
     def has_program(self, program: str, path_env: str) -> bool:
         """Whether `program` (a path, or a name looked up on the sandbox's PATH) exists inside the sandbox, as the

@@ -7,9 +7,12 @@ which of these protections this machine actually has.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
+import socket
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from jupyter_client.manager import AsyncKernelManager
 from ..settings import ServerSettings
 from .cgroups import Limits, Usage
 from .detect import Capabilities, capabilities
-from .jail import Jail, JailOptions
+from .jail import Jail, JailError, JailOptions
 from .layout import HOME
 from .tree import SandboxTree
 
@@ -88,6 +91,11 @@ class SandboxIsolation:
                 caps, sandbox_id=sandbox_id, root=root, private_dir=private_dir, options=options, tree=self.tree
             )
         self._oom_seen = 0
+        self._port_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        #: Set by `close_ports` (pause, stop), cleared by `thaw`; `_ports_epoch` counts the closings, so that a
+        #: connection made across one (in flight while it happened) is ended too.
+        self._ports_closed = False
+        self._ports_epoch = 0
 
     @property
     def active(self) -> bool:
@@ -101,6 +109,7 @@ class SandboxIsolation:
             self._oom_seen = self.jail.oom_kills()
 
     async def stop(self) -> None:
+        self.close_ports()
         if self.jail is not None:
             await self.jail.stop()
         self.tree.close()
@@ -135,13 +144,67 @@ class SandboxIsolation:
     # ------------------------------------------------------------------ pause
 
     async def freeze(self) -> None:
-        """Freeze every process of the sandbox, where there is a freezer (the agent SIGSTOPs what it started too)."""
+        """Freeze every process of the sandbox, where there is a freezer (the agent SIGSTOPs what it started too),
+        and end the server's connections to its ports."""
+        self.close_ports()
         if self.jail is not None and self.jail.can_freeze:
             await self.jail.freeze()
 
     async def thaw(self) -> None:
         if self.jail is not None and self.jail.can_freeze:
             await self.jail.thaw()
+        self._ports_closed = False
+
+    # ------------------------------------------------------------------ ports
+
+    async def connect_port(self, port: int, timeout: float) -> socket.socket:
+        """A connected, non-blocking TCP socket to `port` on the sandbox's own loopback (127.0.0.1, else ::1),
+        made by the server. Unconfined, that is the host's loopback, where nothing separates sandboxes' ports.
+        ConnectionRefusedError when nothing listens there; TimeoutError after `timeout` seconds; JailError while
+        the ports are closed (the sandbox pauses or stops), also for a connection that was under way then."""
+        loop = asyncio.get_running_loop()
+        first: OSError | None = None
+        epoch = self._ports_epoch
+        self._check_ports_open(epoch)
+        async with asyncio.timeout(timeout):
+            for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                if self.jail is not None:
+                    sock = await self.jail.tcp_socket(family)
+                else:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, (address, port))
+                except OSError as exc:  # refused on 127.0.0.1: a server may listen on ::1 only (`localhost`)
+                    sock.close()
+                    first = first or exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                try:
+                    self._check_ports_open(epoch)  # close_ports ran meanwhile: this one must not outlive it
+                except JailError:
+                    sock.close()
+                    raise
+                self._port_sockets.add(sock)
+                return sock
+        assert first is not None
+        raise first
+
+    def _check_ports_open(self, epoch: int) -> None:
+        if self._ports_closed or epoch != self._ports_epoch:
+            raise JailError("the sandbox is pausing or stopping: its ports take no connections until it runs again")
+
+    def close_ports(self) -> None:
+        """End every connection `connect_port` made (the sandbox stops or pauses), and refuse new ones until
+        `thaw`: their users see the end of the stream. The sockets themselves stay open until their users close
+        them."""
+        self._ports_closed = True
+        self._ports_epoch += 1
+        for sock in list(self._port_sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # ------------------------------------------------------------------ launching
 

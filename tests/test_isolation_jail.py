@@ -18,7 +18,7 @@ from jupyter_client.connect import write_connection_file
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from traitlets import Instance
 
-from scalebox_kernel.server.isolation import SANDBOX_RELAY, Jail, JailOptions, Limits, capabilities
+from scalebox_kernel.server.isolation import SANDBOX_RELAY, Jail, JailError, JailOptions, Limits, capabilities
 from scalebox_kernel.server.isolation.kernels import CHANNELS, JailedKernelManager, link_socket
 
 CAPS = capabilities()
@@ -368,3 +368,19 @@ async def test_jailed_kernel_manager_interrupt_keeps_state(make_jail: MakeJail) 
         client.stop_channels()
         await manager.shutdown_kernel(now=True)
     assert not await manager.is_alive()
+
+
+async def test_a_stopped_jail_never_starts_again(make_jail: MakeJail) -> None:
+    """A start that races the sandbox's end (a kernel, a command or a port asking for it just as it is killed)
+    must not revive it: its processes, mounts and namespaces would outlive the sandbox, unseen."""
+    jail = await make_jail("sbx-stopped", disk_mb=64)
+    assert jail.running
+    mounted = str(jail.root)
+    racing = asyncio.ensure_future(jail.start())  # asks for it as it is being stopped
+    await jail.stop()
+    with pytest.raises(JailError, match="has stopped"):
+        await racing
+    with pytest.raises(JailError, match="has stopped"):
+        await jail.start()
+    assert not jail.running
+    assert mounted not in Path("/proc/mounts").read_text()

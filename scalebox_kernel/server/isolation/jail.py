@@ -126,6 +126,7 @@ class Jail:
         self._slirp: asyncio.subprocess.Process | None = None
         self._slirp_exit_fd: int | None = None
         self._lock = asyncio.Lock()
+        self._stopped = False  # stop() ran: this jail never starts again (a new one does, for a new agent)
         self._fresh_uid = False  # the uid was just claimed: what an earlier holder left in its keyrings goes
 
     # ------------------------------------------------------------------ lifetime
@@ -134,6 +135,8 @@ class Jail:
         """Claim the uid, mount the disk, prepare the tree and cgroups, start the holder (and its network);
         idempotent."""
         async with self._lock:
+            if self._stopped:  # a start that raced the sandbox's end (a kernel, a command, a port) must not revive it
+                raise JailError(f"sandbox {self.sandbox_id} has stopped")
             if self.running:
                 return
             await self._stop_processes()
@@ -326,6 +329,7 @@ class Jail:
     async def stop(self) -> None:
         """Kill every process of the sandbox, its holder and network, remove its cgroups and unmount its disk
         (files stay)."""
+        self._stopped = True
         async with self._lock:
             await self._stop_processes()
             if self.cgroups is not None:

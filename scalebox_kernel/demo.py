@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +17,26 @@ from . import __version__
 from .config import ScaleboxConfig
 from .local import ensure_local_server
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
+#: The quick-start notebook, shipped in the package (notebooks/ at the top of the repository).
+NOTEBOOK = resources.files("scalebox_kernel.notebooks") / "quickstart.ipynb"
 
 
 class DemoApp(JupyterApp):
+    classes = [ScaleboxConfig]
     name = "jupyter-scalebox-demo"
     version = __version__
     description = "Run notebooks/quickstart.ipynb on the Scalebox (Python) kernel and print what comes back."
 
     notebook = Unicode(str(NOTEBOOK), config=True, help="The notebook to run.")
     output_dir = Unicode("scalebox-demo-output", config=True, help="Where the executed notebook and plots go.")
-    aliases = {"notebook": "DemoApp.notebook", "output-dir": "DemoApp.output_dir"}
+    aliases = {**JupyterApp.aliases, "notebook": "DemoApp.notebook", "output-dir": "DemoApp.output_dir"}
 
     def start(self) -> None:
         import nbformat
         from nbclient import NotebookClient
 
         self._ensure_kernelspec()
-        config = ScaleboxConfig()
+        config = ScaleboxConfig.load(config=self.cli_config)
         if config.uses_cloud:
             print(f"Using the Scalebox server at {config.api_url or 'the Scalebox cloud'} (API key set).")
         else:

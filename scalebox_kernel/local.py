@@ -105,7 +105,13 @@ def spawn_local_server(
     log = Path(log_path) if log_path else runtime / "scalebox-local.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=detach
+            argv,
+            env=env,
+            cwd="/",  # not the caller's folder (a notebook's, which may be deleted); the server moves to its data dir
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,
         )
     path = runtime / RUNTIME_FILE_NAME
     deadline = time.monotonic() + wait

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from conftest import LocalServer
 
@@ -55,3 +56,39 @@ def test_stop_ends_the_background_server(server_factory: Callable[..., LocalServ
     assert f"stopped scalebox-local (pid {server.process.pid})" in result.stdout
     assert server.process.wait(10) == 0
     assert "not running" in scalebox("stop", env=env).stdout
+
+
+def test_the_advertised_common_options_work(tmp_path: Path) -> None:
+    """--generate-config, -y, --debug and --help-all of every command, as each one's --help advertises them."""
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "scalebox_kernel", *argv], capture_output=True, text=True, timeout=60, env=env
+        )
+
+    generated = cli("serve", "--generate-config", "-y")
+    assert generated.returncode == 0, generated.stderr
+    written = (tmp_path / "config" / "jupyter_scalebox_config.py").read_text()
+    assert "c.ServerSettings." in written and "c.ScaleboxConfig.sandbox_timeout" in written
+    for command in (["list"], ["kill"], ["stop"], ["install"], ["runtimes", "list"], ["demo"], ["serve"]):
+        helped = cli(*command, "--help")
+        assert helped.returncode == 0 and "--debug" in helped.stdout, (command, helped.stderr)
+    debugged = cli("runtimes", "list", "--debug")
+    assert debugged.returncode == 0, debugged.stderr
+    runtimes = cli("runtimes", "--help").stdout
+    assert "jupyter-scalebox-runtimes" not in runtimes and "jupyter scalebox runtimes cmd" in runtimes
+
+
+def test_kill_all_with_and_without_an_age(server_factory: Callable[..., LocalServer]) -> None:
+    server = server_factory()  # its own: --all must not reach other tests' sandboxes
+    config = ScaleboxConfig(api_key=server.api_key, api_url=server.url)
+    made = {Sandbox.create(config=config).sandbox_id for _ in range(2)}
+    young = scalebox("kill", "--all", "--older-than", "1h", env=server.env())
+    assert young.returncode == 0 and "no sandboxes to kill" in young.stdout, young.stdout + young.stderr
+    assert made <= {info.sandbox_id for info in Sandbox.list(config=config)}
+    assert scalebox("kill", "--older-than", "1h", env=server.env()).returncode == 2  # only with --all
+    everything = scalebox("kill", "--all", env=server.env())
+    assert everything.returncode == 0, everything.stderr
+    assert all(f"{sandbox_id}: killed" in everything.stdout for sandbox_id in made)
+    assert not {info.sandbox_id for info in Sandbox.list(config=config)} & made

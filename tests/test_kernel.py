@@ -5,14 +5,16 @@ widget), %%scalebox cells and the kernelspec installer."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import queue
 import re
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -306,6 +308,19 @@ def test_scalebox_cells_run_other_languages_and_sessions(kernel: KernelRun) -> N
     assert text_of(kernel.execute("print(shared)")[1]) == "21\n"
 
 
+def widget_values_until(kernel: KernelRun, wanted: Callable[[str], bool], timeout: float) -> list[str]:
+    """The `value` of every widget update on iopub (from any cell, a panel's background refresh included) until
+    one is `wanted` or `timeout` s pass."""
+    values: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any(map(wanted, values)) and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            msg = kernel.kc.get_iopub_msg(timeout=1)
+            if msg["msg_type"] == "comm_msg":
+                values.append(str(msg["content"]["data"].get("state", {}).get("value", "")))
+    return values
+
+
 def test_status_panel_is_a_widget_with_working_buttons(kernel: KernelRun) -> None:
     kernel.execute("kept_by_panel = 'kept'")
     sid = kernel.sandbox_id()
@@ -325,8 +340,21 @@ def test_status_panel_is_a_widget_with_working_buttons(kernel: KernelRun) -> Non
     click(kernel, buttons["Extend"])
     assert wait_for(lambda: (sandbox.get_info().end_at or before) > before)  # type: ignore[operator]
     assert text_of(kernel.execute("print(kept_by_panel)")[1]) == "kept\n"
+    # Paused from the panel, resumed by a cell: the panel reads its state again and shows it running.
+    click(kernel, buttons["Pause"])
+    assert wait_for(lambda: sandbox.get_info().state == "paused")
+    msg_id = kernel.kc.execute("print(kept_by_panel)")
+    updates = widget_values_until(kernel, lambda value: "running" in value, 20)
+    assert any("paused" not in u and "running" in u for u in updates), updates
+    kernel.reply(msg_id)
+    # Kill asks for a second click, then the panel says the sandbox is killed (no client error).
+    click(kernel, buttons["Kill"])
+    time.sleep(1.5)
+    assert sid in {info.sandbox_id for info in Sandbox.list()}, "one click does not kill"
     click(kernel, buttons["Kill"])
     assert wait_for(lambda: sid not in {info.sandbox_id for info in Sandbox.list()})
+    texts = widget_values_until(kernel, lambda value: "killed" in value, 10)
+    assert any("killed" in t for t in texts) and not any("client has been closed" in t for t in texts), texts
     _, outputs = kernel.execute("print('kept_by_panel' in globals())")
     assert text_of(outputs) == "False\n" and sid in text_of(outputs, "stderr"), [o["content"] for o in outputs]
 
@@ -433,3 +461,158 @@ def test_a_language_the_sandbox_lacks_says_so_in_the_cell() -> None:
             assert of_type(outputs, "execute_result") or of_type(outputs, "display_data")
     finally:
         run.shutdown()
+
+
+def test_a_kernel_on_loopback_does_not_warn_of_plain_tcp(tmp_path: Path) -> None:
+    """ipykernel's "running over TCP without encryption" warning is noise for a loopback kernel: ours does not log
+    it (plain ipykernel, started the same way, does: the check can fail)."""
+    from jupyter_client import BlockingKernelClient
+    from jupyter_client.connect import write_connection_file
+
+    def stderr_of(module: str) -> str:
+        connection, _ = write_connection_file(str(tmp_path / f"{module}.json"), ip="127.0.0.1", transport="tcp")
+        log = tmp_path / f"{module}.stderr"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", module, "-f", connection], stdout=err, stderr=err)
+        client = BlockingKernelClient()
+        client.load_connection_file(connection)
+        try:
+            client.start_channels()
+            client.wait_for_ready(timeout=60)  # its sockets are made: any warning of theirs is written
+        finally:
+            client.stop_channels()
+            proc.terminate()
+            proc.wait(30)
+        return log.read_text()
+
+    assert "without encryption" in stderr_of("ipykernel_launcher")
+    assert "without encryption" not in stderr_of("scalebox_kernel.kernel")
+
+
+def _state(server: LocalServer, sandbox_id: str) -> str:
+    return Sandbox.get_info(sandbox_id, config=config_for(server)).state
+
+
+def test_an_idle_notebooks_sandbox_is_paused_not_killed_and_the_next_cell_resumes_it(
+    local_server: LocalServer,
+) -> None:
+    run = KernelRun(env={"SCALEBOX_IDLE_PAUSE": "3"})
+    try:
+        reply, _ = run.execute("kept = 41")
+        assert reply["content"]["status"] == "ok", reply["content"]
+        sandbox_id = run.sandbox_id()
+        _, outputs = run.execute("%scalebox info")
+        info = text_of(outputs)
+        assert "idle pause" in info and "after 3 s without a cell" in info and "while this kernel runs" in info
+        # A cell that runs longer than the idle time is not idle: the sandbox stays running under it.
+        msg_id = run.kc.execute("import time\ntime.sleep(7)\nprint('slept')")
+        states = []
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            states.append(_state(local_server, sandbox_id))
+            time.sleep(0.5)
+        assert set(states) == {"running"}, states
+        run.reply(msg_id, timeout=30)
+        assert text_of(run.outputs(msg_id)) == "slept\n"
+        # Then idle: paused (not killed), and the next cell finds its variables, told once.
+        deadline = time.monotonic() + 30
+        while _state(local_server, sandbox_id) != "paused" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _state(local_server, sandbox_id) == "paused"
+        reply, outputs = run.execute("print(kept + 1)")
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert text_of(outputs) == "42\n"
+        notice = text_of(outputs, "stderr")
+        assert sandbox_id in notice and "was paused at" in notice and "variables and files kept" in notice
+        assert _state(local_server, sandbox_id) == "running"
+        _, outputs = run.execute("print('again')")
+        assert text_of(outputs, "stderr") == ""  # said once
+    finally:
+        run.shutdown()
+
+
+def test_the_sandbox_outlives_its_timeout_while_the_kernel_runs(local_server: LocalServer) -> None:
+    run = KernelRun(env={"SCALEBOX_SANDBOX_TIMEOUT": "4", "SCALEBOX_IDLE_PAUSE": "0"})
+    try:
+        run.execute("kept = 'yes'")
+        sandbox_id = run.sandbox_id()
+        time.sleep(10)  # more than twice its lifetime, with no cell
+        assert _state(local_server, sandbox_id) == "running"
+        _, outputs = run.execute("print(kept)")
+        assert text_of(outputs) == "yes\n" and text_of(outputs, "stderr") == ""
+    finally:
+        run.shutdown()
+
+
+def test_exit_and_quit_end_the_kernel_as_ipykernel_does(local_server: LocalServer) -> None:
+    run = KernelRun()
+    try:
+        run.execute("x = 1")
+        sandbox_id = run.sandbox_id()
+        reply, _ = run.execute("exit(keep_kernel=True)")
+        payload = reply["content"]["payload"]
+        assert {"source": "ask_exit", "keepkernel": True} in payload  # the frontend may exit; the kernel stays
+        assert run.execute("print(x)")[1] and run.km.is_alive()
+        reply, _ = run.execute("exit")
+        assert reply["content"]["status"] == "ok"
+        assert {"source": "ask_exit", "keepkernel": False} in reply["content"]["payload"]
+        deadline = time.monotonic() + 30
+        while run.km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not run.km.is_alive(), "the kernel process ends, as ipykernel's does"
+        assert sandbox_id not in live_sandboxes(local_server)  # let go of as at shutdown: killed (not kept)
+    finally:
+        run.shutdown(now=True)
+
+
+def test_named_kernelspecs_side_by_side_with_their_own_environment(tmp_path: Path) -> None:
+    prefix = tmp_path / "env"
+    secrets_file = tmp_path / "cloud.env"
+    secrets_file.write_text("SCALEBOX_API_KEY=sk-from-a-file\n")
+    base = [sys.executable, "-m", "scalebox_kernel", "install", "--prefix", str(prefix), "--language", "python"]
+    done = subprocess.run(
+        [
+            *base,
+            "--name",
+            "scalebox-cloud",
+            "--display-name",
+            "Scalebox (cloud)",
+            "--env",
+            "SCALEBOX_API_URL=https://api.example.invalid",
+            "--env-file",
+            str(secrets_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert subprocess.run(base, capture_output=True, text=True, timeout=60).returncode == 0  # the plain one beside it
+    kernels = prefix / "share" / "jupyter" / "kernels"
+    assert sorted(p.name for p in kernels.iterdir()) == ["scalebox-cloud", "scalebox-python"]
+    cloud = kernels / "scalebox-cloud" / "kernel.json"
+    spec = json.loads(cloud.read_text())
+    assert spec["display_name"] == "Scalebox (cloud)" and spec["argv"][-1] == "python"
+    assert spec["env"] == {"SCALEBOX_API_URL": "https://api.example.invalid", "SCALEBOX_API_KEY": "sk-from-a-file"}
+    assert cloud.stat().st_mode & 0o077 == 0  # it holds a key: its owner's only
+    refused = subprocess.run(
+        [*base, "--env", "SCALEBOX_API_KEY=sk-on-the-command-line"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and "--env-file" in refused.stderr and "sk-on-the" not in refused.stderr
+    removed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scalebox_kernel",
+            "install",
+            "--prefix",
+            str(prefix),
+            "--name",
+            "scalebox-cloud",
+            "--uninstall",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert removed.returncode == 0 and sorted(p.name for p in kernels.iterdir()) == ["scalebox-python"]

@@ -76,6 +76,8 @@ def test_print_result_error_and_state(sbx: Sandbox, language: str) -> None:
     assert failed.error is not None, failed
     assert failed.error.name == case.error_name and case.error_value in failed.error.value, failed.error
     assert failed.error.traceback.strip()
+    if language == "bash":  # what the command printed is shown once, as output, not again in the traceback
+        assert out(failed).strip() and out(failed).strip() not in failed.error.traceback, failed.error
     assert not [r for r in failed.results if r.is_main_result]
 
     # Straight after an error (tslab refuses cells for 200 ms then), state is still there.

@@ -19,6 +19,7 @@ from magics_support import magics, ok, run
 from test_session import tiny_wheel
 
 from scalebox_kernel.client import Sandbox
+from scalebox_kernel.errors import InvalidArgument
 from scalebox_kernel.magics import ScaleboxCellError
 from scalebox_kernel.session import Session
 
@@ -96,6 +97,48 @@ def test_inputs_and_outputs_round_trip(shell: InteractiveShell) -> None:
     assert not result.success and "never_set" in captured.stdout and "NameError" in captured.stdout
 
 
+def test_help_of_the_magic_and_of_a_subcommand(shell: InteractiveShell) -> None:
+    assert "%scalebox new [NAME]" in ok(shell, "%scalebox --help").stdout
+    before = ok(shell, "%scalebox list").stdout
+    shown = ok(shell, "%scalebox new helped --help").stdout
+    assert "usage: %scalebox new" in shown and "--language" in shown and "--timeout" in shown
+    assert ok(shell, "%scalebox list").stdout == before  # nothing was started
+
+
+def test_file_commands_share_one_rule_and_folders_go_both_ways(shell: InteractiveShell, tmp_path: Path) -> None:
+    """Relative paths are from /workspace (where cells run) for ls, upload and download alike; a trailing / means
+    "into this folder"; a folder downloads whole."""
+    ok(
+        shell,
+        "%%scalebox\nimport os\nos.makedirs('d/sub', exist_ok=True)\nopen('d/a.txt', 'w').write('A')\n"
+        "open('d/sub/b.txt', 'w').write('B')",
+    )
+    listed = ok(shell, "%scalebox ls d").stdout
+    assert "a.txt" in listed and "sub/" in listed
+    ok(shell, f"%scalebox download d/a.txt {tmp_path}/into/")
+    assert (tmp_path / "into" / "a.txt").read_text() == "A"
+    ok(shell, f"%scalebox download d {tmp_path}/copy")
+    assert (tmp_path / "copy" / "a.txt").read_text() == "A" and (tmp_path / "copy" / "sub" / "b.txt").read_text() == "B"
+    ok(shell, f"%scalebox download d {tmp_path}/copy/")  # into the existing folder: copy/d/...
+    assert (tmp_path / "copy" / "d" / "sub" / "b.txt").read_text() == "B"
+    ok(shell, f"%scalebox upload {tmp_path}/copy/sub/b.txt up/")
+    assert ok(shell, "%%scalebox\nprint(open('up/b.txt').read())").stdout == "B\n"
+    assert "b.txt" in ok(shell, "%scalebox ls up").stdout
+
+
+def test_a_sessions_sandbox_is_set_up_before_it_starts(shell: InteractiveShell) -> None:
+    made = ok(shell, "%scalebox new sized --cpu 1 --memory 512 --no-internet --env GREETING=hi --timeout 2m").stdout
+    assert "Session sized: sandbox" in made
+    assert ok(shell, "%%scalebox --session sized\nimport os\nprint(os.environ['GREETING'])").stdout == "hi\n"
+    info = Sandbox.get_info(sandbox_id("sized"))
+    assert (info.cpu_count, info.memory_mb, info.timeout) == (1, 512, 120), info
+    ok(shell, "%scalebox close sized")
+    with Sandbox.create(cpu_count=1, memory_mb=256) as sandbox:  # the same settings on the client
+        assert (sandbox.get_info().cpu_count, sandbox.get_info().memory_mb) == (1, 256)
+    with pytest.raises(InvalidArgument, match="cpu_count"):
+        Sandbox.create(cpu_count=0)
+
+
 def test_named_sessions_side_by_side(shell: InteractiveShell) -> None:
     ok(shell, "%%scalebox --session left\nside = 'left'")
     ok(shell, "%%scalebox --session right\nside = 'right'")
@@ -124,6 +167,12 @@ def test_named_sessions_side_by_side(shell: InteractiveShell) -> None:
     Session.close(elsewhere)
     ok(shell, "%scalebox close right")
     assert "Using session default" in ok(shell, "%scalebox use default").stdout
+    # A session that cannot start (no such language) leaves neither a session nor a sandbox behind.
+    before = {info.sandbox_id for info in Sandbox.list()}
+    failed, captured = run(shell, "%scalebox new doomed --language cobol")
+    assert not failed.success and "cobol" in captured.stdout + captured.stderr + str(failed.error_in_exec)
+    assert "doomed" not in ok(shell, "%scalebox list").stdout
+    assert {info.sandbox_id for info in Sandbox.list()} <= before
 
 
 def test_pause_resume_timeout_info_and_status(shell: InteractiveShell) -> None:
@@ -405,6 +454,7 @@ def test_kernel_status_panel_buttons(kernel: KernelRun) -> None:
     assert wait_for(lambda: (sandbox.get_info().end_at or before) > before)  # type: ignore[operator]
     reply, outputs = kernel.execute("%%scalebox --session panel\nprint(clicks)")
     assert by_type(outputs, "stream")[0]["text"] == "kept\n"
+    click(kernel, buttons["Kill"])  # a first click only asks to confirm
     click(kernel, buttons["Kill"])
     assert wait_for(lambda: sid not in {info.sandbox_id for info in Sandbox.list()})
 

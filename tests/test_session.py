@@ -76,8 +76,11 @@ def test_run_reports_every_stage_in_order_with_timing_and_insights() -> None:
     for stage in order:  # every stage starts at 0 and ends at 100 with "<message> completed"
         reports = [p for p in seen if p.stage == stage]
         assert reports[0].percent == 0 and reports[-1].percent == 100
-        assert reports[-1].message.endswith("completed")
+        assert reports[-1].message.endswith("completed") and "completed completed" not in reports[-1].message
         assert all(0 <= p.percent <= 100 for p in reports)
+    shown = [str(p) for p in seen]  # what on_progress=print shows: a line a person reads, not a dataclass
+    assert not [line for line in shown if "ProgressInfo(" in line or "\n" in line]
+    assert shown[-1].startswith("[completed 100%] Execution completed (")
     assert [p.total_elapsed_ms for p in seen] == sorted(p.total_elapsed_ms for p in seen)
     timing = result.timing
     assert set(timing) == {"total_ms", "started_at", "completed_at", "stages", "distribution"}
@@ -292,3 +295,30 @@ async def test_progress_of_open_and_unknown_language() -> None:
         assert (await session.run_code("1 + 1")).text == "2"
     finally:
         await session.close()
+
+
+def test_an_install_reports_the_installers_own_steps_as_they_come() -> None:
+    (a_name, a), (b_name, b) = tiny_wheel("tinya"), tiny_wheel("tinyb")
+    seen: list[ProgressInfo] = []
+    result = Session.run(
+        "import tinya, tinyb\nprint(tinya.VALUE, tinyb.VALUE)",
+        files={a_name: a, b_name: b},
+        packages=[f"./{a_name}", f"./{b_name}"],
+        on_progress=seen.append,
+    )
+    assert result.success, result.error
+    assert result.stdout == "hello from tinya 0.1 hello from tinyb 0.1\n"
+    steps = list(dict.fromkeys(p.message for p in seen if p.stage == "installing" and p.percent < 100))
+    assert len(steps) >= 3, steps  # the installer's own lines, not one frozen message
+    assert any("Successfully installed" in step and "tinya" in step for step in steps), steps
+
+
+def test_a_failing_r_install_fails_and_names_what_is_missing() -> None:
+    from language_support import skip_reason
+
+    why = skip_reason("r")
+    if why:
+        pytest.skip(why)
+    with pytest.raises(ScaleboxError) as caught:  # no such package (and CRAN is not reachable from here)
+        Session.run("1 + 1", language="r", packages=["no.such.package.scalebox"])
+    assert "not installed: no.such.package.scalebox" in str(caught.value)

@@ -47,7 +47,7 @@ async def resolve_connection(
     request_timeout: float | None = None,
 ) -> tuple[ScaleboxConfig, Connection]:
     """The config in effect and the endpoint it designates (starting scalebox-local if allowed and needed)."""
-    config = config if config is not None else ScaleboxConfig()
+    config = config if config is not None else ScaleboxConfig.load()
     timeout = float(request_timeout if request_timeout is not None else config.request_timeout)
     idle = max(float(config.stream_idle_timeout), 0.0)
     key = api_key or config.api_key

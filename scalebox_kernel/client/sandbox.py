@@ -142,6 +142,8 @@ class AsyncSandbox(SandboxLifecycle):
         envs: dict[str, str] | None = None,
         allow_internet_access: bool = True,
         auto_pause: bool = False,
+        cpu_count: int | None = None,
+        memory_mb: int | None = None,
         locality: Locality | dict[str, Any] | None = None,
         config: ScaleboxConfig | None = None,
         api_key: str | None = None,
@@ -149,7 +151,8 @@ class AsyncSandbox(SandboxLifecycle):
         request_timeout: float | None = None,
         codec: CodecName = "proto",
     ) -> AsyncSandbox:
-        """Create a sandbox (`timeout`: seconds it lives unless extended; defaults from the config). `locality`
+        """Create a sandbox (`timeout`: seconds it lives unless extended; defaults from the config). `cpu_count`
+        and `memory_mb` size it (the server's defaults otherwise; it refuses more than it allows). `locality`
         asks for a region (see `get_regions()`); with `force`, one that cannot be had fails with HTTP 409."""
         config, transport = await cls._open(config, api_key, api_url, request_timeout)
         body: dict[str, Any] = {
@@ -161,6 +164,12 @@ class AsyncSandbox(SandboxLifecycle):
             "allow_internet_access": allow_internet_access,
             "auto_pause": auto_pause,
         }
+        for name, value in (("cpu_count", cpu_count), ("memory_mb", memory_mb)):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    await transport.aclose()
+                    raise InvalidArgument(f"{name} must be a whole number of at least 1, not {value!r}")
+                body[name] = value
         try:
             if locality is not None:
                 body["locality"] = _locality(locality)

@@ -72,7 +72,7 @@ class Transport:
         self.backoff = backoff
         self._secrets: list[str] = [connection.api_key]
         trust_env = not connection.is_loopback  # no proxy, nor the environment's CA bundle, for scalebox-local
-        context = _ssl_context(connection.verify, trust_env)
+        context = _ssl_context(connection.verify, trust_env=True)  # SSL_CERT_FILE / SSL_CERT_DIR: for every server
         # Direct connections go on our own HTTP/1.1 transport, requests built here and sent on it (httpx's client
         # layer costs more than a trivial cell); with a proxy in the environment, httpx's client sends them.
         self._direct = None if trust_env and urllib.request.getproxies() else Http11Transport(context)

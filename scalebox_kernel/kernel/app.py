@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+
 import zmq
 from ipykernel.kernelapp import IPKernelApp, kernel_aliases
 from traitlets import DottedObjectName, Type
@@ -20,6 +23,19 @@ class ScaleboxKernelApp(IPKernelApp):
     classes = [*IPKernelApp.classes, ScaleboxKernel, ScaleboxConfig]
     aliases = {**kernel_aliases, "language": "ScaleboxKernel.language"}
 
+    def init_sockets(self) -> None:
+        """ipykernel warns of plain TCP at every start; a frontend on this machine's loopback (where jupyter_client
+        puts a kernel) has nothing to eavesdrop on, so the warning is only noise in the frontend's log. It stays
+        for any other address."""
+        quiet = _LoopbackTcpNotice() if self.transport == "tcp" and _is_loopback(self.ip) else None
+        if quiet is not None:
+            self.log.addFilter(quiet)
+        try:
+            super().init_sockets()
+        finally:
+            if quiet is not None:
+                self.log.removeFilter(quiet)
+
     def init_iopub(self, context: zmq.Context) -> None:
         """iopub without a high-water mark: a frontend that falls behind a flood of output gets all of it later,
         instead of ZMQ dropping what does not fit."""
@@ -28,6 +44,18 @@ class ScaleboxKernelApp(IPKernelApp):
             super().init_iopub(context)
         finally:
             del context.sndhwm
+
+
+class _LoopbackTcpNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Kernel is running over TCP without encryption")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def main() -> None:

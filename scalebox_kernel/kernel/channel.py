@@ -44,6 +44,14 @@ _EMPTY_REPLIES: dict[str, dict[str, Any]] = {
 }
 
 
+def asks_exit(content: dict[str, Any]) -> bool:
+    """An execute_reply whose cell called `exit`/`quit` (IPython's ask_exit payload) without keep_kernel."""
+    payload = content.get("payload")
+    return isinstance(payload, list) and any(
+        isinstance(item, dict) and item.get("source") == "ask_exit" and not item.get("keepkernel") for item in payload
+    )
+
+
 @dataclass
 class Pending:
     """A forwarded request waiting for its reply: where the reply goes, and what to say if it never comes."""
@@ -88,6 +96,10 @@ class SandboxChannel:
     def open(self) -> bool:
         """Whether messages go to a sandbox kernel now (the channel is up, or coming back)."""
         return self._channel is not None and self._channel.gone is None
+
+    def busy(self) -> bool:
+        """A cell forwarded to the sandbox's kernel has not had its reply yet."""
+        return any(p.msg_type == "execute_request" and not p.replied for p in self._pending.values())
 
     def describe(self, entry: NamedSession) -> str:
         """The `%scalebox info` line: which path cells of this session take."""
@@ -300,10 +312,13 @@ class SandboxChannel:
         session.send_raw(pending.stream, frames, copy=False, ident=pending.idents)
         pending.replied = True
         if msg_type == "execute_reply":
-            count = _content(message).get("execution_count")
+            content = _content(message)
+            count = content.get("execution_count")
             if isinstance(count, int) and not isinstance(count, bool):
                 self.kernel.execution_count = count
             self._awaiting_input.discard(parent_id)
+            if asks_exit(content):  # `exit`/`quit`: the sandbox's kernel stops, and this one too, as ipykernel does
+                self.kernel.exit_soon()
         if pending.msg_type != "execute_request":
             pending.idle = True  # only cells are waited on for their idle (they may still print after the reply)
         self._settle(parent_id)

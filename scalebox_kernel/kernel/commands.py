@@ -132,6 +132,21 @@ class NotebookSessions(Sessions):
             self.notebook.lost()
         await super().lost(entry)
 
+    def lifetime_rows(self, entry: NamedSession, session: SandboxSession) -> list[tuple[str, str]]:
+        if entry.name != DEFAULT:
+            return []
+        notebook = self.notebook
+        if session.pinned:
+            alive = "until its end above (set by %scalebox timeout: not extended)"
+        else:
+            alive = f"while this kernel runs (its {session.timeout} s are renewed before they end)"
+        idle = notebook.idle_pause
+        pause = f"after {idle:g} s without a cell (SCALEBOX_IDLE_PAUSE); the next cell resumes it" if idle else "off"
+        if notebook.idle_paused_at is not None:
+            pause += " (paused now, for idleness)"
+        end = "kept when the kernel shuts down" if entry.keep else "killed when the kernel shuts down"
+        return [("kept alive", alive), ("idle pause", pause), ("real end", end)]
+
     def set_keep(self, entry: NamedSession, keep: bool) -> None:
         entry.keep = keep
         if entry.name == DEFAULT:

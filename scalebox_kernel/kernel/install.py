@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tempfile
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_core.application import JupyterApp
 from jupyter_core.paths import ENV_JUPYTER_PATH, SYSTEM_JUPYTER_PATH, jupyter_data_dir
@@ -19,38 +22,54 @@ from .. import __version__
 from .languages import LANGUAGES, KernelLanguage, get_language
 
 LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
+KERNEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def _template(lang: KernelLanguage) -> Traversable:
+    """The language's folder in kernelspecs/ (shipped in the package as scalebox_kernel.kernelspecs)."""
+    return resources.files("scalebox_kernel.kernelspecs") / lang.kernel_name
 
 
 def kernel_json(lang: KernelLanguage, executable: str | None = None) -> dict[str, Any]:
-    """The kernel.json of one language: absolute interpreter path (VS Code hides specs it cannot resolve) and
-    message-mode interrupt (the kernel cancels the remote run instead of taking a signal)."""
-    return {
-        "argv": [
-            executable or sys.executable,
-            "-m",
-            "scalebox_kernel.kernel",
-            "-f",
-            "{connection_file}",
-            "--language",
-            lang.key,
-        ],
-        "display_name": lang.display_name,
-        "language": lang.spec_language,
-        "interrupt_mode": "message",
-        "metadata": {
-            "debugger": False,
-            "scalebox": {"language": lang.key, "version": __version__, "language_info": lang.language_info},
-        },
+    """The kernel.json of one language, from its template in kernelspecs/: the absolute interpreter path (VS Code
+    hides specs it cannot resolve), message-mode interrupt (the kernel cancels the remote run instead of taking a
+    signal), and what the kernel says of its language before a sandbox exists."""
+    spec: dict[str, Any] = json.loads((_template(lang) / "kernel.json").read_text())
+    spec["argv"][0] = executable or sys.executable
+    spec.setdefault("metadata", {})["scalebox"] = {
+        "language": lang.key,
+        "version": __version__,
+        "language_info": lang.language_info,
     }
+    return spec
 
 
-def write_kernelspec(lang: KernelLanguage, directory: Path, executable: str | None = None) -> Path:
-    """kernel.json and logos for `lang` in `directory` (created)."""
+def write_kernelspec(
+    lang: KernelLanguage,
+    directory: Path,
+    executable: str | None = None,
+    *,
+    display_name: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Path:
+    """kernel.json and logos for `lang` in `directory` (created); `display_name` and `env` (the kernel's
+    environment: `SCALEBOX_API_URL`, say) replace the defaults. With `env`, kernel.json is readable by its owner
+    only."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "kernel.json").write_text(json.dumps(kernel_json(lang, executable), indent=1) + "\n")
-    package = resources.files("scalebox_kernel.kernel") / "resources"
+    spec = kernel_json(lang, executable)
+    if display_name:
+        spec["display_name"] = display_name
+    if env:
+        spec["env"] = dict(env)
+    target = directory / "kernel.json"
+    target.write_text(json.dumps(spec, indent=1) + "\n")
+    if env:
+        target.chmod(0o600)
+    template = _template(lang)
     for name in LOGOS:
-        (directory / name).write_bytes((package / name).read_bytes())
+        (directory / name).write_bytes((template / name).read_bytes())
     return directory
 
 
@@ -71,13 +90,59 @@ class InstallApp(JupyterApp):
     prefix = Unicode("", config=True, help="Install under this prefix (PREFIX/share/jupyter/kernels).")
     languages = List(Unicode(), config=True, help=f"Languages to install (default: all of {', '.join(LANGUAGES)}).")
     uninstall = Bool(False, config=True, help="Remove the Scalebox kernelspecs instead of installing them.")
+    kernel_name = Unicode(
+        "", config=True, help="The kernelspec's name (one language only): side-by-side specs, e.g. scalebox-cloud."
+    )
+    display_name = Unicode("", config=True, help="The name frontends show (one language only).")
+    env = List(
+        Unicode(),
+        config=True,
+        help="KEY=VALUE for the kernel's environment (repeatable), e.g. SCALEBOX_API_URL=… or SCALEBOX_CHANNEL=…; "
+        "secrets (an API key) only from --env-file, never on the command line.",
+    )
+    env_file = Unicode("", config=True, help="A file of KEY=VALUE lines (a .env) for the kernel's environment.")
 
     flags = {
+        **JupyterApp.flags,
         "user": ({"InstallApp": {"user": True}}, "Install for the current user (default)."),
         "sys-prefix": ({"InstallApp": {"sys_prefix": True}}, "Install into sys.prefix."),
         "uninstall": ({"InstallApp": {"uninstall": True}}, "Remove the Scalebox kernelspecs."),
     }
-    aliases = {"prefix": "InstallApp.prefix", "language": "InstallApp.languages"}
+    aliases = {
+        **JupyterApp.aliases,
+        "prefix": "InstallApp.prefix",
+        "language": "InstallApp.languages",
+        "name": "InstallApp.kernel_name",
+        "display-name": "InstallApp.display_name",
+        "env": "InstallApp.env",
+        "env-file": "InstallApp.env_file",
+    }
+
+    def _environment(self) -> dict[str, str]:
+        """The kernel's environment from --env and --env-file; exits on a malformed pair or a secret given on the
+        command line (every user's `ps` shows it)."""
+        env: dict[str, str] = {}
+        if self.env_file:
+            try:
+                values = dotenv_values(self.env_file)
+            except OSError as exc:
+                self.log.error("Cannot read %s: %s", self.env_file, exc)
+                self.exit(2)
+            env.update({k: v for k, v in values.items() if v is not None})
+        for pair in self.env:
+            key, sep, value = pair.partition("=")
+            if not sep or not ENV_NAME.fullmatch(key):
+                self.log.error("--env takes KEY=VALUE with KEY a variable name, not %r", pair.split("=")[0][:40])
+                self.exit(2)
+            if SECRET_NAME.search(key):
+                self.log.error(
+                    "%s looks like a secret: a command line is visible to every user (ps). Put it in a file only "
+                    "you can read and pass --env-file FILE.",
+                    key,
+                )
+                self.exit(2)
+            env[key] = value
+        return env
 
     def _chosen(self) -> list[KernelLanguage]:
         names = [part for item in self.languages for part in item.split(",") if part.strip()]
@@ -113,11 +178,20 @@ class InstallApp(JupyterApp):
             self._uninstall(langs)
             return
         user, prefix = self._location()
+        if (self.kernel_name or self.display_name) and len(langs) != 1:
+            self.log.error("--name and --display-name name one kernelspec: add --language L")
+            self.exit(2)
+        if self.kernel_name and not KERNEL_NAME.fullmatch(self.kernel_name):
+            self.log.error("--name takes letters, digits, '.', '_' and '-', not %r", self.kernel_name)
+            self.exit(2)
+        env = self._environment()
         manager = KernelSpecManager()
         with tempfile.TemporaryDirectory() as tmp:
             for lang in langs:
-                source = write_kernelspec(lang, Path(tmp) / lang.kernel_name)
-                manager.install_kernel_spec(str(source), lang.kernel_name, user=user, prefix=prefix)
+                name = self.kernel_name or lang.kernel_name
+                source = write_kernelspec(lang, Path(tmp) / name, display_name=self.display_name, env=env)
+                installed = manager.install_kernel_spec(str(source), name, user=user, prefix=prefix)
+                print(f"Installed kernelspec {name} ({self.display_name or lang.display_name}) in {installed}")
         if any(lang.key != "python" for lang in langs):
             print("Each language runs once its runtime is on scalebox-local ('jupyter scalebox runtimes list' shows")
             print("which are; 'jupyter scalebox runtimes install' adds them). Until then its cells say so.")
@@ -131,14 +205,15 @@ class InstallApp(JupyterApp):
             roots = [Path(jupyter_data_dir()), *map(Path, ENV_JUPYTER_PATH), *map(Path, SYSTEM_JUPYTER_PATH)]
             roots += [Path(p) for p in KernelSpecManager().kernel_dirs]  # JUPYTER_PATH entries too
         removed = 0
-        for lang in langs:
+        names = [self.kernel_name] if self.kernel_name else [lang.kernel_name for lang in langs]
+        for name in names:
             for root in dict.fromkeys(roots):
                 kernels = root if root.name == "kernels" else root / "kernels"
-                spec = kernels / lang.kernel_name
+                spec = kernels / name
                 if (spec / "kernel.json").is_file():
                     shutil.rmtree(spec)
                     removed += 1
-                    print(f"Removed {lang.kernel_name} from {spec}")
+                    print(f"Removed {name} from {spec}")
         if not removed:
             print("No Scalebox kernelspecs found to remove.")
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 from typing import Any
 
@@ -21,9 +22,9 @@ from traitlets import Bool, Float, Unicode, default
 
 from .. import __version__
 from ..config import ScaleboxConfig
-from ..errors import ScaleboxError, redact
+from ..errors import InvalidArgument, ScaleboxError, redact
 from ..session import SandboxSession
-from ..subcommands import NamedSession, SubcommandError
+from ..subcommands import DEFAULT, NamedSession, SubcommandError
 from . import commands, introspect
 from .channel import SandboxChannel
 from .history import LocalHistory
@@ -34,6 +35,8 @@ from .sandbox import NotebookSandbox
 
 #: VS Code runs hidden helper code (interpreter probe, Variables view) whose names start with this.
 VSCODE_PREFIX = "_VSCODE_"
+#: A cell that is only `exit` / `quit` (IPython's exiter), with or without `()` or `keep_kernel=True`.
+EXIT_CELL = re.compile(r"(?:exit|quit)(?:\(\s*(?:keep_kernel\s*=\s*(?:True|False))?\s*\))?")
 
 
 def _truthy(value: str | None) -> bool:
@@ -73,7 +76,15 @@ class ScaleboxKernel(Kernel):
         self.lang = get_language(self.language)
         self.language_info = dict(self.lang.language_info)
         self.banner = f"{self.lang.display_name}: every cell runs in a Scalebox sandbox."
-        self.scalebox_config = ScaleboxConfig(parent=self)
+        # The one configuration (file, .env, environment, then this kernel's own options). A bad value does not
+        # kill the kernel, which a frontend shows as a crash: every cell says what is wrong instead.
+        self.config_error: str | None = None
+        try:
+            self.scalebox_config = ScaleboxConfig.load(config=self.config)
+        except InvalidArgument as exc:
+            self.config_error = str(exc)
+            self.log.error("scalebox: %s", exc)
+            self.scalebox_config = ScaleboxConfig(parent=self)
         self.history = LocalHistory()
         parent = self.parent
         connection_file = getattr(parent, "abs_connection_file", None) or getattr(parent, "connection_file", None)
@@ -88,6 +99,10 @@ class ScaleboxKernel(Kernel):
         self.sessions = commands.NotebookSessions(self.sandbox, self.lang.kernel_name)
         self.channel = SandboxChannel(self)  # the relay to the sandbox's kernel (when the back end has one)
         self.sessions.describe_channel = self.channel.describe
+        self.sandbox.busy = lambda: self._cell_task is not None or self.channel.busy()
+        self._exiting = False
+        self._background_tasks: set[asyncio.Future[None]] = set()
+        self.sandbox.on_idle_pause = self._paused_for_idle
         self.run_later = commands.Background()  # status panel clicks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cell_task: asyncio.Task[Any] | None = None
@@ -257,7 +272,41 @@ class ScaleboxKernel(Kernel):
             self.sandbox.keep_alive_later()
         return True
 
+    def exit_soon(self) -> None:
+        """`exit`/`quit` in a cell, as ipykernel does it: the reply has gone out with IPython's ask_exit payload (a
+        console exits on it, JupyterLab restarts the kernel); then the sandbox is let go of as at shutdown (killed
+        unless kept) and this kernel process ends."""
+        if self._exiting:
+            return
+        self._exiting = True
+
+        async def leave() -> None:
+            try:
+                await asyncio.wait_for(self._close(False), 20)
+            except Exception as exc:
+                self.log.warning("Scalebox kernel exit: %s", redact(str(exc), self.secrets()))
+            loop = getattr(self, "io_loop", None)
+            if loop is not None:
+                loop.call_later(0.1, loop.stop)
+
+        task = asyncio.ensure_future(leave())
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
+
+    def _paused_for_idle(self) -> None:
+        self.sessions.entry(DEFAULT).paused = True  # completion and the like are answered here meanwhile
+
+    async def _wake(self, relay: CellRelay) -> None:
+        """A cell is here: resume the sandbox if it was paused for idleness, saying so once."""
+        if relay.silent:
+            return
+        notice = await self.sandbox.wake()
+        if notice:
+            self.sessions.entry(DEFAULT).paused = False
+            relay.stream("stderr", notice)
+
     async def _open_for_cell(self, lines: list[str], relay: CellRelay) -> bool:
+        await self._wake(relay)
         for line in lines:
             await commands.run_line(self, line, relay)
         return await self.channel.ensure(relay)
@@ -380,13 +429,25 @@ class ScaleboxKernel(Kernel):
         return reply
 
     async def _cell(self, code: str, relay: CellRelay) -> dict[str, Any]:
+        if self.config_error:
+            why = f"{self.config_error} (fix it, then restart the kernel)"
+            return relay.error("ConfigError", why, [f"ConfigError: {why}"])
         lines, rest = commands.split_cell(code)
+        if not self._lines_done:  # else _open_for_cell woke it already
+            await self._wake(relay)
         if self._lines_done:  # they ran before the relay found it had to fall back
             lines, self._lines_done = [], False
         for line in lines:
             await commands.run_line(self, line, relay)
         if not rest.strip():
             return relay.ok()
+        if self.lang.key == "python" and EXIT_CELL.fullmatch(rest.strip()):  # ExecutionService carries no payload
+            keep = "keep_kernel=True" in rest.replace(" ", "")
+            reply = relay.ok()
+            reply["payload"] = [{"source": "ask_exit", "keepkernel": keep}]
+            if not keep:
+                self.exit_soon()
+            return reply
         magic = commands.split_magic(rest)
         if magic is not None:
             return await commands.run_magic(self, *magic, relay)

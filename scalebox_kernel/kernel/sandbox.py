@@ -1,11 +1,13 @@
 """The notebook's sandbox as the kernel sees it: opened lazily through SandboxSession, remembered per notebook so
-that a new kernel process re-attaches, kept alive while the notebook is used, and let go of at shutdown."""
+that a new kernel process re-attaches, kept alive while the kernel lives, paused when the notebook sits idle
+(`idle_pause`; the next cell resumes it, and says so once), and let go of at shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..client import AsyncSandbox
@@ -17,6 +19,9 @@ from .notebooks import NotebookSandboxes
 from .relay import CellRelay, OpeningProgress
 
 log = logging.getLogger(__name__)
+
+#: The most seconds between two heartbeats (each extends the sandbox, or pauses it when the notebook is idle).
+HEARTBEAT_MAX = 60.0
 
 
 @dataclass
@@ -31,8 +36,11 @@ class NotebookSandbox:
     open_timeout: float = 90.0
     store: NotebookSandboxes = field(default_factory=NotebookSandboxes)
     session: SandboxSession | None = None
-    _touched: float = 0.0
-    _background: set[asyncio.Future[None]] = field(default_factory=set)
+    busy: Callable[[], bool] = lambda: False  # a cell is running (set by the kernel)
+    on_idle_pause: Callable[[], None] = lambda: None  # the heartbeat paused the sandbox (set by the kernel)
+    idle_paused_at: float | None = None  # time.time() of that pause, until a cell resumes it
+    _last_active: float = 0.0
+    _heartbeat: asyncio.Task[None] | None = None
 
     @property
     def server(self) -> str:
@@ -76,7 +84,9 @@ class NotebookSandbox:
 
         session = await progress.wait(asyncio.wait_for(opening(), self.open_timeout))
         self.session = session
-        self._touched = time.monotonic()
+        self.idle_paused_at = None
+        self.activity()
+        self._start_heartbeat()
         self.keep = self.keep or bool(remembered.get("keep"))
         self.remember()
         if session.attach is Attach.REPLACED and session.notice:
@@ -86,26 +96,69 @@ class NotebookSandbox:
     def lost(self) -> None:
         """The sandbox turned out gone: the next `open` finds out and announces what replaced it."""
         self.session = None
+        self._stop_heartbeat()
 
-    def keep_alive_later(self) -> None:
-        """Give an active notebook's sandbox its full lifetime again (at most every tenth of it), in the background."""
-        session = self.session
-        if session is None or time.monotonic() - self._touched < max(session.timeout / 10, 1):
-            return
-        self._touched = time.monotonic()
+    def activity(self) -> None:
+        """The notebook is in use (a cell starts or ends): the idle time starts again."""
+        self._last_active = time.monotonic()
 
-        async def touch() -> None:
+    keep_alive_later = activity  # the kernel's name for it at the end of a cell
+
+    @property
+    def idle_pause(self) -> float:
+        return float(self.config.idle_pause)
+
+    async def wake(self) -> str | None:
+        """Before a cell: resume a sandbox the heartbeat paused for idleness; the one notice that says so."""
+        self.activity()
+        session, paused_at = self.session, self.idle_paused_at
+        if session is None or paused_at is None:
+            return None
+        await session.resume()
+        self.idle_paused_at = None
+        when = time.strftime("%H:%M:%S", time.localtime(paused_at))
+        return (
+            f"scalebox: this notebook's sandbox {session.session_id} was paused at {when}, after "
+            f"{_span(self.idle_pause)} without a cell (SCALEBOX_IDLE_PAUSE); it is resumed, its variables and files "
+            "kept.\n"
+        )
+
+    def _start_heartbeat(self) -> None:
+        self._stop_heartbeat()
+        self._heartbeat = asyncio.ensure_future(self._beat())
+
+    def _stop_heartbeat(self) -> None:
+        task, self._heartbeat = self._heartbeat, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _period(self, session: SandboxSession) -> float:
+        period = min(max(session.timeout / 3, 1.0), HEARTBEAT_MAX)
+        return min(period, max(self.idle_pause / 2, 0.5)) if self.idle_pause else period
+
+    async def _beat(self) -> None:
+        """While the kernel lives: extend the sandbox before it ends, or pause it once the notebook has been idle
+        for `idle_pause` seconds (a running cell is not idle). An explicit `%scalebox timeout` is left alone."""
+        while (session := self.session) is not None:
+            await asyncio.sleep(self._period(session))
+            if self.session is not session or self.idle_paused_at is not None:
+                continue
+            if self.busy():
+                self.activity()
             try:
-                await session.sandbox.set_timeout(session.timeout)
+                if self.idle_pause and time.monotonic() - self._last_active >= self.idle_pause:
+                    await session.pause()
+                    self.idle_paused_at = time.time()
+                    self.on_idle_pause()
+                    log.info("paused idle sandbox %s", session.session_id)
+                elif not session.pinned:
+                    await session.sandbox.set_timeout(session.timeout)
             except Exception as exc:  # the next cell will say what is wrong, if anything is
-                log.debug("Could not extend sandbox %s: %s", session.session_id, exc)
-
-        task = asyncio.ensure_future(touch())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+                log.debug("heartbeat of sandbox %s: %s", session.session_id, exc)
 
     async def close(self, restart: bool) -> None:
         """Restart: a fresh context in the same sandbox. Shutdown: let go of a kept sandbox, else kill it."""
+        self._stop_heartbeat()
         session = self.session
         if session is None:
             await self._close_remembered(restart)
@@ -137,3 +190,9 @@ class NotebookSandbox:
         elif not keep:
             self.store.forget(self.notebook, self.server, self.lang.key)
             await AsyncSandbox.kill_by_id(sandbox_id, config=self.config)
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"

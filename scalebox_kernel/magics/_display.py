@@ -79,7 +79,7 @@ class ProgressBar:
         self._width = 0
 
     def show(self, info: ProgressInfo) -> None:
-        label = info.message[:60]
+        label = info.message[:90]
         if self.widgets:
             import ipywidgets
 

@@ -58,7 +58,7 @@ class ScaleboxMagics(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
-        self.sessions = Sessions(ScaleboxConfig(config=shell.config if shell is not None else None))
+        self.sessions = Sessions(ScaleboxConfig.load(config=shell.config if shell is not None else None))
         self.auto_args: str | None = None  # set while %autoscalebox is on
         self.channels = CellChannels()  # cells over the sandboxes' Jupyter endpoints (on the portal's loop)
         atexit.register(self.at_exit)

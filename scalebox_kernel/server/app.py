@@ -27,8 +27,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from traitlets import Bool, Integer, Unicode, default
 
 from .. import __version__
+from ..config import ScaleboxConfig
 from ..local import API_KEY_ENV, LocalServerInfo, remove_runtime_info, runtime_file, write_runtime_info
 from .bodies import error_response
+from .datalock import DataDirBusy, DataDirLock
 from .isolation.jail import LINKS_DIR
 from .isolation.sandbox import describe
 from .jupyter_api import JupyterPlane
@@ -184,9 +186,10 @@ class ServeApp(JupyterApp):
     name = "jupyter-scalebox-serve"
     version = __version__
     description = "Start scalebox-local, an embedded sandbox server speaking the Scalebox wire protocol."
-    classes = [ServerSettings]
+    classes = [ServerSettings, ScaleboxConfig]
 
     aliases = {
+        **JupyterApp.aliases,
         "ip": "ServeApp.ip",
         "port": "ServeApp.port",
         "api-key": "ServeApp.api_key",  # parsed only to refuse it with a clear message (see start)
@@ -197,9 +200,14 @@ class ServeApp(JupyterApp):
         "log-level": "Application.log_level",
     }
     flags = {
+        **JupyterApp.flags,
         "tls": (
             {"ServeApp": {"tls": True}},
             "Point clients at https:// (the runtime file's URL); both schemes answer on the port either way.",
+        ),
+        "replace": (
+            {"ServeApp": {"replace": True}},
+            "If a scalebox-local already serves this data dir, stop it (SIGTERM) and take its place.",
         ),
         "no-isolation": (
             {"ServerSettings": {"isolation": "none"}},
@@ -228,6 +236,12 @@ class ServeApp(JupyterApp):
         "", config=True, help="PEM certificate for HTTPS; by default a self-signed one, made once in the data dir."
     )
     keyfile = Unicode("", config=True, help="PEM private key of --certfile.")
+    replace = Bool(
+        False,
+        config=True,
+        help="Stop the scalebox-local already serving this data dir and take its place (else a second one refuses "
+        "to start, naming the first).",
+    )
     tls = Bool(
         False,
         config=True,
@@ -263,11 +277,29 @@ class ServeApp(JupyterApp):
             self.log.critical("--certfile and --keyfile go together; pass both, or --tls for a self-signed pair.")
             self.exit(2)
         _setup_logging()
+        settings = ServerSettings(parent=self)
+        data = settings.data_path
+        lock = DataDirLock(data)
         try:
-            asyncio.run(self._serve())
+            data.mkdir(parents=True, exist_ok=True)
+            os.chmod(data, 0o700)
+            lock.acquire(self.replace)
+            # The server's working directory is its data dir: not the folder it was started from (a notebook's,
+            # which may be deleted under it).
+            os.chdir(data)
+        except DataDirBusy as exc:
+            self.log.critical("%s", exc)
+            self.exit(1)
         except OSError as exc:
             self.log.critical("scalebox-local could not start: %s", exc)
             self.exit(1)
+        try:
+            asyncio.run(self._serve(settings, lock))
+        except OSError as exc:
+            self.log.critical("scalebox-local could not start: %s", exc)
+            self.exit(1)
+        finally:
+            lock.release()
 
     def _read_key_file(self, path: str) -> str:
         try:
@@ -285,11 +317,8 @@ class ServeApp(JupyterApp):
             self.exit(2)
         return key
 
-    async def _serve(self) -> None:
-        settings = ServerSettings(parent=self)
+    async def _serve(self, settings: ServerSettings, lock: DataDirLock) -> None:
         data = settings.data_path
-        data.mkdir(parents=True, exist_ok=True)
-        os.chmod(data, 0o700)
         register_data_dir(data)
         register_data_dir(LINKS_DIR)
         api_key = self.api_key or secrets.token_urlsafe(32)
@@ -327,6 +356,7 @@ class ServeApp(JupyterApp):
             while not server.started and not task.done():
                 await asyncio.sleep(0.02)
             if server.started:
+                lock.announce(url)
                 write_runtime_info(LocalServerInfo(url, api_key, certfile, pid, str(data)))
                 self._announce(url, certfile, data, describe(settings))
             await task

@@ -106,6 +106,10 @@ def _disk_mb(body: dict[str, Any], max_disk_mb: int) -> int | None:
     return storage_gb * 1024
 
 
+#: The templates scalebox-local serves: the same sandbox under the names the SDKs use.
+TEMPLATES = ("base", "code-interpreter")
+
+
 def parse_create(body: dict[str, Any], settings: ServerSettings) -> CreateSpec:
     """The create body as a spec, every field of the right type (the spec checks the ranges)."""
     template = body.get("template")
@@ -113,6 +117,9 @@ def parse_create(body: dict[str, Any], settings: ServerSettings) -> CreateSpec:
         template = "base"
     if not isinstance(template, str):
         raise BadRequest(f"template must be a string, not {_shown(template)}")
+    if template not in TEMPLATES:
+        known = " and ".join(repr(name) for name in TEMPLATES)
+        raise BadRequest(f"unknown template {template[:64]!r}: scalebox-local has {known} (SCALEBOX_TEMPLATE)")
     if body.get("object_storage"):
         raise BadRequest("object_storage mounts are not supported by scalebox-local")
     if body.get("net_proxy_country"):

@@ -32,8 +32,9 @@ SCALEBOX_RUNTIMES_DIR=/srv/runtimes jupyter scalebox runtimes install --best-eff
     best_effort = Bool(
         False, config=True, help="Exit with 0 even when some languages could not be installed (they are listed)."
     )
-    aliases = {"language": "RuntimesInstallApp.languages"}
+    aliases = {**JupyterApp.aliases, "language": "RuntimesInstallApp.languages"}
     flags = {
+        **JupyterApp.flags,
         "force": ({"RuntimesInstallApp": {"force": True}}, "Reinstall even what is already installed."),
         "best-effort": (
             {"RuntimesInstallApp": {"best_effort": True}},
@@ -63,7 +64,7 @@ class RuntimesListApp(JupyterApp):
     name = "jupyter-scalebox-runtimes-list"
     description = "Show which languages scalebox-local can run, with versions, and why the others are missing."
     json_output = Bool(False, config=True, help="Print JSON instead of a table.")
-    flags = {"json": ({"RuntimesListApp": {"json_output": True}}, "Print JSON instead of a table.")}
+    flags = {**JupyterApp.flags, "json": ({"RuntimesListApp": {"json_output": True}}, "Print JSON instead of a table.")}
 
     def start(self) -> None:
         store = RuntimeStore()
@@ -83,6 +84,11 @@ class RuntimesListApp(JupyterApp):
 class RuntimesApp(JupyterApp):
     name = "jupyter-scalebox-runtimes"
     description = "Manage the language runtimes of scalebox-local (install, list)."
+    # traitlets would name `jupyter-scalebox-runtimes`, which is no program: this is a subcommand.
+    subcommand_description = Unicode(
+        "Subcommands are launched as `jupyter scalebox runtimes cmd [args]`. For information on using subcommand "
+        "'cmd', do: `jupyter scalebox runtimes cmd -h`."
+    )
     subcommands = {
         "install": (RuntimesInstallApp, RuntimesInstallApp.description),
         "list": (RuntimesListApp, RuntimesListApp.description),

@@ -19,7 +19,7 @@ class ServerSettings(Configurable):
 
     @default("data_dir")
     def _default_data_dir(self) -> str:
-        return ScaleboxConfig().data_dir
+        return ScaleboxConfig.load(config=self.config).data_dir
 
     keepalive_interval = Float(
         10.0,

@@ -267,17 +267,20 @@ async def _session_for_run(
     session_id: str | None, config: ScaleboxConfig | None, timeout: int | None, tracker: Tracker
 ) -> SandboxSession:
     """A new session, or the one named (reused from this process when open here, else attached by id)."""
-    lifetime = int(timeout or DEFAULT_SESSION_TIMEOUT)
+    config = config or ScaleboxConfig.load()
+    # The seed's 600 s, unless a sandbox_timeout was configured (the one configuration every door reads).
+    lifetime = int(timeout or (config.sandbox_timeout if config.is_set("sandbox_timeout") else DEFAULT_SESSION_TIMEOUT))
 
     async def opened() -> SandboxSession:
         return await SandboxSession._open(
             session_id,
-            config=config or ScaleboxConfig(),
+            config=config,
             timeout=lifetime,
             metadata=None,
             envs=None,
             replace_missing=False,
             tracker=tracker,
+            create={},
         )
 
     if session_id is None:

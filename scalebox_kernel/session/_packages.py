@@ -66,23 +66,32 @@ local({
 """
 
 
+#: How each installer's line saying what it installed begins.
+SUMMARY_PREFIXES = ("Successfully installed", "added ", "installed:", "up to date")
+
+
 def install_command(language: str, packages: list[str], probe: dict[str, object]) -> str:
     """The shell command that installs `packages` for `language` into the sandbox (never system-wide)."""
     quoted = " ".join(shlex.quote(p) for p in packages)
     if language == "python":
         target = shlex.quote(str(probe["target"]))
-        return (
-            f"{shlex.quote(str(probe['python']))} -m pip install --quiet --disable-pip-version-check "
+        return (  # not --quiet: pip's own lines (Collecting, Downloading, Installing, Successfully) are the progress
+            f"{shlex.quote(str(probe['python']))} -m pip install --progress-bar off --disable-pip-version-check "
             f"--no-warn-script-location --upgrade --target {target} {quoted}"
         )
     if language in ("nodejs", "typescript"):
         # npm installs into the working directory's node_modules, which Node and Deno resolve from the cwd.
-        return f"npm install --no-audit --no-fund --loglevel=error {quoted}"
+        return f"npm install --no-audit --no-fund --no-progress {quoted}"
     if language == "r":
+        # install.packages only warns when a package cannot be had: what is there afterwards is the answer.
         names = ", ".join(json.dumps(p) for p in packages)
+        lib = json.dumps(str(probe["target"]))
         script = (
-            f"install.packages(c({names}), lib = {json.dumps(str(probe['target']))}, "
-            'repos = "https://cloud.r-project.org", quiet = TRUE)'
+            f"pkgs <- c({names}); lib <- {lib}; "
+            'install.packages(pkgs, lib = lib, repos = "https://cloud.r-project.org"); '
+            "have <- rownames(installed.packages(lib.loc = lib)); missing <- setdiff(pkgs, have); "
+            'if (length(missing)) { message("not installed: ", paste(missing, collapse = ", ")); quit(status = 1) }; '
+            'cat("installed:", paste(pkgs, collapse = " "), "\\n")'
         )
         return f"Rscript -e {shlex.quote(script)}"
     raise InvalidArgument(
@@ -113,16 +122,24 @@ async def run_install(
     wanted: list[str],
     on_output: Callable[[str], Any] | None,
     tracker: Tracker,
-) -> None:
-    """Run the install command, reporting progress (30%, +5 per output chunk up to 90%, as the seed SDK does)."""
+) -> str:
+    """Run the install command, reporting progress as its output comes (30%, +5 per output chunk up to 90%, as
+    the seed SDK does), each report's message naming the installer's latest line. Returns the installer's own
+    summary of what it installed (pip's `Successfully installed …`, npm's `added …`, R's `installed: …`)."""
     percent = 30.0
+    summary = ""
 
     async def output(message: Any) -> None:
-        nonlocal percent
+        nonlocal percent, summary
         text = str(message)
         await call_back(on_output, text)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        for line in lines:
+            if line.startswith(SUMMARY_PREFIXES):
+                summary = line[:300]
         percent = min(90.0, percent + 5)
-        await tracker.update(percent, f"Installing {', '.join(wanted)}", {"output": text[:100]})
+        step = f": {lines[-1][:120]}" if lines else ""
+        await tracker.update(percent, f"Installing {', '.join(wanted)}{step}", {"output": text[:100]})
 
     await tracker.update(percent)
     try:
@@ -130,3 +147,4 @@ async def run_install(
     except CommandExitError as exc:
         detail = (exc.stderr or exc.stdout).strip()[-2000:]
         raise ScaleboxError(f"Installing {' '.join(wanted)} failed (exit code {exc.exit_code}):\n{detail}") from None
+    return summary

@@ -78,6 +78,10 @@ class ProgressInfo:
     total_elapsed_ms: float
     details: dict[str, Any] | None = None
 
+    def __str__(self) -> str:
+        """One line for a person (`on_progress=print`): `[installing  40%] Installing packages (3.2 s)`."""
+        return f"[{self.stage} {self.percent:3.0f}%] {self.message} ({self.total_elapsed_ms / 1000:.1f} s)"
+
 
 ProgressCallback = Callable[[ProgressInfo], Any]
 
@@ -118,11 +122,13 @@ class Tracker:
         await call_back(self.on_progress, info)
 
     async def finish(self, details: dict[str, Any] | None = None) -> None:
-        """End the current stage at 100%, with the message "<default message> completed"."""
+        """End the current stage at 100%, with the message "<default message> completed" (the seed's; the
+        `completed` stage's own message says it once)."""
         if self.stage is None:
             return
         stage = self.stage
-        await self.update(100, f"{STAGE_MESSAGES[stage]} completed", details)
+        message = STAGE_MESSAGES[stage]
+        await self.update(100, message if message.endswith(" completed") else f"{message} completed", details)
         self.durations[stage] = self.durations.get(stage, 0.0) + (time.monotonic() - self._stage_t0) * 1000
         self.stage = None
 

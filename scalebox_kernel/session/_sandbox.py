@@ -64,6 +64,8 @@ class SandboxSession:
         self.state = state
         self.config = config
         self.timeout = timeout
+        self.pinned = False  # keep_alive() set the end explicitly
+        self.install_summary = ""  # the installer's own words on what the last install installed
         self._contexts: dict[str, Context] = {}
         self._probes: dict[str, dict[str, Any]] = {}
         self._lock = asyncio.Lock()
@@ -84,19 +86,23 @@ class SandboxSession:
         envs: dict[str, str] | None = None,
         replace_missing: bool = True,
         on_progress: ProgressCallback | None = None,
+        create: dict[str, Any] | None = None,
     ) -> SandboxSession:
         """A new sandbox (no id), or the one with `session_id` (resumed if paused; replaced by a new one when it
-        is gone, unless `replace_missing=False`, which raises SandboxNotFound/SandboxExpired instead)."""
+        is gone, unless `replace_missing=False`, which raises SandboxNotFound/SandboxExpired instead). `create`
+        holds more keywords of `AsyncSandbox.create` for a new sandbox (template, cpu_count, memory_mb,
+        allow_internet_access)."""
         tracker = Tracker(on_progress)
         await tracker.start("connecting")
         session = await cls._open(
             session_id,
-            config=config or ScaleboxConfig(),
+            config=config or ScaleboxConfig.load(),
             timeout=timeout,
             metadata=metadata,
             envs=envs,
             replace_missing=replace_missing,
             tracker=tracker,
+            create=create or {},
         )
         await tracker.finish({"session_id": session.session_id, "attach": session.attach.value})
         return session
@@ -112,6 +118,7 @@ class SandboxSession:
         envs: dict[str, str] | None,
         replace_missing: bool,
         tracker: Tracker,
+        create: dict[str, Any],
     ) -> SandboxSession:
         lifetime = int(timeout or config.sandbox_timeout)
         if session_id:
@@ -121,7 +128,7 @@ class SandboxSession:
                 if not replace_missing:
                     raise
                 session = await cls._create(
-                    config=config, timeout=lifetime, metadata=metadata, envs=envs, tracker=tracker
+                    config=config, timeout=lifetime, metadata=metadata, envs=envs, tracker=tracker, create=create
                 )
                 session.attach = Attach.REPLACED
                 gone = expired_at(exc) if isinstance(exc, SandboxExpired) else "no longer exists"
@@ -130,7 +137,9 @@ class SandboxSession:
                     "Variables, files and packages from before are gone."
                 )
                 return session
-        return await cls._create(config=config, timeout=lifetime, metadata=metadata, envs=envs, tracker=tracker)
+        return await cls._create(
+            config=config, timeout=lifetime, metadata=metadata, envs=envs, tracker=tracker, create=create
+        )
 
     @classmethod
     async def _create(
@@ -141,14 +150,17 @@ class SandboxSession:
         metadata: dict[str, str] | None,
         envs: dict[str, str] | None,
         tracker: Tracker,
+        create: dict[str, Any],
     ) -> SandboxSession:
         await tracker.update(20, "Creating sandbox")
+        options = dict(create)
         sandbox = await AsyncSandbox.create(
-            config.template,
+            options.pop("template", None) or config.template,
             timeout=timeout,
             metadata={**(metadata or {}), SESSION_METADATA_KEY: "1"},
             envs=envs,
             config=config,
+            **options,
         )
         await tracker.update(60, f"Created sandbox {sandbox.sandbox_id}", {"session_id": sandbox.sandbox_id})
         state = SessionState()
@@ -321,7 +333,7 @@ class SandboxSession:
         self, lang: str, wanted: list[str], on_output: Callable[[str], Any] | None, tracker: Tracker
     ) -> None:
         probe = await self._probe(lang, await self.context(lang)) if lang in ("python", "r") else {}
-        await run_install(
+        self.install_summary = await run_install(
             lambda command, on_out: self._call(
                 lambda: self.sandbox.commands.run(
                     command, cwd=WORKSPACE, on_stdout=on_out, on_stderr=on_out, timeout=INSTALL_TIMEOUT_S
@@ -409,6 +421,7 @@ class SandboxSession:
         """Let the sandbox live `timeout` seconds from now; returns the updated info."""
         await self._call(lambda: self.sandbox.set_timeout(int(timeout)))
         self.timeout = int(timeout)
+        self.pinned = True  # an end someone chose: nothing extends it on its own any more
         return await self.sandbox.get_info()
 
     async def info(self) -> SandboxInfo:

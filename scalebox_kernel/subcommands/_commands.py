@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import posixpath
 import shlex
 from collections.abc import Awaitable, Callable
@@ -18,20 +19,21 @@ from ._sessions import NamedSession, Sessions
 from ._status import StatusPanel, duration, info_rows, info_text, parse_duration, time_left
 
 COMMANDS_HELP = """\
-%scalebox new [NAME] [--language L] [--timeout 30m] [--keep]   start a session (a sandbox) and make it current
+%scalebox new [NAME] [--language L] [--timeout 30m] [--keep] [--template T] [--cpu N] [--memory MiB]
+              [--no-internet] [--env K=V ...]   start a session (its sandbox so made) and make it current
 %scalebox use NAME|SANDBOX_ID [--as NAME]     switch to a session, or attach to a sandbox by id
 %scalebox list [--all]                        the sessions here (--all: every session on the server)
 %scalebox info [NAME]                         sandbox id, state, time left, packages, files
 %scalebox status [NAME]                       the same as a panel with Pause, Resume, Extend and Kill buttons
-%scalebox close [NAME] [--keep]               kill the session's sandbox (--keep: only forget it here)
+%scalebox close [NAME | --all] [--keep]       kill the session's sandbox (--keep: only forget it here)
 %scalebox keep [on|off]                       keep the sandbox when {exit} (default: it is killed)
 %scalebox pause [NAME]                        pause the sandbox (files and variables are kept)
 %scalebox resume [NAME]                       resume it (running a cell also does)
 %scalebox timeout 30m [NAME]                  let the sandbox live 30 more minutes (s, m, h)
 %scalebox restart [--language L]              a fresh context in the same sandbox (its variables are gone)
 %scalebox upload LOCAL [REMOTE]               copy a file or folder into the sandbox (default /workspace/NAME)
-%scalebox download REMOTE [LOCAL]             copy a file out of the sandbox
-%scalebox ls [PATH]                           list a folder in the sandbox (default /workspace)
+%scalebox download REMOTE [LOCAL]             copy a file or folder out of the sandbox (LOCAL/: into that folder)
+%scalebox ls [PATH]                           list a folder in the sandbox (relative paths: from /workspace)
 %scalebox pip install PKG ... | install PKG ...   install packages for the session's language, in it only
 %scalebox env [K=V ...] [--unset K]           environment for the session's cells and commands
 %scalebox run CMD                             run a shell command in the sandbox
@@ -39,19 +41,49 @@ COMMANDS_HELP = """\
 """
 
 
+#: Levels of folders a folder download goes down.
+DOWNLOAD_DEPTH = 32
+
+
+def _remote(path: str) -> str:
+    """A sandbox path of a file command: relative ones are from /workspace, where the session's cells run (the one
+    rule of every %scalebox file command)."""
+    return posixpath.normpath(path if path.startswith("/") else posixpath.join(WORKSPACE, path))
+
+
+def _below(local: Path, remote: str, path: str) -> Path:
+    """Where the sandbox file `path`, inside the folder `remote`, goes below `local`; SubcommandError for a path
+    the sandbox made up to climb out (`..`, another folder)."""
+    rel = posixpath.relpath(posixpath.normpath(path), remote)
+    parts = rel.split("/")
+    if rel.startswith("/") or ".." in parts or "." in parts or not path.startswith(remote.rstrip("/") + "/"):
+        raise SubcommandError(f"the sandbox listed {path!r} inside {remote}: not downloading it")
+    target = local.joinpath(*parts)
+    if not target.resolve().is_relative_to(local.resolve()):
+        raise SubcommandError(f"{target} would land outside {local} (a symlink there?): not downloading {path!r}")
+    return target
+
+
+class _HelpShown(Exception):
+    """`--help` of a subcommand: its help text, to show instead of running it."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise SubcommandError(f"{message}\n{self.format_usage().strip()}")
 
+    def print_help(self, file: Any = None) -> None:  # argparse's -h/--help: shown by the caller, no exit
+        raise _HelpShown(self.format_help().rstrip())
 
-def parser(prog: str) -> argparse.ArgumentParser:
-    """An argument parser whose errors are SubcommandErrors with the usage line."""
-    return _Parser(prog=prog, add_help=False)
+
+def parser(prog: str, *, add_help: bool = True) -> argparse.ArgumentParser:
+    """An argument parser whose errors are SubcommandErrors with the usage line; `-h`/`--help` shows its help."""
+    return _Parser(prog=prog, add_help=add_help)
 
 
 def cell_parser() -> argparse.ArgumentParser:
     """The options of a `%%scalebox` cell."""
-    cell = parser("%%scalebox")
+    cell = parser("%%scalebox", add_help=False)
     cell.add_argument("--language", "-l", default=None)
     cell.add_argument("--session", "-s", default=None)
     cell.add_argument("--timeout", "-t", type=float, default=None, help="seconds before the cell is interrupted")
@@ -97,7 +129,7 @@ class Commands:
             words = shlex.split(line)
         except ValueError as exc:
             raise SubcommandError(f"%scalebox: {exc}") from None
-        if not words:
+        if not words or words[0] in ("-h", "--help"):
             return await self.cmd_help([])
         name, args = words[0].lower(), words[1:]
         if name == "run":  # the command goes to the sandbox's shell as typed
@@ -105,7 +137,10 @@ class Commands:
         handler: Callable[[list[str]], Awaitable[None]] | None = getattr(self, f"cmd_{name.replace('-', '_')}", None)
         if handler is None:
             raise SubcommandError(f"%scalebox: unknown subcommand {name!r} (%scalebox help lists them)")
-        await handler(args)
+        try:
+            await handler(args)
+        except _HelpShown as shown:
+            self.say(str(shown))
 
     def say(self, text: str) -> None:
         say(self.out, text)
@@ -128,17 +163,41 @@ class Commands:
         new.add_argument("--language", "-l", default=self.sessions.language)
         new.add_argument("--timeout", "-t", default=None)
         new.add_argument("--keep", action="store_true")
+        new.add_argument("--template", default=None, help="the sandbox's template")
+        new.add_argument("--cpu", type=int, default=None, metavar="N", help="CPUs of the sandbox")
+        new.add_argument("--memory", type=int, default=None, metavar="MiB", help="memory of the sandbox")
+        new.add_argument("--no-internet", action="store_true", help="no internet access in the sandbox")
+        new.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="the sandbox's environment")
         opts = new.parse_args(args)
         named = self.sessions.named
         name = opts.name or next(f"session{i}" for i in range(1, 10_000) if f"session{i}" not in named)
         existing = named.get(name)
         if existing is not None and existing.session is not None:
             raise SubcommandError(f"session {name!r} exists; `%scalebox use {name}` switches to it, close it to renew")
+        timeout = seconds(opts.timeout) if opts.timeout else None
         entry = self.sessions.entry(name)
         entry.language = canonical_language(opts.language)
-        entry.timeout = seconds(opts.timeout) if opts.timeout else None
+        entry.timeout = timeout
         self.sessions.set_keep(entry, opts.keep)
-        session = await self.sessions.open(entry, self.out, entry.language)
+        create: dict[str, Any] = {"template": opts.template, "cpu_count": opts.cpu, "memory_mb": opts.memory}
+        create = {k: v for k, v in create.items() if v is not None}
+        if opts.no_internet:
+            create["allow_internet_access"] = False
+        if opts.env:
+            create["envs"] = parse_env(opts.env)
+        entry.create = create
+        try:
+            session = await self.sessions.open(entry, self.out, entry.language)
+        except BaseException:  # no language of that name, say: nothing of this command is left behind
+            made, entry.session = entry.session, None
+            if existing is None:
+                self.sessions.named.pop(name, None)
+            else:
+                entry.session_id = None
+            if made is not None:
+                with contextlib.suppress(Exception):
+                    await made.close(kill=True)
+            raise
         self.sessions.current = name
         self.say(f"Session {name}: sandbox {session.session_id} ({entry.language}); it is now the current session.")
 
@@ -190,6 +249,7 @@ class Commands:
     async def _rows(self, entry: NamedSession, session: SandboxSession) -> list[tuple[str, str]]:
         rows = info_rows(entry.name, session, await session.info(), entry.envs)
         rows.append(("kept at exit", "yes" if entry.keep else "no"))
+        rows += self.sessions.lifetime_rows(entry, session)
         channel = self.sessions.channel_of(entry)
         if channel:
             rows.append(("channel", channel))
@@ -199,7 +259,18 @@ class Commands:
         close = parser("%scalebox close")
         close.add_argument("name", nargs="?")
         close.add_argument("--keep", action="store_true", help="only forget the session here; the sandbox lives on")
+        close.add_argument("--all", action="store_true", help="close every session of this notebook or shell")
         opts = close.parse_args(args)
+        if opts.all:
+            if opts.name:
+                raise SubcommandError("%scalebox close --all takes no session name")
+            closed = [named for named in list(self.sessions.named.values()) if named.sandbox_id]
+            names = ", ".join(f"{e.name} ({e.sandbox_id})" for e in closed) if closed else "none were open"
+            for named in closed:
+                await self.sessions.close(named, kill=not opts.keep)
+            verb = "forgotten (their sandboxes keep running)" if opts.keep else "closed"
+            self.say(f"Sessions {verb}: {names}.")
+            return
         entry = self.sessions.find(opts.name or self.sessions.current)
         if entry is None:
             raise SubcommandError(f"no session named {opts.name or self.sessions.current!r}")
@@ -258,8 +329,9 @@ class Commands:
         local = Path(args[0]).expanduser()
         if not local.exists():
             raise SubcommandError(f"no local file or folder {str(local)!r} (this runs in {Path.cwd()})")
-        remote = args[1] if len(args) > 1 else posixpath.join(WORKSPACE, local.name)
-        remote = remote if remote.startswith("/") else posixpath.join(WORKSPACE, remote)
+        remote = _remote(args[1]) if len(args) > 1 else posixpath.join(WORKSPACE, local.name)
+        if len(args) > 1 and args[1].endswith("/"):  # into that folder
+            remote = posixpath.join(remote, local.name)
         if local.is_dir():
             files = {
                 posixpath.join(remote, p.relative_to(local).as_posix()): p.read_bytes()
@@ -278,17 +350,36 @@ class Commands:
     async def cmd_download(self, args: list[str]) -> None:
         if not 1 <= len(args) <= 2:
             raise SubcommandError("usage: %scalebox download REMOTE [LOCAL]")
-        remote = args[0] if args[0].startswith("/") else posixpath.join(WORKSPACE, args[0])
-        local = Path(args[1]).expanduser() if len(args) > 1 else Path(posixpath.basename(remote))
-        if local.is_dir():
-            local = local / posixpath.basename(remote)
+        remote = _remote(args[0])
+        name = posixpath.basename(remote.rstrip("/")) or "root"
+        given = args[1] if len(args) > 1 else None
+        local = Path(given).expanduser() if given else Path(name)
+        if given is not None and (given.endswith(("/", os.sep)) or local.is_dir()):  # into that folder
+            local = local / name
         _entry, session = await self._session()
-        data = (await session.download([remote]))[remote]
-        local.write_bytes(data)
-        self.say(f"Downloaded {remote} ({len(data)} bytes) to {local}.")
+        files = session.sandbox.files
+        info = await files.get_info(remote)
+        if str(info.type) == "dir":
+            entries = await files.list(remote, depth=DOWNLOAD_DEPTH)
+            # The sandbox names the files: only paths below the folder, each written below `local`.
+            wanted = {e.path: _below(local, remote, e.path) for e in entries if str(e.type) == "file"}
+            data = await self.out.progress(lambda cb: session.download(list(wanted)), f"Downloading {name}")
+            total = 0
+            for path, content in data.items():
+                target = wanted[path]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+                total += len(content)
+            local.mkdir(parents=True, exist_ok=True)  # an empty folder is downloaded too
+            self.say(f"Downloaded {remote}/ ({len(data)} file(s), {total} bytes) to {local}/.")
+            return
+        content = (await self.out.progress(lambda cb: session.download([remote]), f"Downloading {name}"))[remote]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(content)
+        self.say(f"Downloaded {remote} ({len(content)} bytes) to {local}.")
 
     async def cmd_ls(self, args: list[str]) -> None:
-        path = args[0] if args else WORKSPACE
+        path = _remote(args[0]) if args else WORKSPACE
         _entry, session = await self._session()
         entries = await session.sandbox.files.list(path)
         if not entries:
@@ -317,7 +408,8 @@ class Commands:
         )
         skipped = [p for p in packages if p not in done]
         if done:
-            self.say(f"Installed {' '.join(done)} in sandbox {session.session_id} ({lang}).")
+            said = f" ({session.install_summary})" if session.install_summary else ""
+            self.say(f"Installed {' '.join(done)} in sandbox {session.session_id} ({lang}){said}.")
         if skipped:
             self.say(f"Already installed in this session: {' '.join(skipped)}.")
 
@@ -379,7 +471,11 @@ class Commands:
             info = await session.keep_alive(max(600, entry.timeout or 0))
             return f"Extended: {time_left(info)} left."
 
+        killed = False
+
         async def kill() -> str:
+            nonlocal killed
+            killed = True
             if self.sessions.named.get(entry.name) is entry and entry.session is session:
                 with contextlib.suppress(SandboxNotFound):
                     await self.sessions.close(entry, kill=True)
@@ -394,4 +490,13 @@ class Commands:
             "Extend": extend,
             "Kill": kill,
         }
-        self.out.panel(StatusPanel(rows, lambda: self._rows(entry, session), actions, self.sessions.secrets()))
+
+        async def refresh() -> list[tuple[str, str]]:
+            if killed:  # nothing to ask any more: say what happened
+                return [("session", entry.name), ("sandbox", session.session_id), ("state", "killed")]
+            return await self._rows(entry, session)
+
+        warning = f"Click again to kill sandbox {session.session_id}: its files and variables are lost."
+        self.out.panel(
+            StatusPanel(rows, refresh, actions, self.sessions.secrets(), confirm={"Kill": warning}, watch=entry.watch)
+        )

@@ -20,6 +20,8 @@ from ..session._progress import ProgressCallback, Tracker
 from ._output import Output
 
 DEFAULT = "default"
+#: Status panels of one session that follow its pause and resume (older ones keep their last reading).
+MAX_WATCHERS = 8
 _SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{5,}$")
 
 
@@ -34,7 +36,26 @@ class NamedSession:
     timeout: int | None = None
     envs: dict[str, str] = field(default_factory=dict)
     keep: bool = False  # leave the sandbox running when the shell exits / the kernel shuts down
-    paused: bool = False  # paused by `%scalebox pause` (or the panel) since the last cell
+    create: dict[str, Any] = field(default_factory=dict)  # settings of its sandbox, before it starts (%scalebox new)
+    _paused: bool = False
+    watchers: list[Callable[[], None]] = field(default_factory=list)  # status panels, told when it resumes
+
+    @property
+    def paused(self) -> bool:
+        """Paused by `%scalebox pause`, the panel or the idle heartbeat since the last cell."""
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        changed, self._paused = self._paused != value, value
+        if changed:  # a cell resumed it, say: a panel showing "paused" reads the state again
+            for watcher in list(self.watchers):
+                with contextlib.suppress(Exception):
+                    watcher()
+
+    def watch(self, watcher: Callable[[], None]) -> None:
+        """Call `watcher` whenever the session is paused or resumed (the last few watchers only)."""
+        self.watchers = [*self.watchers[-(MAX_WATCHERS - 1) :], watcher]
 
     @property
     def created(self) -> bool:
@@ -122,6 +143,8 @@ class Sessions:
                 metadata=self.metadata(entry),
                 replace_missing=replace_missing,
                 on_progress=on_progress,
+                envs=entry.create.get("envs"),
+                create={k: v for k, v in entry.create.items() if k != "envs"},
             )
 
         work = opening if self.open_timeout is None else lambda cb: asyncio.wait_for(opening(cb), self.open_timeout)
@@ -150,7 +173,6 @@ class Sessions:
     ) -> tuple[SandboxSession, Execution]:
         """Run `code` in the entry's session (after `prepare`, if given); when its sandbox turns out gone before
         any output came, open a new one (announced) and run it there. `options` go to `run_code`."""
-        entry.paused = False
         shown = 0
 
         def counted(callback: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
@@ -165,6 +187,9 @@ class Sessions:
             options[key] = counted(options.get(key))
         for attempt in range(2):
             session = await self.open(entry, out, language)
+            if entry.paused:  # resumed before the flag changes: whoever follows it reads it running
+                await session.resume()
+                entry.paused = False
             try:
                 if prepare is not None:
                     await prepare(session)
@@ -179,6 +204,10 @@ class Sessions:
 
     def set_keep(self, entry: NamedSession, keep: bool) -> None:
         entry.keep = keep
+
+    def lifetime_rows(self, entry: NamedSession, session: SandboxSession) -> list[tuple[str, str]]:
+        """More `%scalebox info` rows on how the session's sandbox is kept (a door that keeps it says how)."""
+        return []
 
     async def close(self, entry: NamedSession, kill: bool = True) -> None:
         """Kill the entry's sandbox (kill=False: only let go of it) and forget the entry."""

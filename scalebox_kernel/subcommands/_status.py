@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -98,6 +99,14 @@ class StatusPanel:
     refresh: Callable[[], Awaitable[Rows]]
     actions: dict[str, Callable[[], Awaitable[str]]]
     secrets: list[str] = field(default_factory=list)
+    #: Actions that act only on a second click (within CONFIRM_WINDOW s), and what the first click says.
+    confirm: dict[str, str] = field(default_factory=dict)
+    #: Subscribes a callback to the session's pause and resume (a cell resuming it), to read the rows again.
+    watch: Callable[[Callable[[], None]], None] | None = None
+
+
+#: Seconds a first click on a confirmed action (Kill) stays armed.
+CONFIRM_WINDOW = 10.0
 
 
 _PANEL_ROWS = ("session", "sandbox", "state", "time left", "ends", "template")
@@ -138,8 +147,20 @@ def status_widget(panel: StatusPanel, runner: Runner) -> Any:
         message.value = html.escape(said)
         table.value = _table(rows)
 
-    def clicked(action: Callable[[], Awaitable[str]]) -> Callable[[Any], None]:
-        return lambda _button: runner(click(action), done)
+    armed: dict[str, float] = {}  # a confirmed action's label -> when its first click came
+
+    def clicked(label: str, action: Callable[[], Awaitable[str]], button: Any) -> Callable[[Any], None]:
+        def on_click(_button: Any) -> None:
+            first = armed.pop(label, None)
+            if label in panel.confirm and (first is None or time.monotonic() - first > CONFIRM_WINDOW):
+                armed[label] = time.monotonic()
+                message.value = f"<span style='color:#b00'>{html.escape(panel.confirm[label])}</span>"
+                button.description = f"Confirm {label.lower()}"
+                return
+            button.description = label
+            runner(click(action), done)
+
+        return on_click
 
     async def nothing() -> str:
         return ""
@@ -147,6 +168,8 @@ def status_widget(panel: StatusPanel, runner: Runner) -> Any:
     buttons = []
     for label, action in [*panel.actions.items(), ("Refresh", nothing)]:
         button = w.Button(description=label, layout=w.Layout(width="auto"))
-        button.on_click(clicked(action))
+        button.on_click(clicked(label, action, button))
         buttons.append(button)
+    if panel.watch is not None:
+        panel.watch(lambda: runner(click(nothing), done))
     return w.VBox([table, w.HBox(buttons), message])

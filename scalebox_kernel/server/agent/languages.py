@@ -375,7 +375,8 @@ class JavaRuntime(Runtime):
 
 
 class BashOutput(CellOutput):
-    """A failed command becomes a `CommandError` naming its exit status and its last line of output."""
+    """A failed command becomes a `CommandError` naming its exit status and its last line of output (in the value;
+    the traceback does not repeat output the cell already showed)."""
 
     def __init__(self) -> None:
         self.tail = ""
@@ -387,7 +388,7 @@ class BashOutput(CellOutput):
             status = str(content.get("evalue", "")).strip() or "?"
             lines = [line for line in self.tail.splitlines() if line.strip()]
             value = f"exit status {status}" + (f": {lines[-1]}" if lines else "")
-            traceback = [*lines[-5:], f"CommandError: the last command exited with status {status}"]
+            traceback = [f"CommandError: the last command exited with status {status}"]
             content = {**content, "ename": "CommandError", "evalue": value, "traceback": traceback}
         return [(msg_type, content)]
 

@@ -280,9 +280,10 @@ async def test_stop_kills_everything_and_removes_cgroups(make_jail: MakeJail) ->
     await jail.stop()
     assert await asyncio.wait_for(process.wait(), 5) != 0
     assert not jail.running and not any(directory.exists() for directory in directories)
-    await jail.start()  # a stopped jail starts again with the same uid and files
-    _, out, _ = await run(jail, "id -u")
-    assert int(out) == jail.identity.uid  # type: ignore[union-attr]
+    uid = jail.identity.uid  # type: ignore[union-attr]
+    again = await make_jail(limits=Limits(memory_mb=256))  # the sandbox's next jail (a resume): same uid and files
+    _, out, _ = await run(again, "id -u")
+    assert int(out) == uid == again.identity.uid  # type: ignore[union-attr]
 
 
 async def _kernel_answers(jail: Jail, relay: bool) -> str:

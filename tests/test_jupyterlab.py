@@ -145,12 +145,17 @@ def test_tab_completes_module_attribute(notebook: Notebook) -> None:
     with notebook.step("completer-shown"):
         # Tab at the end of `import os; os.pa`: the kernel's own completer (jedi) reads the import it has not run
         cell = notebook.type_in_new_cell("import os; os.pa")
-        notebook.page.keyboard.press("Tab")
         editor = cell.locator.locator(".jp-InputArea-editor .cm-content")
-        try:
-            items = notebook.completer_items()
-        except PlaywrightTimeout:  # a single match is inserted without a popup
-            items = []
+        items: list[str] = []
+        # JupyterLab drops an answer that takes over 1 s (a kernel's first jedi completion can, cold): Tab again.
+        for _attempt in range(3):
+            notebook.page.keyboard.press("Tab")
+            try:
+                items = notebook.completer_items()
+                break
+            except PlaywrightTimeout:  # no popup (yet), or a single match inserted without one
+                if editor.inner_text().strip() != "import os; os.pa":
+                    break
         names = [item.rsplit(".", 1)[-1] for item in items]
         inserted = editor.inner_text().strip() == "import os; os.path"
         assert "path" in names or inserted, (items, editor.inner_text())

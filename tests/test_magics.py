@@ -139,6 +139,39 @@ def test_a_sessions_sandbox_is_set_up_before_it_starts(shell: InteractiveShell) 
         Sandbox.create(cpu_count=0)
 
 
+def test_big_transfers_and_installs_show_what_happens(
+    shell: InteractiveShell, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scalebox_kernel.session import _sandbox
+
+    monkeypatch.setattr(_sandbox, "PROGRESS_EVERY", 0.02)  # loopback is fast: look often
+    monkeypatch.setattr(magics(), "progress_delay", 0.0)  # and show the bar at once
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"y" * (96 * 1024 * 1024))
+    up = ok(shell, f"%scalebox upload {big} big.bin")
+    assert "MiB of 96.0 MiB" in up.stderr and "/s)" in up.stderr, up.stderr[-500:]
+    down = ok(shell, f"%scalebox download big.bin {tmp_path}/back/")
+    assert (tmp_path / "back" / "big.bin").stat().st_size == 96 * 1024 * 1024
+    assert "Downloading /workspace/big.bin:" in down.stderr and "/s)" in down.stderr, down.stderr[-500:]
+    ok(shell, "%%scalebox\nimport os\nos.remove('big.bin')")
+
+
+def test_a_failing_r_install_fails_in_the_magic(shell: InteractiveShell) -> None:
+    from language_support import skip_reason
+
+    why = skip_reason("r")
+    if why:
+        pytest.skip(why)
+    ok(shell, "%scalebox new rsession --language r")
+    try:
+        failed, captured = run(shell, "%scalebox install no.such.package.scalebox")
+        said = captured.stdout + captured.stderr + str(failed.error_in_exec)
+        assert not failed.success and "not installed: no.such.package.scalebox" in said, said
+        assert "Installed" not in captured.stdout
+    finally:
+        ok(shell, "%scalebox close rsession")
+
+
 def test_named_sessions_side_by_side(shell: InteractiveShell) -> None:
     ok(shell, "%%scalebox --session left\nside = 'left'")
     ok(shell, "%%scalebox --session right\nside = 'right'")
@@ -469,3 +502,16 @@ def test_configured_execution_timeout_interrupts_a_cell(shell: InteractiveShell)
     assert type(result.error_in_exec).__name__ == "ExecutionTimeout"
     assert "longer than 1 s" in captured.stdout
     assert ok(shell, "%%scalebox\nprint('still here')").stdout == "still here\n"
+
+
+def test_close_all_ends_every_session_here(shell: InteractiveShell) -> None:  # last: it closes them all
+    ok(shell, "%%scalebox --session one\n1")
+    ok(shell, "%%scalebox --session two\n2")
+    ids = {sandbox_id("one"), sandbox_id("two")}
+    said = ok(shell, "%scalebox close --all").stdout
+    assert all(sandbox in said for sandbox in ids), said
+    assert not ids & {info.sandbox_id for info in Sandbox.list()}
+    listing = ok(shell, "%scalebox list").stdout
+    assert not any(sandbox in listing for sandbox in ids), listing
+    failed, captured = run(shell, "%scalebox close one --all")
+    assert "takes no session name" in captured.stdout + captured.stderr + str(failed.error_in_exec)

@@ -322,3 +322,30 @@ def test_a_failing_r_install_fails_and_names_what_is_missing() -> None:
     with pytest.raises(ScaleboxError) as caught:  # no such package (and CRAN is not reachable from here)
         Session.run("1 + 1", language="r", packages=["no.such.package.scalebox"])
     assert "not installed: no.such.package.scalebox" in str(caught.value)
+
+
+def test_the_sync_forms_name_their_parameters() -> None:
+    """What an IDE shows for Session.run(…) and the rest: the parameters themselves, as the async forms have."""
+    import inspect
+
+    for name in ("run", "pause", "close", "keep_alive", "get", "list"):
+        sync = inspect.signature(getattr(Session, name)).parameters
+        same = inspect.signature(getattr(Session, "a" + name)).parameters
+        assert list(sync) == list(same) and "kwargs" not in sync, name
+        assert [p.default for p in sync.values()] == [p.default for p in same.values()], name
+
+
+def test_a_big_upload_reports_its_bytes_and_rate_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scalebox_kernel.session import _sandbox
+
+    monkeypatch.setattr(_sandbox, "PROGRESS_EVERY", 0.02)  # loopback is fast: look often
+    seen: list[ProgressInfo] = []
+    size = 96 * 1024 * 1024
+    result = Session.run(
+        "import os\nprint(os.path.getsize('big.bin'))", files={"big.bin": b"x" * size}, on_progress=seen.append
+    )
+    assert result.success and result.stdout == f"{size}\n", result.error
+    live = [p.message for p in seen if p.stage == "uploading" and "MiB of" in p.message]
+    assert live and all("/s)" in message and "big.bin" in message for message in live), live
+    sent = [p.details["bytesTransferred"] for p in seen if p.stage == "uploading" and p.details and "file" in p.details]
+    assert sent == sorted(sent) and 0 < sent[-1] <= size, sent

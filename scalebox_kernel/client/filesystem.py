@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
@@ -106,23 +108,40 @@ class AsyncFilesystem:
             return transport.error(InvalidArgument, f"{what}: {message} (HTTP 403)", status_code=403)
         return transport.rest_error(response, what)  # a 404 here is the file, not the sandbox
 
-    async def read(self, path: str, format: Literal["text", "bytes"] = "text") -> str | bytes:
-        """The content of a file, decoded as UTF-8 text or as raw bytes."""
+    async def read(
+        self, path: str, format: Literal["text", "bytes"] = "text", *, on_bytes: Callable[[int], None] | None = None
+    ) -> str | bytes:
+        """The content of a file, decoded as UTF-8 text or as raw bytes. `on_bytes` is told how many bytes came so
+        far, as they come."""
         what = f"Reading {path}"
-        response = await self._rpc.transport.request(
-            "GET",
-            self._rpc.base_url + "/download/" + download_path(path),
-            what=what,
-            headers=self._rpc.headers,
-        )
-        if response.status_code >= 300:
-            raise self._file_error(response, what)
-        return response.content if format == "bytes" else response.content.decode("utf-8", errors="replace")
+        url = self._rpc.base_url + "/download/" + download_path(path)
+        if on_bytes is None:
+            response = await self._rpc.transport.request("GET", url, what=what, headers=self._rpc.headers)
+            if response.status_code >= 300:
+                raise self._file_error(response, what)
+            content = response.content
+        else:
+            async with self._rpc.transport.stream("GET", url, what=what, headers=self._rpc.headers) as response:
+                if response.status_code >= 300:
+                    await response.aread()
+                    raise self._file_error(response, what)
+                chunks: list[bytes] = []
+                received = 0
+                async for chunk in response.aiter_bytes():
+                    chunks.append(chunk)
+                    received += len(chunk)
+                    on_bytes(received)
+                content = b"".join(chunks)
+        return content if format == "bytes" else content.decode("utf-8", errors="replace")
 
-    async def write(self, path: str, data: str | bytes) -> EntryInfo | None:
-        """Write a file (parent directories are created); returns its entry when the server says."""
+    async def write(
+        self, path: str, data: str | bytes, *, on_bytes: Callable[[int], None] | None = None
+    ) -> EntryInfo | None:
+        """Write a file (parent directories are created); returns its entry when the server says. `on_bytes` is
+        told how many of its bytes went out so far, as they go (from the start again if the request is retried)."""
         what = f"Writing {path}"
         content = data.encode() if isinstance(data, str) else bytes(data)
+        body: bytes | _Counted = _Counted(content, on_bytes) if on_bytes is not None else content
         response = await self._rpc.transport.request(
             "POST",
             self._rpc.base_url + "/upload",
@@ -131,7 +150,7 @@ class AsyncFilesystem:
             retry_statuses=FILE_RETRY_STATUSES,
             headers=self._rpc.headers,
             data={"path": path},
-            files={"file": (path, content, "application/octet-stream")},
+            files={"file": (path, body, "application/octet-stream")},
         )
         if response.status_code >= 300:
             raise self._file_error(response, what)
@@ -256,3 +275,17 @@ def _first(body: Any) -> Any:
     if isinstance(body, list):
         return body[0] if body else None
     return body
+
+
+class _Counted(io.BytesIO):
+    """An upload's content that says how far it has been read (httpx reads a file part in chunks as it sends)."""
+
+    def __init__(self, content: bytes, on_bytes: Callable[[int], None]) -> None:
+        super().__init__(content)
+        self._on_bytes = on_bytes
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        chunk = super().read(size)
+        if chunk:
+            self._on_bytes(self.tell())
+        return chunk

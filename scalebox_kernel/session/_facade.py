@@ -235,32 +235,67 @@ class Session:
     # ---------------------------------------------------------------------------- sync twins
 
     @staticmethod
-    def run(code: str, **kwargs: Any) -> SessionResult:
+    def run(
+        code: str,
+        *,
+        language: str = "python",
+        packages: list[str] | None = None,
+        files: dict[str, str | bytes] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        session_id: str | None = None,
+        keep_alive: bool = False,
+        timeout: int | None = None,
+        download_files: list[str] | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        config: ScaleboxConfig | None = None,
+    ) -> SessionResult:
         """Run `code` in a sandbox: a new one, or the session `session_id` (resumed if paused). Packages and
         files the session already has are not installed or uploaded again. Without `keep_alive` (and without a
         `session_id`), the sandbox is killed afterwards; with it, `result.session_id` names it for later runs,
-        from this process or any other."""
-        return portal.run(Session.arun(code, **kwargs))
+        from this process or any other. The parameters are `arun`'s."""
+        return portal.run(
+            Session.arun(
+                code,
+                language=language,
+                packages=packages,
+                files=files,
+                env=env,
+                cwd=cwd,
+                session_id=session_id,
+                keep_alive=keep_alive,
+                timeout=timeout,
+                download_files=download_files,
+                on_progress=on_progress,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                config=config,
+            )
+        )
 
     @staticmethod
-    def pause(session_id: str, **kwargs: Any) -> bool:
-        return portal.run(Session.apause(session_id, **kwargs))
+    def pause(session_id: str, *, config: ScaleboxConfig | None = None) -> bool:
+        return portal.run(Session.apause(session_id, config=config))
 
     @staticmethod
-    def close(session_id: str, **kwargs: Any) -> None:
-        portal.run(Session.aclose(session_id, **kwargs))
+    def close(session_id: str, *, config: ScaleboxConfig | None = None) -> None:
+        portal.run(Session.aclose(session_id, config=config))
 
     @staticmethod
-    def keep_alive(session_id: str, timeout: int = DEFAULT_SESSION_TIMEOUT, **kwargs: Any) -> KeepAliveResult:
-        return portal.run(Session.akeep_alive(session_id, timeout, **kwargs))
+    def keep_alive(
+        session_id: str, timeout: int = DEFAULT_SESSION_TIMEOUT, *, config: ScaleboxConfig | None = None
+    ) -> KeepAliveResult:
+        return portal.run(Session.akeep_alive(session_id, timeout, config=config))
 
     @staticmethod
-    def get(session_id: str, **kwargs: Any) -> SessionInfo:
-        return portal.run(Session.aget(session_id, **kwargs))
+    def get(session_id: str, *, config: ScaleboxConfig | None = None) -> SessionInfo:
+        return portal.run(Session.aget(session_id, config=config))
 
     @staticmethod
-    def list(**kwargs: Any) -> list[SessionInfo]:
-        return portal.run(Session.alist(**kwargs))
+    def list(*, config: ScaleboxConfig | None = None) -> list[SessionInfo]:
+        return portal.run(Session.alist(config=config))
 
 
 async def _session_for_run(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import posixpath
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from enum import Enum
@@ -30,6 +31,9 @@ from ._state import STATE_DIR, SessionState, content_hash, load_state, save_stat
 #: Metadata key put on every sandbox a session creates, so that `Session.list()` finds them from any process.
 SESSION_METADATA_KEY = "scalebox_session"
 WORKSPACE = "/workspace"
+#: A file of at least PROGRESS_BYTES reports its upload every PROGRESS_EVERY seconds.
+PROGRESS_BYTES = 4 * 1024 * 1024
+PROGRESS_EVERY = 0.5
 #: A session's sandbox is renewed when less than this many seconds remain (the seed SDK's 120 s).
 RENEW_BELOW_S = 120
 INSTALL_TIMEOUT_S = 900
@@ -380,8 +384,8 @@ class SandboxSession:
             full = resolve(path, cwd)
             digest = content_hash(data)
             if self.state.files.get(full, {}).get("sha256") != digest:
-                await self._call(lambda full=full, data=data: self.sandbox.files.write(full, data))  # type: ignore[misc]
                 size = len(data.encode() if isinstance(data, str) else data)
+                await self._send_file(full, data, size, (index - 1) * 100 / len(files), sent, tracker)
                 sent += size
                 written[full] = {"sha256": digest, "size": size}
                 uploaded.append(full)
@@ -394,12 +398,31 @@ class SandboxSession:
             await self._update_state(lambda s: s.files.update(written))
         return uploaded
 
-    async def download(self, paths: list[str], cwd: str = WORKSPACE) -> dict[str, bytes]:
-        """The contents of files in the sandbox, keyed by the paths as given (relative ones against `cwd`)."""
+    async def _send_file(
+        self, full: str, data: str | bytes, size: int, percent: float, before: int, tracker: Tracker
+    ) -> None:
+        """Write one file, its bytes and rate reported as it goes (a big file is not one frozen line)."""
+        with _Rate(tracker, f"Uploading {full}", percent, before, size) as rate:
+            await self._call(lambda: self.sandbox.files.write(full, data, on_bytes=rate.seen))
+
+    async def download(
+        self, paths: list[str], cwd: str = WORKSPACE, on_progress: ProgressCallback | None = None
+    ) -> dict[str, bytes]:
+        """The contents of files in the sandbox, keyed by the paths as given (relative ones against `cwd`); with
+        `on_progress`, the bytes and rate of each as it comes."""
         out: dict[str, bytes] = {}
-        for path in paths:
-            data = await self._call(lambda path=path: self.sandbox.files.read(resolve(path, cwd), format="bytes"))  # type: ignore[misc]
+        tracker = Tracker(on_progress)
+        if on_progress is not None:
+            await tracker.start("downloading", details={"totalFiles": len(paths)})
+        received = 0
+        for index, path in enumerate(paths):
+            full = resolve(path, cwd)
+            with _Rate(tracker, f"Downloading {full}", (index * 100) / max(len(paths), 1), received) as rate:
+                data = await self._call(lambda full=full: self.sandbox.files.read(full, "bytes", on_bytes=rate.seen))  # type: ignore[misc]
             out[path] = data if isinstance(data, bytes) else str(data).encode()
+            received += len(out[path])
+        if on_progress is not None:
+            await tracker.finish({"filesDownloaded": len(out), "bytesTransferred": received})
         return out
 
     async def _update_state(self, change: Callable[[SessionState], Any]) -> None:
@@ -463,3 +486,42 @@ async def find_sandbox(session_id: str, config: ScaleboxConfig | None, states: l
         if info.sandbox_id == session_id:
             return info
     return None
+
+
+def _mib(count: float) -> str:
+    return f"{count / (1024 * 1024):.1f} MiB"
+
+
+class _Rate:
+    """While a transfer runs: every PROGRESS_EVERY s, a progress report of its bytes so far and their rate."""
+
+    def __init__(self, tracker: Tracker, what: str, percent: float, before: int, size: int | None = None) -> None:
+        self.tracker, self.what, self.percent, self.before, self.size = tracker, what, percent, before, size
+        self.done = 0
+        self._started = time.monotonic()
+        self._ticker: asyncio.Future[None] | None = None
+
+    def seen(self, count: int) -> None:
+        self.done = count
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY)
+            if not self.done:
+                continue
+            rate = self.done / max(time.monotonic() - self._started, 1e-6)
+            of = f" of {_mib(self.size)}" if self.size is not None else ""
+            await self.tracker.update(
+                self.percent,
+                f"{self.what}: {_mib(self.done)}{of} ({_mib(rate)}/s)",
+                {"bytesTransferred": self.before + self.done, "file": self.what.split(" ", 1)[1]},
+            )
+
+    def __enter__(self) -> _Rate:
+        if self.tracker.on_progress is not None and (self.size is None or self.size >= PROGRESS_BYTES):
+            self._ticker = asyncio.ensure_future(self._report())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()

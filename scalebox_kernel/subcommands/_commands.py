@@ -363,7 +363,9 @@ class Commands:
             entries = await files.list(remote, depth=DOWNLOAD_DEPTH)
             # The sandbox names the files: only paths below the folder, each written below `local`.
             wanted = {e.path: _below(local, remote, e.path) for e in entries if str(e.type) == "file"}
-            data = await self.out.progress(lambda cb: session.download(list(wanted)), f"Downloading {name}")
+            data = await self.out.progress(
+                lambda cb: session.download(list(wanted), on_progress=cb), f"Downloading {name}"
+            )
             total = 0
             for path, content in data.items():
                 target = wanted[path]
@@ -373,7 +375,8 @@ class Commands:
             local.mkdir(parents=True, exist_ok=True)  # an empty folder is downloaded too
             self.say(f"Downloaded {remote}/ ({len(data)} file(s), {total} bytes) to {local}/.")
             return
-        content = (await self.out.progress(lambda cb: session.download([remote]), f"Downloading {name}"))[remote]
+        fetched = await self.out.progress(lambda cb: session.download([remote], on_progress=cb), f"Downloading {name}")
+        content = fetched[remote]
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(content)
         self.say(f"Downloaded {remote} ({len(content)} bytes) to {local}.")

@@ -318,6 +318,17 @@ class ScaleboxConfig(Configurable):
             raise InvalidArgument(f"ScaleboxConfig: {exc}") from None
         return loaded
 
+    @classmethod
+    def defaults(cls) -> ScaleboxConfig:
+        """The built-in defaults only, reading neither files nor the environment (for a door whose configuration
+        is broken, so that it can still say so)."""
+        values = {
+            name: trait.default_value
+            for name, trait in cls.class_traits(config=True).items()
+            if name in cls.ENV and name != "data_dir"
+        }
+        return cls(**values)
+
     @property
     def uses_cloud(self) -> bool:
         return bool(self.api_key)

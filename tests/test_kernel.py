@@ -599,6 +599,9 @@ def test_named_kernelspecs_side_by_side_with_their_own_environment(tmp_path: Pat
         [*base, "--env", "SCALEBOX_API_KEY=sk-on-the-command-line"], capture_output=True, text=True, timeout=60
     )
     assert refused.returncode == 2 and "--env-file" in refused.stderr and "sk-on-the" not in refused.stderr
+    for bad in ("..", ".", "-x", "A/b"):  # never a name whose folder is kernels/.. (jupyter_client would rmtree it)
+        named = subprocess.run([*base, "--name", bad], capture_output=True, text=True, timeout=60)
+        assert named.returncode == 2, (bad, named.stderr)
     removed = subprocess.run(
         [
             sys.executable,

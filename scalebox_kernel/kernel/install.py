@@ -22,7 +22,7 @@ from .. import __version__
 from .languages import LANGUAGES, KernelLanguage, get_language
 
 LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
-KERNEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+KERNEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # jupyter_client lowercases names; never `.` or `..`
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
@@ -123,6 +123,9 @@ class InstallApp(JupyterApp):
         command line (every user's `ps` shows it)."""
         env: dict[str, str] = {}
         if self.env_file:
+            if not Path(self.env_file).is_file():
+                self.log.error("--env-file %s: no such file", self.env_file)
+                self.exit(2)
             try:
                 values = dotenv_values(self.env_file)
             except OSError as exc:
@@ -182,7 +185,10 @@ class InstallApp(JupyterApp):
             self.log.error("--name and --display-name name one kernelspec: add --language L")
             self.exit(2)
         if self.kernel_name and not KERNEL_NAME.fullmatch(self.kernel_name):
-            self.log.error("--name takes letters, digits, '.', '_' and '-', not %r", self.kernel_name)
+            self.log.error(
+                "--name takes lowercase letters, digits, '.', '_' and '-', starting with a letter or digit, not %r",
+                self.kernel_name,
+            )
             self.exit(2)
         env = self._environment()
         manager = KernelSpecManager()
@@ -205,13 +211,16 @@ class InstallApp(JupyterApp):
             roots = [Path(jupyter_data_dir()), *map(Path, ENV_JUPYTER_PATH), *map(Path, SYSTEM_JUPYTER_PATH)]
             roots += [Path(p) for p in KernelSpecManager().kernel_dirs]  # JUPYTER_PATH entries too
         removed = 0
+        if self.kernel_name and not KERNEL_NAME.fullmatch(self.kernel_name):
+            self.log.error("--name %r is not a kernelspec name", self.kernel_name)
+            self.exit(2)
         names = [self.kernel_name] if self.kernel_name else [lang.kernel_name for lang in langs]
         for name in names:
             for root in dict.fromkeys(roots):
                 kernels = root if root.name == "kernels" else root / "kernels"
                 spec = kernels / name
-                if (spec / "kernel.json").is_file():
-                    shutil.rmtree(spec)
+                if (spec / "kernel.json").is_file() and "scalebox_kernel.kernel" in (spec / "kernel.json").read_text():
+                    shutil.rmtree(spec)  # ours only: another kernel of that name is not this command's to remove
                     removed += 1
                     print(f"Removed {name} from {spec}")
         if not removed:

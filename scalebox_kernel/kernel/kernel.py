@@ -84,7 +84,7 @@ class ScaleboxKernel(Kernel):
         except InvalidArgument as exc:
             self.config_error = str(exc)
             self.log.error("scalebox: %s", exc)
-            self.scalebox_config = ScaleboxConfig(parent=self)
+            self.scalebox_config = ScaleboxConfig.defaults()
         self.history = LocalHistory()
         parent = self.parent
         connection_file = getattr(parent, "abs_connection_file", None) or getattr(parent, "connection_file", None)
@@ -103,6 +103,7 @@ class ScaleboxKernel(Kernel):
         self._exiting = False
         self._background_tasks: set[asyncio.Future[None]] = set()
         self.sandbox.on_idle_pause = self._paused_for_idle
+        self.sandbox.still_paused = lambda: self.sessions.entry(DEFAULT).paused
         self.run_later = commands.Background()  # status panel clicks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cell_task: asyncio.Task[Any] | None = None
@@ -206,6 +207,8 @@ class ScaleboxKernel(Kernel):
         header = parsed["header"]
         msg_type = header.get("msg_type", "")
         if msg_type == "kernel_info_request" or not (self.channel.wanted or msg_type == "execute_request"):
+            return False
+        if self.config_error:  # nothing goes anywhere with a broken configuration: each cell says what is wrong
             return False
         parts = [bytes(frame.bytes if hasattr(frame, "bytes") else frame) for frame in rest[1:5]]
         buffers = list(rest[5:])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..client import AsyncSandbox
 from ..config import ScaleboxConfig
-from ..errors import ScaleboxError
+from ..errors import SandboxNotFound, ScaleboxError
 from ..session import Attach, SandboxSession
 from .languages import KernelLanguage
 from .notebooks import NotebookSandboxes
@@ -38,9 +38,11 @@ class NotebookSandbox:
     session: SandboxSession | None = None
     busy: Callable[[], bool] = lambda: False  # a cell is running (set by the kernel)
     on_idle_pause: Callable[[], None] = lambda: None  # the heartbeat paused the sandbox (set by the kernel)
+    still_paused: Callable[[], bool] = lambda: True  # nothing resumed it since (a panel, a silent cell; the kernel)
     idle_paused_at: float | None = None  # time.time() of that pause, until a cell resumes it
     _last_active: float = 0.0
     _heartbeat: asyncio.Task[None] | None = None
+    _pausing: asyncio.Lock = field(default_factory=asyncio.Lock)  # the heartbeat's pause step, and wake()
 
     @property
     def server(self) -> str:
@@ -111,11 +113,16 @@ class NotebookSandbox:
     async def wake(self) -> str | None:
         """Before a cell: resume a sandbox the heartbeat paused for idleness; the one notice that says so."""
         self.activity()
-        session, paused_at = self.session, self.idle_paused_at
-        if session is None or paused_at is None:
-            return None
-        await session.resume()
-        self.idle_paused_at = None
+        async with self._pausing:  # a pause under way finishes first (and, seeing this activity, undoes itself)
+            session, paused_at = self.session, self.idle_paused_at
+            if session is None or paused_at is None:
+                return None
+            self.idle_paused_at = None
+            try:
+                await session.resume()
+            except SandboxNotFound:  # gone meanwhile (killed, expired): the cell opens a new one and says so
+                self.lost()
+                return None
         when = time.strftime("%H:%M:%S", time.localtime(paused_at))
         return (
             f"scalebox: this notebook's sandbox {session.session_id} was paused at {when}, after "
@@ -141,15 +148,24 @@ class NotebookSandbox:
         for `idle_pause` seconds (a running cell is not idle). An explicit `%scalebox timeout` is left alone."""
         while (session := self.session) is not None:
             await asyncio.sleep(self._period(session))
-            if self.session is not session or self.idle_paused_at is not None:
+            if self.session is not session:
                 continue
+            if self.idle_paused_at is not None:
+                if self.still_paused():
+                    continue
+                self.idle_paused_at = None  # resumed by another way (the panel, a silent cell): keep it alive again
             if self.busy():
                 self.activity()
             try:
                 if self.idle_pause and time.monotonic() - self._last_active >= self.idle_pause:
-                    await session.pause()
-                    self.idle_paused_at = time.time()
-                    self.on_idle_pause()
+                    async with self._pausing:
+                        quiet_since = self._last_active
+                        await session.pause()
+                        if self._last_active != quiet_since or self.busy():  # a cell came during the pause
+                            await session.resume()
+                            continue
+                        self.idle_paused_at = time.time()
+                        self.on_idle_pause()
                     log.info("paused idle sandbox %s", session.session_id)
                 elif not session.pinned:
                     await session.sandbox.set_timeout(session.timeout)

@@ -405,6 +405,9 @@ class SandboxSession:
         with _Rate(tracker, f"Uploading {full}", percent, before, size) as rate:
             await self._call(lambda: self.sandbox.files.write(full, data, on_bytes=rate.seen))
 
+    async def _read(self, full: str, on_bytes: Callable[[int], None] | None) -> str | bytes:
+        return await self._call(lambda: self.sandbox.files.read(full, "bytes", on_bytes=on_bytes))
+
     async def download(
         self, paths: list[str], cwd: str = WORKSPACE, on_progress: ProgressCallback | None = None
     ) -> dict[str, bytes]:
@@ -418,7 +421,8 @@ class SandboxSession:
         for index, path in enumerate(paths):
             full = resolve(path, cwd)
             with _Rate(tracker, f"Downloading {full}", (index * 100) / max(len(paths), 1), received) as rate:
-                data = await self._call(lambda full=full: self.sandbox.files.read(full, "bytes", on_bytes=rate.seen))  # type: ignore[misc]
+                counted = rate.seen if on_progress is not None else None  # else a plain GET, retried as before
+                data = await self._read(full, counted)
             out[path] = data if isinstance(data, bytes) else str(data).encode()
             received += len(out[path])
         if on_progress is not None:

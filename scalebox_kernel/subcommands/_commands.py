@@ -195,8 +195,8 @@ class Commands:
             else:
                 entry.session_id = None
             if made is not None:
-                with contextlib.suppress(Exception):
-                    await made.close(kill=True)
+                with contextlib.suppress(Exception):  # only a sandbox this command made; one it attached to lives on
+                    await made.close(kill=made.attach in (Attach.CREATED, Attach.REPLACED))
             raise
         self.sessions.current = name
         self.say(f"Session {name}: sandbox {session.session_id} ({entry.language}); it is now the current session.")

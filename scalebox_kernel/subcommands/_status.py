@@ -170,6 +170,11 @@ def status_widget(panel: StatusPanel, runner: Runner) -> Any:
         button = w.Button(description=label, layout=w.Layout(width="auto"))
         button.on_click(clicked(label, action, button))
         buttons.append(button)
+
+    def refreshed(outcome: Any) -> None:  # a refresh nobody clicked for: a failure of it is not shown
+        if not isinstance(outcome, BaseException):
+            done(outcome)
+
     if panel.watch is not None:
-        panel.watch(lambda: runner(click(nothing), done))
+        panel.watch(lambda: runner(click(nothing), refreshed))
     return w.VBox([table, w.HBox(buttons), message])

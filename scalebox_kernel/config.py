@@ -9,6 +9,8 @@ is one InvalidArgument line naming where it came from and what it accepts.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +48,7 @@ def _parsed(name: str, parse: Callable[[str], T], fallback: T, accepts: str) -> 
 def _number(kind: Callable[[str], T], low: float = 0) -> Callable[[str], T]:
     def parse(text: str) -> T:
         value = kind(text)
-        if value < low:  # type: ignore[operator]
+        if not math.isfinite(value) or value < low:  # type: ignore[arg-type,operator]
             raise ValueError(text)
         return value
 
@@ -71,23 +73,41 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 
 def file_config(paths: list[str] | None = None) -> Config:
-    """The `jupyter_scalebox_config.py` / `.json` files on the Jupyter config path, merged (a directory earlier on
-    the path wins, as in every Jupyter application)."""
+    """The `jupyter_scalebox_config.py` / `.json` files on the Jupyter config path, merged as every Jupyter
+    application merges them: a directory earlier on the path wins, and in one directory `.json` beats `.py`.
+    Read again only when one of them changed."""
+    directories = list(paths if paths is not None else jupyter_config_path())
+    files = [os.path.join(d, CONFIG_FILE + suffix) for d in reversed(directories) for suffix in (".py", ".json")]
+    stamp = tuple(_stamp(path) for path in files)
+    cached = _FILE_CONFIGS.get(tuple(files))
+    if cached is not None and cached[0] == stamp:
+        return copy.deepcopy(cached[1])
     merged = Config()
-    for directory in reversed(paths if paths is not None else jupyter_config_path()):
-        loaders = (
-            JSONFileConfigLoader(CONFIG_FILE + ".json", directory),
-            PyFileConfigLoader(CONFIG_FILE + ".py", directory),
-        )
-        for loader in loaders:
-            try:
-                merged.merge(loader.load_config())
-            except ConfigFileNotFound:
-                continue
-            except Exception as exc:  # a config file is user code: any error in it
-                where = os.path.join(directory, loader.filename)
-                raise InvalidArgument(f"{where}: {type(exc).__name__}: {exc}") from None
+    for path, seen in zip(files, stamp, strict=True):
+        if seen is None:
+            continue
+        directory, name = os.path.split(path)
+        loader = (JSONFileConfigLoader if name.endswith(".json") else PyFileConfigLoader)(name, directory)
+        try:
+            merged.merge(loader.load_config())
+        except ConfigFileNotFound:
+            continue
+        except Exception as exc:  # a config file is user code: any error in it
+            raise InvalidArgument(f"{path}: {type(exc).__name__}: {exc}") from None
+    _FILE_CONFIGS[tuple(files)] = (stamp, copy.deepcopy(merged))
     return merged
+
+
+#: file_config's last answer per list of files, with the files' (mtime, size, inode) when it was read.
+_FILE_CONFIGS: dict[tuple[str, ...], tuple[tuple[tuple[int, int, int] | None, ...], Config]] = {}
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        seen = os.stat(path)
+    except OSError:
+        return None
+    return (seen.st_mtime_ns, seen.st_size, seen.st_ino)
 
 
 def _env(*names: str) -> str | None:
@@ -168,6 +188,7 @@ class ScaleboxConfig(Configurable):
 
     request_timeout = Float(
         30.0,
+        min=0.001,
         config=True,
         help="Seconds one HTTP request may take (not a cell: cells have execution_timeout). "
         "Env: SCALEBOX_REQUEST_TIMEOUT.",

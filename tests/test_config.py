@@ -117,8 +117,16 @@ def test_the_magics_read_it(configured: dict[str, str], server: LocalServer) -> 
 
 @pytest.mark.parametrize(
     ("env", "argv", "expected"),
-    [({}, [], FILE_TIMEOUT), ({"SCALEBOX_SANDBOX_TIMEOUT": str(ENV_TIMEOUT)}, [], ENV_TIMEOUT)],
-    ids=["file", "environment"],
+    [
+        ({}, [], FILE_TIMEOUT),
+        ({"SCALEBOX_SANDBOX_TIMEOUT": str(ENV_TIMEOUT)}, [], ENV_TIMEOUT),
+        (
+            {"SCALEBOX_SANDBOX_TIMEOUT": str(ENV_TIMEOUT)},
+            [f"--ScaleboxConfig.sandbox_timeout={ARG_TIMEOUT}"],
+            ARG_TIMEOUT,
+        ),
+    ],
+    ids=["file", "environment", "kernel-option"],
 )
 def test_the_kernel_reads_it(
     configured: dict[str, str],
@@ -128,9 +136,13 @@ def test_the_kernel_reads_it(
     argv: list[str],
     expected: int,
 ) -> None:
+    """The file, beaten by the environment, beaten by an option in the kernelspec's argv."""
     jupyter_path = install_kernelspecs(tmp_path / "specs")
+    spec = jupyter_path / "kernels" / "scalebox-python" / "kernel.json"
+    extra = "".join(f', "{option}"' for option in argv)
+    spec.write_text(spec.read_text().replace('"{connection_file}"', f'"{{connection_file}}"{extra}'))
     before = live(server)
-    with environ({"JUPYTER_PATH": str(jupyter_path)}):
+    with environ({"JUPYTER_PATH": str(jupyter_path)}):  # the kernelspec is looked up here, in this process
         run = KernelRun(env={**configured, **env})
     try:
         reply, _ = run.execute("print('in the kernel')")
@@ -141,24 +153,20 @@ def test_the_kernel_reads_it(
         kill_new(server, before)
 
 
-def test_a_kernel_option_beats_the_environment(configured: dict[str, str], server: LocalServer, tmp_path: Path) -> None:
-    jupyter_path = install_kernelspecs(tmp_path / "specs")
-    spec = jupyter_path / "kernels" / "scalebox-python" / "kernel.json"
-    spec.write_text(
-        spec.read_text().replace(
-            '"{connection_file}"', f'"{{connection_file}}", "--ScaleboxConfig.sandbox_timeout={ARG_TIMEOUT}"'
-        )
-    )
-    before = live(server)
-    with environ({"JUPYTER_PATH": str(jupyter_path)}):  # the kernelspec is looked up here, in this process
-        run = KernelRun(env={**configured, "SCALEBOX_SANDBOX_TIMEOUT": str(ENV_TIMEOUT)})
-    try:
-        reply, _ = run.execute("1")
-        assert reply["content"]["status"] == "ok", reply["content"]
-        assert timeouts_of_new(server, before) == [ARG_TIMEOUT]
-    finally:
-        run.shutdown()
-        kill_new(server, before)
+def test_json_beats_py_in_one_directory_and_an_earlier_directory_beats_both(
+    configured: dict[str, str], tmp_path: Path
+) -> None:
+    """As every Jupyter application merges its config files; and a changed file is read again."""
+    folder = Path(configured["JUPYTER_CONFIG_PATH"])
+    (folder / "jupyter_scalebox_config.json").write_text('{"ScaleboxConfig": {"sandbox_timeout": 777}}')
+    assert ScaleboxConfig.load().sandbox_timeout == 777
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "jupyter_scalebox_config.py").write_text("c.ScaleboxConfig.sandbox_timeout = 888\n")
+    with environ({"JUPYTER_CONFIG_PATH": f"{first}{os.pathsep}{folder}"}):
+        assert ScaleboxConfig.load().sandbox_timeout == 888
+        (first / "jupyter_scalebox_config.py").write_text("c.ScaleboxConfig.sandbox_timeout = 9999\n")
+        assert ScaleboxConfig.load().sandbox_timeout == 9999
 
 
 @pytest.mark.parametrize(
@@ -167,6 +175,8 @@ def test_a_kernel_option_beats_the_environment(configured: dict[str, str], serve
         ("SCALEBOX_SANDBOX_TIMEOUT", "abc", "a whole number of seconds"),
         ("SCALEBOX_SANDBOX_TIMEOUT", "-5", "a whole number of seconds"),
         ("SCALEBOX_REQUEST_TIMEOUT", "soon", "seconds"),
+        ("SCALEBOX_REQUEST_TIMEOUT", "nan", "seconds"),
+        ("SCALEBOX_IDLE_PAUSE", "inf", "seconds"),
         ("SCALEBOX_CHANNEL", "carrier-pigeon", "auto, jupyter or execute"),
         ("SCALEBOX_LOCAL_AUTOSTART", "maybe", "1 or 0"),
     ],

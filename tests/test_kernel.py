@@ -22,6 +22,7 @@ from client_support import config_for
 from conftest import LocalServer
 from kernel_support import KernelRun, environ, install_kernelspecs, of_type, text_of
 from test_magics import click, panel_parts, wait_for
+from test_session import tiny_npm_package
 
 from scalebox_kernel.client import Sandbox
 from scalebox_kernel.session import Session
@@ -459,6 +460,30 @@ def test_a_language_the_sandbox_lacks_says_so_in_the_cell() -> None:
             assert "python" in reply["content"]["evalue"] and [m["msg_type"] for m in outputs] == ["error"]
         else:
             assert of_type(outputs, "execute_result") or of_type(outputs, "display_data")
+    finally:
+        run.shutdown()
+
+
+def test_an_npm_install_in_a_nodejs_notebook_says_what_it_installed_and_a_failure_fails(tmp_path: Path) -> None:
+    from language_support import skip_reason
+
+    why = skip_reason("nodejs")
+    if why:
+        pytest.skip(why)
+    name, tarball = tiny_npm_package("tinyk", "0.3.0")
+    (tmp_path / name).write_bytes(tarball)
+    run = KernelRun("scalebox-nodejs")
+    try:
+        reply, _ = run.execute(f"%scalebox upload {tmp_path / name}", timeout=120)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        reply, outputs = run.execute(f"%scalebox install ./{name}\nconsole.log(require('tinyk'))", timeout=120)
+        said = text_of(outputs) + text_of(outputs, "stderr")
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert "installed: tinyk@0.3.0" in said and "hello from tinyk 0.3.0" in said, said
+        reply, outputs = run.execute("%scalebox install ./no-such-package.tgz\nconsole.log('never')", timeout=120)
+        said = text_of(outputs) + text_of(outputs, "stderr") + json.dumps(reply["content"])
+        assert reply["content"]["status"] == "error" and "ENOENT" in said, said
+        assert "never" not in text_of(outputs) and "Installed" not in text_of(outputs), said
     finally:
         run.shutdown()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -71,3 +72,41 @@ def test_server_without_runtimes_runs_python_and_says_how_to_get_the_rest(
     finally:
         sandbox.kill()
         server.stop()
+
+
+def _pip_running(root: Path) -> bool:
+    """Whether a pip is installing into the runtimes directory `root` right now."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().split(b"\0")
+            if b"pip" in argv and b"install" in argv and str(root).encode() in argv[0]:
+                return True
+    return False
+
+
+@pytest.mark.slow
+def test_an_install_shows_its_steps_live_as_they_come(tmp_path: Path) -> None:
+    """`runtimes install` into a new directory: the installer's own lines (pip's Collecting, Installing, ...) are
+    shown while pip works, not when it ends, below the line that names their step."""
+    root = tmp_path / "runtimes"
+    argv = [sys.executable, "-m", "scalebox_kernel", "runtimes", "install", "--language", "bash"]
+    env = {**os.environ, "SCALEBOX_RUNTIMES_DIR": str(root), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    said: list[str] = []
+    pip_seen_running = None  # whether pip was still at work when its first line arrived
+    try:
+        for line in proc.stdout:
+            said.append(line.rstrip("\n"))
+            if pip_seen_running is None and line.startswith("    ") and any("pip install" in s for s in said):
+                pip_seen_running = _pip_running(root)
+        assert proc.wait(timeout=240) == 0, "\n".join(said)
+    finally:
+        proc.kill()
+        proc.wait()
+    header = next(i for i, text in enumerate(said) if text.startswith("bash: pip install"))
+    steps = [text for text in said[header + 1 :] if text.startswith("    ")]
+    assert len(set(steps)) >= 3, said
+    assert any("bash_kernel" in text for text in steps) and any("Successfully installed" in t for t in steps), said
+    assert pip_seen_running, said  # streamed as pip works, not printed after it
+    assert said[-1].startswith("Done in") and any(text.startswith("bash: ready (bash ") for text in said), said

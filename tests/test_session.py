@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 import zipfile
 from collections.abc import Iterator
@@ -38,6 +40,21 @@ def tiny_wheel(name: str = "tinypkg", version: str = "0.1") -> tuple[str, bytes]
             record += f"{path},sha256={digest},{len(text)}\n"
         archive.writestr(f"{dist}/RECORD", record + f"{dist}/RECORD,,\n")
     return f"{name}-{version}-py3-none-any.whl", buffer.getvalue()
+
+
+def tiny_npm_package(name: str = "tinyjs", version: str = "1.2.3") -> tuple[str, bytes]:
+    """An npm package tarball built in memory (no registry): (file name, bytes); `require(name)` is a greeting."""
+    files = {
+        "package/package.json": json.dumps({"name": name, "version": version, "main": "index.js"}),
+        "package/index.js": f"module.exports = 'hello from {name} {version}';\n",
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path, text in files.items():
+            member = tarfile.TarInfo(path)
+            member.size, member.mode = len(text.encode()), 0o644
+            archive.addfile(member, io.BytesIO(text.encode()))
+    return f"{name}-{version}.tgz", buffer.getvalue()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -324,6 +341,26 @@ def test_a_failing_r_install_fails_and_names_what_is_missing() -> None:
     assert "not installed: no.such.package.scalebox" in str(caught.value)
 
 
+def test_an_npm_install_says_what_it_installed_and_a_failing_one_fails() -> None:
+    from language_support import skip_reason
+
+    why = skip_reason("nodejs")
+    if why:
+        pytest.skip(why)
+    name, tarball = tiny_npm_package()
+    seen: list[ProgressInfo] = []
+    code = "console.log(require('tinyjs'))"
+    result = Session.run(
+        code, language="nodejs", files={name: tarball}, packages=[f"./{name}"], on_progress=seen.append
+    )
+    assert result.success and result.stdout == "hello from tinyjs 1.2.3\n", result.error
+    installing = [p.message for p in seen if p.stage == "installing"]
+    assert any("installed: tinyjs@1.2.3" in message for message in installing), installing
+    with pytest.raises(ScaleboxError) as caught:
+        Session.run("1", language="nodejs", packages=["./no-such-package.tgz"])
+    assert "Installing ./no-such-package.tgz failed" in str(caught.value) and "ENOENT" in str(caught.value)
+
+
 def test_the_sync_forms_name_their_parameters() -> None:
     """What an IDE shows for Session.run(…) and the rest: the parameters themselves, as the async forms have."""
     import inspect
@@ -349,3 +386,21 @@ def test_a_big_upload_reports_its_bytes_and_rate_as_it_goes(monkeypatch: pytest.
     assert live and all("/s)" in message and "big.bin" in message for message in live), live
     sent = [p.details["bytesTransferred"] for p in seen if p.stage == "uploading" and p.details and "file" in p.details]
     assert sent == sorted(sent) and 0 < sent[-1] <= size, sent
+
+
+def test_a_big_download_of_a_run_reports_its_bytes_and_rate_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scalebox_kernel.session import _sandbox
+
+    monkeypatch.setattr(_sandbox, "PROGRESS_EVERY", 0.02)  # loopback is fast: look often
+    seen: list[ProgressInfo] = []
+    size = 96 * 1024 * 1024
+    code = f"with open('out.bin', 'wb') as f:\n    f.write(b'y' * {size})\nopen('small.txt', 'w').write('ok')"
+    result = Session.run(code, download_files=["out.bin", "small.txt"], on_progress=seen.append)
+    assert result.success, result.error
+    assert result.files is not None and len(result.files["out.bin"]) == size and result.files["small.txt"] == b"ok"
+    live = [p for p in seen if p.stage == "downloading" and p.details and "file" in p.details]
+    assert live and all("/s)" in p.message and "out.bin" in p.message for p in live), [p.message for p in live]
+    got = [p.details["bytesTransferred"] for p in live if p.details]
+    assert got == sorted(got) and 0 < got[-1] <= size, got
+    done = [p.details for p in seen if p.stage == "downloading" and p.percent == 100]
+    assert done and done[-1] == {"filesDownloaded": 2, "bytesTransferred": size + 2}, done

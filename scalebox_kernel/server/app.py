@@ -277,6 +277,8 @@ class ServeApp(JupyterApp):
             self.log.critical("--certfile and --keyfile go together; pass both, or --tls for a self-signed pair.")
             self.exit(2)
         _setup_logging()
+        # Relative paths are the caller's: resolved now, before the server works from its data dir.
+        self.certfile, self.keyfile = (os.path.abspath(path) if path else "" for path in (self.certfile, self.keyfile))
         settings = ServerSettings(parent=self)
         data = settings.data_path
         lock = DataDirLock(data)

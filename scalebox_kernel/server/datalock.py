@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class DataDirLock:
             os.close(fd)
             raise
         self._fd = fd
+        self._write({"pid": os.getpid()})  # at once: a crashed predecessor's pid must not stay named
 
     @staticmethod
     def _try(fd: int) -> bool:
@@ -54,7 +56,7 @@ class DataDirLock:
 
     def _replace(self, fd: int, holder: dict[str, Any]) -> None:
         pid = holder.get("pid")
-        if isinstance(pid, int) and pid > 1 and pid != os.getpid():
+        if isinstance(pid, int) and pid > 1 and pid != os.getpid() and _is_scalebox_local(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + REPLACE_WAIT
@@ -76,10 +78,12 @@ class DataDirLock:
 
     def announce(self, url: str) -> None:
         """Write this server's pid and URL into the lock file, for a second server to name."""
+        self._write({"pid": os.getpid(), "url": url})
+
+    def _write(self, holder: dict[str, Any]) -> None:
         assert self._fd is not None
-        data = json.dumps({"pid": os.getpid(), "url": url}).encode()
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        os.pwrite(self._fd, json.dumps(holder).encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -89,8 +93,19 @@ class DataDirLock:
             self._fd = None
 
 
+def _is_scalebox_local(pid: int) -> bool:
+    """Whether `pid` is still a scalebox-local (and not a process that reused a dead one's pid)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return sys.platform != "linux"  # no /proc to ask: trust the lock file
+    return any(b"scalebox" in part for part in argv) and any(b"serve" in part for part in argv)
+
+
 def _described(holder: dict[str, Any]) -> str:
     url, pid = holder.get("url"), holder.get("pid")
     if url and pid:
         return f" at {url} (pid {pid})"
-    return " (it is still starting)" if not holder else ""
+    if pid:
+        return f" (pid {pid}, still starting)"
+    return " (it is still starting)"

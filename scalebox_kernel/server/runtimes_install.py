@@ -7,6 +7,7 @@ skipped, so a re-run takes a second. Subprocess output goes to `<runtimes dir>/i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -91,6 +92,7 @@ class Installer:
         self.store = store
         self.force = force
         self.quiet = quiet
+        self._tty = sys.stdout.isatty()
         self.is_root = os.geteuid() == 0
         self._apt_updated = False
 
@@ -238,7 +240,7 @@ class Installer:
     def _pip_install(self, packages: list[str]) -> None:
         self._venv()
         pip = [str(self.store.venv_python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-        self._run([*pip, "--quiet", *packages])
+        self._run([*pip, "--progress-bar", "off", *packages])  # its lines are the progress
 
     def _npm_install(self, packages: list[str]) -> None:
         npm = shutil.which("npm") or "npm"
@@ -357,14 +359,45 @@ class Installer:
         return result
 
     def _run(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """Run one step, its output appended to install.log and shown as it comes: on a terminal as one line that
+        follows the step's latest line, elsewhere (CI logs, notebooks) as the lines themselves, indented."""
         log = self.store.root / "install.log"
+        label = argv[argv.index("-m") + 1] if "-m" in argv[:3] else os.path.basename(argv[0])
+        tail: collections.deque[str] = collections.deque(maxlen=8)
+        started = time.monotonic()
         with open(log, "a") as out:
             out.write(f"\n$ {' '.join(argv)}\n")
             out.flush()
-            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
-        if done.returncode != 0:
-            tail = log.read_text().splitlines()[-8:]
-            raise InstallError(f"{argv[0]} exited with {done.returncode} (see {log}):\n  " + "\n  ".join(tail))
+            try:
+                proc = subprocess.Popen(
+                    argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
+                )
+            except OSError as exc:
+                raise InstallError(f"{argv[0]} could not run: {exc}") from None
+            assert proc.stdout is not None
+            with proc:
+                for line in proc.stdout:
+                    out.write(line)
+                    out.flush()
+                    if line.strip():
+                        tail.append(line.rstrip())
+                        self._show(label, line.strip(), time.monotonic() - started)
+            self._show(label, None, 0)
+        if proc.returncode != 0:
+            raise InstallError(f"{argv[0]} exited with {proc.returncode} (see {log}):\n  " + "\n  ".join(tail))
+
+    def _show(self, label: str, line: str | None, elapsed: float) -> None:
+        """One line of a step's output (None: the step ended)."""
+        if self.quiet:
+            return
+        if not self._tty:
+            if line is not None:
+                print(f"    {line}", flush=True)
+            return
+        text = "" if line is None else f"  {label}: {line} ({elapsed:.0f} s)"
+        width = shutil.get_terminal_size().columns
+        sys.stdout.write("\r\x1b[K" + text[: max(width - 1, 20)])
+        sys.stdout.flush()
 
 
 def _spec(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, default
+from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, default, validate
 from traitlets.config import Configurable
 
 from ..config import ScaleboxConfig
@@ -19,7 +20,14 @@ class ServerSettings(Configurable):
 
     @default("data_dir")
     def _default_data_dir(self) -> str:
-        return ScaleboxConfig.load(config=self.config).data_dir
+        # Under `serve`, only its command line beats the environment (the config file it read is below it).
+        command_line = getattr(self.parent, "cli_config", None)
+        return ScaleboxConfig.load(config=command_line if command_line is not None else self.config).data_dir
+
+    @validate("data_dir")
+    def _absolute_data_dir(self, proposal: Any) -> str:
+        # Made absolute where it is given: the server then works from inside it (os.chdir).
+        return os.path.abspath(os.path.expanduser(proposal["value"])) if proposal["value"] else proposal["value"]
 
     keepalive_interval = Float(
         10.0,

@@ -144,8 +144,9 @@ class Session:
             downloaded = None
             if download_files:
                 await tracker.start("downloading", details={"totalFiles": len(download_files)})
-                downloaded = await session.download(download_files, workdir)
-                await tracker.finish({"bytesTransferred": sum(len(v) for v in downloaded.values())})
+                downloaded = await session._download(download_files, workdir, tracker)
+                received = sum(map(len, downloaded.values()))
+                await tracker.finish({"filesDownloaded": len(downloaded), "bytesTransferred": received})
             await tracker.start("completed")
             await tracker.finish()
         except BaseException as exc:

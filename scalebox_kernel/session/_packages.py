@@ -66,6 +66,30 @@ local({
 """
 
 
+#: node: `list` prints node_modules' top-level packages as JSON; `diff BEFORE` prints `installed: name@version …`
+#: for each that is new or changed since BEFORE (npm's summary, `added 3 packages`, names none).
+NPM_INVENTORY = """\
+const fs = require("fs"), path = require("path");
+const have = {};
+const top = fs.existsSync("node_modules") ? fs.readdirSync("node_modules") : [];
+for (const entry of top) {
+  const names = entry.startsWith("@") ? fs.readdirSync(path.join("node_modules", entry)).map((n) => entry + "/" + n)
+    : [entry];
+  for (const name of names) {
+    try {
+      have[name] = JSON.parse(fs.readFileSync(path.join("node_modules", name, "package.json"))).version;
+    } catch (e) {}
+  }
+}
+if (process.argv[1] === "list") {
+  console.log(JSON.stringify(have));
+} else {
+  const before = JSON.parse(process.argv[2] || "{}");
+  const changed = Object.keys(have).filter((n) => before[n] !== have[n]).sort().map((n) => n + "@" + have[n]);
+  console.log(changed.length ? "installed: " + changed.join(" ") : "up to date: nothing new installed");
+}
+"""
+
 #: How each installer's line saying what it installed begins.
 SUMMARY_PREFIXES = ("Successfully installed", "added ", "installed:", "up to date")
 
@@ -80,8 +104,12 @@ def install_command(language: str, packages: list[str], probe: dict[str, object]
             f"--no-warn-script-location --upgrade --target {target} {quoted}"
         )
     if language in ("nodejs", "typescript"):
-        # npm installs into the working directory's node_modules, which Node and Deno resolve from the cwd.
-        return f"npm install --no-audit --no-fund --no-progress {quoted}"
+        # npm installs into the working directory's node_modules, which Node and Deno resolve from the cwd. Its own
+        # summary ("added 3 packages") names none, so what node_modules holds is compared before and after.
+        return (
+            f'inventory={shlex.quote(NPM_INVENTORY)}; before=$(node -e "$inventory" list) && '
+            f'npm install --no-audit --no-fund --no-progress {quoted} && node -e "$inventory" diff "$before"'
+        )
     if language == "r":
         # install.packages only warns when a package cannot be had: what is there afterwards is the answer.
         names = ", ".join(json.dumps(p) for p in packages)

@@ -413,20 +413,29 @@ class SandboxSession:
     ) -> dict[str, bytes]:
         """The contents of files in the sandbox, keyed by the paths as given (relative ones against `cwd`); with
         `on_progress`, the bytes and rate of each as it comes."""
-        out: dict[str, bytes] = {}
         tracker = Tracker(on_progress)
         if on_progress is not None:
             await tracker.start("downloading", details={"totalFiles": len(paths)})
+        out = await self._download(paths, cwd, tracker)
+        if on_progress is not None:
+            await tracker.finish({"filesDownloaded": len(out), "bytesTransferred": sum(map(len, out.values()))})
+        return out
+
+    async def _download(self, paths: list[str], cwd: str, tracker: Tracker) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
         received = 0
         for index, path in enumerate(paths):
             full = resolve(path, cwd)
             with _Rate(tracker, f"Downloading {full}", (index * 100) / max(len(paths), 1), received) as rate:
-                counted = rate.seen if on_progress is not None else None  # else a plain GET, retried as before
+                counted = rate.seen if tracker.on_progress is not None else None  # else a plain GET, retried
                 data = await self._read(full, counted)
             out[path] = data if isinstance(data, bytes) else str(data).encode()
             received += len(out[path])
-        if on_progress is not None:
-            await tracker.finish({"filesDownloaded": len(out), "bytesTransferred": received})
+            await tracker.update(
+                (index + 1) * 100 / len(paths),
+                f"Downloaded {index + 1}/{len(paths)} files ({received} bytes)",
+                {"filesDownloaded": index + 1, "totalFiles": len(paths), "bytesTransferred": received},
+            )
         return out
 
     async def _update_state(self, change: Callable[[SessionState], Any]) -> None:

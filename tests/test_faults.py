@@ -228,7 +228,8 @@ async def misbehaving_agent(reply: bytes | None, *, close: bool) -> AsyncIterato
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         length = next(
-            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+            (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+            0,  # a GET
         )
         await reader.readexactly(length)
         if reply is not None:
@@ -303,6 +304,27 @@ async def test_garbage_on_a_stream_is_a_clear_error_not_a_hang(garbage: bytes, e
     error, lines = await run_against(stdout_frame("one\n") + garbage, close=False)
     assert not isinstance(error, ServerUnavailable) and expected in str(error), error
     assert lines == ["one\n"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "close", "expected"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000, True, "cannot reach"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000, False, "sent nothing for 1 s"),
+    ],
+    ids=["cut-mid-body", "silent-mid-body"],
+)
+async def test_a_download_that_breaks_off_mid_body_is_a_clear_error(reply: bytes, close: bool, expected: str) -> None:
+    """A file read with progress (a streamed body) that stops short: ServerUnavailable, saying what, not an
+    httpx exception; what came was counted."""
+    from scalebox_kernel.client.filesystem import AsyncFilesystem
+
+    counted: list[int] = []
+    async with misbehaving_agent(reply, close=close) as rpc:
+        with pytest.raises(ScaleboxError) as caught:
+            await asyncio.wait_for(AsyncFilesystem(rpc).read("/big.bin", "bytes", on_bytes=counted.append), 30)
+    assert isinstance(caught.value, ServerUnavailable) and expected in str(caught.value), caught.value
+    assert "Reading /big.bin" in str(caught.value) and counted and counted[-1] <= 5000
 
 
 async def test_keepalive_frames_are_skipped_silently() -> None:

@@ -644,3 +644,19 @@ def test_named_kernelspecs_side_by_side_with_their_own_environment(tmp_path: Pat
         timeout=60,
     )
     assert removed.returncode == 0 and sorted(p.name for p in kernels.iterdir()) == ["scalebox-python"]
+
+
+def test_a_notebooks_own_sandbox_is_set_up_before_it_starts(local_server: LocalServer) -> None:
+    """`%scalebox new default --cpu … --memory … --env …` as the first cell shapes the notebook's own sandbox."""
+    run = KernelRun()
+    try:
+        reply, outputs = run.execute("%scalebox new default --cpu 1 --memory 256 --env COLOUR=teal", timeout=120)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        found = re.search(r"sandbox (\S+) \(", text_of(outputs))
+        assert found, text_of(outputs)
+        info = Sandbox.get_info(found.group(1), config=config_for(local_server))
+        assert (info.cpu_count, info.memory_mb) == (1, 256), info
+        _, outputs = run.execute("import os\nprint(os.environ['COLOUR'])")
+        assert text_of(outputs) == "teal\n"
+    finally:
+        run.shutdown()

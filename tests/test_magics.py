@@ -508,9 +508,13 @@ def test_close_all_ends_every_session_here(shell: InteractiveShell) -> None:  # 
     ok(shell, "%%scalebox --session one\n1")
     ok(shell, "%%scalebox --session two\n2")
     ids = {sandbox_id("one"), sandbox_id("two")}
-    said = ok(shell, "%scalebox close --all").stdout
-    assert all(sandbox in said for sandbox in ids), said
-    assert not ids & {info.sandbox_id for info in Sandbox.list()}
+    with Sandbox.create() as theirs:  # someone else's sandbox, attached with `use`: let go, not killed
+        ok(shell, f"%scalebox use {theirs.sandbox_id} --as theirs")
+        said = ok(shell, "%scalebox close --all").stdout
+        assert all(sandbox in said for sandbox in ids), said
+        assert f"left running: theirs ({theirs.sandbox_id})" in said, said
+        alive = {info.sandbox_id for info in Sandbox.list()}
+        assert not ids & alive and theirs.sandbox_id in alive
     listing = ok(shell, "%scalebox list").stdout
     assert not any(sandbox in listing for sandbox in ids), listing
     failed, captured = run(shell, "%scalebox close one --all")

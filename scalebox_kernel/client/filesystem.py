@@ -125,13 +125,16 @@ class AsyncFilesystem:
                 if response.status_code >= 300:
                     await response.aread()
                     raise self._file_error(response, what)
-                chunks: list[bytes] = []
-                received = 0
-                async for chunk in response.aiter_bytes():
-                    chunks.append(chunk)
-                    received += len(chunk)
-                    on_bytes(received)
-                content = b"".join(chunks)
+                body = io.BytesIO()  # its getvalue() hands over its buffer: the file is held once, not twice
+                try:
+                    async for chunk in response.aiter_bytes():
+                        body.write(chunk)
+                        on_bytes(body.tell())
+                except httpx.ReadTimeout:
+                    raise self._rpc.transport.silence_error(what) from None
+                except httpx.HTTPError as exc:  # the body broke off: a typed error, as for the request itself
+                    raise self._rpc.transport.transport_error(exc, what) from None
+                content = body.getvalue()
         return content if format == "bytes" else content.decode("utf-8", errors="replace")
 
     async def write(

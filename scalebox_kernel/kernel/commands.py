@@ -123,7 +123,12 @@ class NotebookSessions(Sessions):
     async def _open(self, entry: NamedSession, out: Output, replace_missing: bool) -> SandboxSession:
         if entry.name != DEFAULT or not isinstance(out, CellOutput):
             return await super()._open(entry, out, replace_missing)
-        session = await self.notebook.open(out.relay)  # says itself when it replaced an expired sandbox
+        session = await self.notebook.open(  # says itself when it replaced an expired sandbox
+            out.relay,
+            create={k: v for k, v in entry.create.items() if k != "envs"},
+            envs=entry.create.get("envs"),
+            timeout=entry.timeout,
+        )
         entry.session, entry.session_id, entry.keep = session, session.session_id, self.notebook.keep
         return session
 

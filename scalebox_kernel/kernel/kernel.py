@@ -272,7 +272,7 @@ class ScaleboxKernel(Kernel):
             parts = [*parts[:3], json.dumps(content).encode()]
         await self.channel.forward(stream, idents, parsed["header"], parts, buffers)
         if not silent:
-            self.sandbox.keep_alive_later()
+            self.sandbox.activity()
         return True
 
     def exit_soon(self) -> None:
@@ -428,7 +428,7 @@ class ScaleboxKernel(Kernel):
         if store_history and not silent:
             self.history.add(count, code, relay.main_text)
         if not silent:
-            self.sandbox.keep_alive_later()
+            self.sandbox.activity()
         return reply
 
     async def _cell(self, code: str, relay: CellRelay) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..client import AsyncSandbox
 from ..config import ScaleboxConfig
@@ -59,9 +60,17 @@ class NotebookSandbox:
                 self.notebook, self.server, self.lang.key, self.session.session_id, restart=restart, keep=self.keep
             )
 
-    async def open(self, relay: CellRelay) -> SandboxSession:
+    async def open(
+        self,
+        relay: CellRelay,
+        *,
+        create: dict[str, Any] | None = None,
+        envs: dict[str, str] | None = None,
+        timeout: int | None = None,
+    ) -> SandboxSession:
         """The session, opened on first use: re-attached to the remembered sandbox (resumed if paused) or a new
-        one, whose replacing an expired one is announced in the cell; a progress line shows if it takes long."""
+        one, whose replacing an expired one is announced in the cell; a progress line shows if it takes long.
+        `create`, `envs` and `timeout` (`%scalebox new default --cpu 2 …`) shape a new sandbox only."""
         if self.session is not None:
             return self.session
         remembered = self.recall()
@@ -71,8 +80,11 @@ class NotebookSandbox:
             session = await SandboxSession.open(
                 str(remembered["sandbox_id"]) if remembered else None,
                 config=self.config,
+                timeout=timeout,
                 metadata={"scalebox_kernel": self.lang.kernel_name},
+                envs=envs,
                 on_progress=progress.update,
+                create=create,
             )
             try:
                 if remembered.get("restart") and session.attach in (Attach.ATTACHED, Attach.RESUMED):
@@ -93,6 +105,12 @@ class NotebookSandbox:
         self.remember()
         if session.attach is Attach.REPLACED and session.notice:
             relay.stream("stderr", session.notice + "\n")
+        if (create or envs or timeout) and session.attach in (Attach.ATTACHED, Attach.RESUMED):
+            relay.stream(
+                "stderr",
+                f"The notebook's sandbox {session.session_id} already exists, so the settings given apply to new "
+                "sandboxes only: `%scalebox close` ends it, then `%scalebox new default …` makes one with them.\n",
+            )
         return session
 
     def lost(self) -> None:
@@ -103,8 +121,6 @@ class NotebookSandbox:
     def activity(self) -> None:
         """The notebook is in use (a cell starts or ends): the idle time starts again."""
         self._last_active = time.monotonic()
-
-    keep_alive_later = activity  # the kernel's name for it at the end of a cell
 
     @property
     def idle_pause(self) -> float:

@@ -25,7 +25,8 @@ COMMANDS_HELP = """\
 %scalebox list [--all]                        the sessions here (--all: every session on the server)
 %scalebox info [NAME]                         sandbox id, state, time left, packages, files
 %scalebox status [NAME]                       the same as a panel with Pause, Resume, Extend and Kill buttons
-%scalebox close [NAME | --all] [--keep]       kill the session's sandbox (--keep: only forget it here)
+%scalebox close [NAME | --all] [--keep]       kill the session's sandbox (--keep: only forget it here;
+                                              --all lets go of sandboxes attached with `use`, unkilled)
 %scalebox keep [on|off]                       keep the sandbox when {exit} (default: it is killed)
 %scalebox pause [NAME]                        pause the sandbox (files and variables are kept)
 %scalebox resume [NAME]                       resume it (running a cell also does)
@@ -215,7 +216,7 @@ class Commands:
             raise SubcommandError(f"no session named {opts.target!r}, and it does not look like a sandbox id")
         entry = self.sessions.entry(opts.alias or opts.target)
         entry.session_id = opts.target
-        entry.keep = True  # someone else's sandbox: never killed at exit
+        entry.keep = entry.attached = True  # someone else's sandbox: never killed at exit, nor by close --all
         try:
             session = await self.sessions.open(entry, self.out, replace_missing=False)
         except BaseException:
@@ -264,12 +265,20 @@ class Commands:
         if opts.all:
             if opts.name:
                 raise SubcommandError("%scalebox close --all takes no session name")
-            closed = [named for named in list(self.sessions.named.values()) if named.sandbox_id]
-            names = ", ".join(f"{e.name} ({e.sandbox_id})" for e in closed) if closed else "none were open"
-            for named in closed:
-                await self.sessions.close(named, kill=not opts.keep)
-            verb = "forgotten (their sandboxes keep running)" if opts.keep else "closed"
-            self.say(f"Sessions {verb}: {names}.")
+            open_ = [named for named in list(self.sessions.named.values()) if named.sandbox_id]
+            # A sandbox attached to with `use` is someone else's: let go, not killed.
+            theirs = [named for named in open_ if opts.keep or named.attached]
+            names = ", ".join(f"{e.name} ({e.sandbox_id})" for e in open_ if e not in theirs) or "none were open"
+            for named in open_:
+                await self.sessions.close(named, kill=named not in theirs)
+            if opts.keep:
+                names = ", ".join(f"{e.name} ({e.sandbox_id})" for e in theirs) or "none were open"
+                self.say(f"Sessions forgotten (their sandboxes keep running): {names}.")
+                return
+            self.say(f"Sessions closed: {names}.")
+            if theirs:
+                kept = ", ".join(f"{e.name} ({e.sandbox_id})" for e in theirs)
+                self.say(f"Attached, not made here, so forgotten and left running: {kept}.")
             return
         entry = self.sessions.find(opts.name or self.sessions.current)
         if entry is None:

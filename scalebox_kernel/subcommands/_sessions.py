@@ -36,6 +36,7 @@ class NamedSession:
     timeout: int | None = None
     envs: dict[str, str] = field(default_factory=dict)
     keep: bool = False  # leave the sandbox running when the shell exits / the kernel shuts down
+    attached: bool = False  # someone else's sandbox, attached to by `%scalebox use`
     create: dict[str, Any] = field(default_factory=dict)  # settings of its sandbox, before it starts (%scalebox new)
     _paused: bool = False
     watchers: list[Callable[[], None]] = field(default_factory=list)  # status panels, told when it resumes

@@ -257,6 +257,9 @@ def test_files_packages_env_and_commands(shell: InteractiveShell, tmp_path: Path
         magics().progress_delay = 0.5
     assert "Installed" in installing.stdout
     assert "\rInstalling" in installing.stderr and installing.stderr.endswith("\r")  # drawn, then wiped
+    # The bar follows pip's own lines (not one frozen "Installing…"), and says what pip installed.
+    assert "Successfully installed magicpkg-0.1" in installing.stderr + installing.stdout, installing.stderr
+    assert len({line for line in installing.stderr.split("\r") if line.strip()}) >= 3, installing.stderr
     assert "Already installed" in ok(shell, f"%scalebox install ./{name}").stdout
     assert ok(shell, "%%scalebox\nimport magicpkg; print(magicpkg.VALUE)").stdout == "hello from magicpkg 0.1\n"
     ok(shell, "%%scalebox\nopen('result.csv', 'w').write('x,y\\n1,2\\n')")

@@ -235,6 +235,13 @@ POISON = [
     ("locality", {"force": "yes"}),
     ("locality", {"force": True, "region": "mars"}),
     ("object_storage", [{"uri": "s3://b"}]),
+    ("object_storage", "s3://bucket/"),
+    ("object_storage", [{"uri": "s3://bucket/", "mount_point": "/etc/x", "access_key": "a", "secret_key": "b"}]),
+    ("object_storage", {"uri": "s3://bucket/..", "mount_point": "/mnt/x", "access_key": "a", "secret_key": "b"}),
+    ("object_storage", [{"uri": "s3://bucket/", "mount_point": "/mnt/x\x00", "access_key": "a", "secret_key": "b"}]),
+    ("object_storage", [None]),
+    ("object_storage_direct_mount", "yes"),
+    ("s3fs_executable_path", "/bin/sh"),
     ("net_proxy_country", "japan"),
 ]
 CREATE_FIELDS = [
@@ -252,6 +259,9 @@ CREATE_FIELDS = [
     "is_async",
     "locality",
     "name",
+    "object_storage",
+    "object_storage_direct_mount",
+    "s3fs_executable_path",
 ]
 
 

@@ -14,12 +14,14 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import LocalServer
+from s3_support import MotoServer, start_moto
 from test_session import tiny_wheel
 
 SDK_VERSION = "3.7.0"  # the only version on the registry
@@ -42,6 +44,13 @@ class SdkFailure:
 
 CHUNK = "dist/chunk-2FUUCF7U.js"
 SDK_FAILURES: dict[str, SdkFailure] = {
+    "object_storage_info": SdkFailure(
+        f"{CHUNK}, SandboxApi.getSandbox: `objectStorage: sandboxData.objectStorage ? {{uri: "
+        "sandboxData.objectStorage.uri, ...}}` reads one object, while the API answers `object_storage` as an array "
+        "of {uri, mount_point} (PROTOCOL.md 1.9, the OpenAPI file; the mount itself works: create_object_storage)",
+        r"getInfo lost the mount",
+        {"objectStorage": {}},
+    ),
     "list_filter_metadata": SdkFailure(
         f"{CHUNK}, ApiClient.listSandboxes: the query it sends is built from `query.status[0]` and `limit` only, so "
         "`Sandbox.list({query: {metadata}})` (documented in SandboxListOpts) never sends the metadata filter and "
@@ -155,6 +164,9 @@ FLOW_NAMES = [
     "session_keep_alive_renewal",
     "session_pause_resume",
     "session_close",
+    # object storage
+    "create_object_storage",
+    "object_storage_info",
 ]
 PASSING = [name for name in FLOW_NAMES if name not in SDK_FAILURES]
 
@@ -189,6 +201,16 @@ class FlowRun:
     left_running: list[str]  # sandboxes the flows created and did not kill
 
 
+@pytest.fixture(scope="module")
+def js_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto, with bucket `jsdata` for the objectStorage flow."""
+    server = start_moto(tmp_path_factory.mktemp("moto-js"), auth=False)
+    server.s3().create_bucket(Bucket="jsdata")
+    server.s3().put_object(Bucket="jsdata", Key="in/hello.txt", Body=b"hello from the bucket, JS\n")
+    yield server
+    server.stop()
+
+
 def _sandbox_ids(server: LocalServer) -> set[str]:
     with server.client() as http:
         reply = http.get("/v1/sandboxes", params={"status": "running,paused", "limit": 1000}, timeout=30)
@@ -197,7 +219,7 @@ def _sandbox_ids(server: LocalServer) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def flow_run(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> FlowRun:
+def flow_run(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory, js_s3: MotoServer) -> FlowRun:
     server = local_server
     assert server.url.startswith("http://127.0.0.1:") and "--tls" not in server.argv  # the default server
     assert server.certfile
@@ -213,6 +235,9 @@ def flow_run(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory
         SCALEBOX_API_URL=server.url.replace("http://", "https://", 1),  # the SDK's default scheme; both work
         NODE_EXTRA_CA_CERTS=server.certfile,
         FLOWS_WHEEL=str(wheel_path),
+        FLOWS_S3_URL=js_s3.url,
+        FLOWS_S3_KEY=js_s3.access_key,
+        FLOWS_S3_SECRET=js_s3.secret_key,
     )
     try:
         proc = subprocess.run(
@@ -270,6 +295,12 @@ def test_no_secret_in_the_output(flow_run: FlowRun, local_server: LocalServer) -
     assert local_server.api_key not in flow_run.output
     assert "a secret appeared in the report" not in flow_run.output  # flows.mjs checks every token it saw
     assert local_server.api_key not in local_server.log_text()
+
+
+def test_what_the_js_sdk_wrote_into_the_mount_is_in_the_bucket(flow_run: FlowRun, js_s3: MotoServer) -> None:
+    body = js_s3.s3().get_object(Bucket="jsdata", Key="in/from-js.txt")["Body"].read()
+    assert body == b"written by the JS SDK"
+    assert js_s3.secret_key not in flow_run.output and js_s3.access_key not in flow_run.output
 
 
 def test_flows_leave_no_sandbox_running(flow_run: FlowRun) -> None:

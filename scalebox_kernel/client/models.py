@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -49,6 +51,8 @@ class SandboxInfo:
     cpu_count: int = 1
     memory_mb: int = 512
     isolation: dict[str, Any] | None = None
+    #: Its object storage mounts: `{"uri", "mount_point"}` each (and, in get_info, whether it is `mounted`).
+    object_storage: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -63,6 +67,9 @@ class SandboxInfo:
         if not isinstance(metadata, dict) and top_level:
             metadata = top_level.get("metadata")
         isolation = data.get("isolation")
+        storage = data.get("object_storage")
+        if isinstance(storage, dict):
+            storage = [storage]
         return cls(
             sandbox_id=str(data.get("sandbox_id") or data.get("id") or ""),
             template_id=str(data.get("template_id") or data.get("template") or ""),
@@ -74,6 +81,7 @@ class SandboxInfo:
             cpu_count=_as_int(data.get("cpu_count"), 1) or 1,
             memory_mb=_as_int(data.get("memory_mb"), 512) or 512,
             isolation=isolation if isinstance(isolation, dict) else None,
+            object_storage=[dict(item) for item in storage or [] if isinstance(item, dict)],
             raw=data,
         )
 
@@ -140,6 +148,67 @@ class Locality:
     def to_api(self) -> dict[str, Any]:
         """The create body's `locality` object (only the fields that were set)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+#: Where a bucket is mounted when no mount point is given.
+DEFAULT_MOUNT_POINT = "/mnt/oss"
+#: The standard AWS variables `ObjectStorage` falls back to, in order.
+AWS_ENV = {
+    "access_key": ("AWS_ACCESS_KEY_ID",),
+    "secret_key": ("AWS_SECRET_ACCESS_KEY",),
+    "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    "endpoint": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+}
+_CAMEL = {"mountPoint": "mount_point", "accessKey": "access_key", "secretKey": "secret_key"}
+
+
+@dataclass
+class ObjectStorage:
+    """A prefix of an S3-compatible bucket, mounted read-write at `mount_point` in a new sandbox (PROTOCOL.md 1.9):
+    `uri` is `s3://bucket/prefix/` (or `oss://`, `cos://`). What is not given comes from this process's standard
+    AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION or AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3
+    or AWS_ENDPOINT_URL), so that no key has to be typed into a notebook. The keys are sent once, to create the
+    sandbox; no answer of the server holds them."""
+
+    uri: str
+    mount_point: str = DEFAULT_MOUNT_POINT
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    region: str | None = None
+    endpoint: str | None = None
+
+    @classmethod
+    def of(cls, value: ObjectStorage | Mapping[str, Any]) -> ObjectStorage:
+        """From an ObjectStorage or a dict with the SDKs' names (snake_case, or the JS SDK's camelCase)."""
+        if isinstance(value, ObjectStorage):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"object_storage must be an ObjectStorage or a dict, not {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        given = {_CAMEL.get(str(k), str(k)): v for k, v in value.items()}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise TypeError(f"object_storage has no field {unknown[0]!r}; it has {', '.join(sorted(known))}")
+        if not given.get("uri"):
+            raise TypeError("object_storage needs a uri, like s3://bucket/prefix/")
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    def to_api(self, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The create body's entry, with the AWS variables filling what is missing; ValueError names what no
+        argument or variable gave."""
+        environ = os.environ if environ is None else environ
+        body: dict[str, Any] = {"uri": self.uri, "mount_point": self.mount_point or DEFAULT_MOUNT_POINT}
+        for name, variables in AWS_ENV.items():
+            value = getattr(self, name) or next((environ[v] for v in variables if environ.get(v)), None)
+            if value:
+                body[name] = value
+        for name in ("access_key", "secret_key"):
+            if name not in body:
+                variable = AWS_ENV[name][0]
+                raise ValueError(f"no {name} for {self.uri}: set {variable} (or pass {name}=)")
+        if "region" not in body and "endpoint" not in body:
+            raise ValueError(f"no region or endpoint for {self.uri}: set AWS_REGION or AWS_ENDPOINT_URL")
+        return body
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .execution import Handlers, execute
 from .filesystem import AsyncFilesystem, file_url
 from .jupyter import JupyterEndpoint, jupyter_url
 from .lifecycle import SandboxLifecycle
-from .models import Context, Execution, Locality, SandboxInfo, ScaleboxRegion
+from .models import Context, Execution, Locality, ObjectStorage, SandboxInfo, ScaleboxRegion
 from .ports import port_host, port_origin, port_url
 from .pty import AsyncPty
 from .transport import Transport
@@ -28,6 +28,18 @@ from .transport import Transport
 CodecName = Literal["proto", "json"]
 # `list` is also a method of AsyncSandbox, so its body spells this list by alias.
 Regions = list[ScaleboxRegion]
+
+
+StorageOption = ObjectStorage | dict[str, Any]
+
+
+def object_storage_body(value: StorageOption | list[StorageOption]) -> list[dict[str, Any]]:
+    """The create body's `object_storage` list (PROTOCOL.md 1.5) from one mount or a list of them."""
+    items = value if isinstance(value, list) else [value]
+    try:
+        return [ObjectStorage.of(item).to_api() for item in items]
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def _locality(locality: Locality | dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +157,7 @@ class AsyncSandbox(SandboxLifecycle):
         cpu_count: int | None = None,
         memory_mb: int | None = None,
         locality: Locality | dict[str, Any] | None = None,
+        object_storage: StorageOption | list[StorageOption] | None = None,
         config: ScaleboxConfig | None = None,
         api_key: str | None = None,
         api_url: str | None = None,
@@ -153,8 +166,14 @@ class AsyncSandbox(SandboxLifecycle):
     ) -> AsyncSandbox:
         """Create a sandbox (`timeout`: seconds it lives unless extended; defaults from the config). `cpu_count`
         and `memory_mb` size it (the server's defaults otherwise; it refuses more than it allows). `locality`
-        asks for a region (see `get_regions()`); with `force`, one that cannot be had fails with HTTP 409."""
+        asks for a region (see `get_regions()`); with `force`, one that cannot be had fails with HTTP 409.
+        `object_storage` mounts buckets (an `ObjectStorage`, a dict of its fields, or a list of them); keys not
+        given come from the AWS variables, and a bucket that cannot be mounted fails the create."""
+        storage = object_storage_body(object_storage) if object_storage else []
         config, transport = await cls._open(config, api_key, api_url, request_timeout)
+        for item in storage:
+            transport.add_secret(item["access_key"])
+            transport.add_secret(item["secret_key"])
         body: dict[str, Any] = {
             "template": template or config.template,
             "timeout": int(timeout if timeout is not None else config.sandbox_timeout),
@@ -173,6 +192,8 @@ class AsyncSandbox(SandboxLifecycle):
         try:
             if locality is not None:
                 body["locality"] = _locality(locality)
+            if storage:
+                body["object_storage"] = storage
             response = await rest(transport, "POST", "/sandboxes", what="Creating a sandbox", json=body)
             data, _ = data_of(transport, response, "Creating a sandbox")
             return cls(config, transport, data, codec=codec)

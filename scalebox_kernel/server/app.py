@@ -32,7 +32,7 @@ from ..local import API_KEY_ENV, LocalServerInfo, remove_runtime_info, runtime_f
 from .bodies import error_response
 from .datalock import DataDirBusy, DataDirLock
 from .isolation.jail import LINKS_DIR
-from .isolation.sandbox import describe
+from .isolation.sandbox import describe, describe_object_storage
 from .jupyter_api import JupyterPlane
 from .listener import DualSchemeListener
 from .ports import HostForm, PortForwarding
@@ -360,18 +360,19 @@ class ServeApp(JupyterApp):
             if server.started:
                 lock.announce(url)
                 write_runtime_info(LocalServerInfo(url, api_key, certfile, pid, str(data)))
-                self._announce(url, certfile, data, describe(settings))
+                self._announce(url, certfile, data, describe(settings), describe_object_storage(settings))
             await task
         finally:
             remove_runtime_info(pid)
             await manager.close()
             log.info("scalebox-local stopped")
 
-    def _announce(self, url: str, certfile: str, data: Path, protections: str) -> None:
+    def _announce(self, url: str, certfile: str, data: Path, protections: str, storage: str) -> None:
         print(f"scalebox-local {__version__} serving at {url}", flush=True)
         print(f"  HTTP and HTTPS on this port; certificate: {certfile}", flush=True)
         print(f"  data dir: {data}", flush=True)
         print(f"  {protections}", flush=True)
+        print(f"  {storage}", flush=True)
         print(f"  API key and URL for clients: {runtime_file()}", flush=True)
 
 

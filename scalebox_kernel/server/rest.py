@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .bodies import BodyTooLarge, authorization_token, error_response, read_limited
+from .isolation.buckets import Bucket, parse_object_storage
 from .sandboxes import BadRequest, Conflict, CreateSpec, SandboxError, SandboxManager
 from .scrub import scrub
 from .settings import ServerSettings
@@ -120,8 +121,14 @@ def parse_create(body: dict[str, Any], settings: ServerSettings) -> CreateSpec:
     if template not in TEMPLATES:
         known = " and ".join(repr(name) for name in TEMPLATES)
         raise BadRequest(f"unknown template {template[:64]!r}: scalebox-local has {known} (SCALEBOX_TEMPLATE)")
-    if body.get("object_storage"):
-        raise BadRequest("object_storage mounts are not supported by scalebox-local")
+    try:
+        object_storage = parse_object_storage(body.get("object_storage"))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    _bool(body, "object_storage_direct_mount", False)  # buckets are always mounted by the server, for the sandbox
+    s3fs_path = body.get("s3fs_executable_path")
+    if s3fs_path not in (None, "", "s3fs"):
+        raise BadRequest("s3fs_executable_path cannot be chosen on scalebox-local: it mounts with the host's own s3fs")
     if body.get("net_proxy_country"):
         raise BadRequest("net_proxy_country is not supported by scalebox-local")
     _bool(body, "is_async", False)  # creating is quick: the answer always comes when the sandbox runs
@@ -150,6 +157,7 @@ def parse_create(body: dict[str, Any], settings: ServerSettings) -> CreateSpec:
         cpu_count=_int(body, "cpu_count", None),
         memory_mb=_int(body, "memory_mb", None),
         disk_mb=_disk_mb(body, settings.max_disk_mb),
+        object_storage=object_storage,
     )
 
 
@@ -229,6 +237,13 @@ class ControlPlane:
         except SandboxError:
             return self.manager.isolation()
 
+    def _buckets(self, record: SandboxRecord) -> list[dict[str, Any]]:
+        """Its object storage mounts (uri and mount point, whether mounted now): never their keys."""
+        try:
+            return self.manager.agent(record.sandbox_id).confinement.buckets()
+        except SandboxError:
+            return [Bucket.from_json(item).public() for item in record.object_storage]
+
     def sandbox_data(self, record: SandboxRecord) -> dict[str, Any]:
         """`data` of create, connect and get-info (PROTOCOL.md 1.6), snake_case plus the camelCase Python reads:
         a list item and more."""
@@ -246,6 +261,7 @@ class ControlPlane:
             "allow_internet_access": record.allow_internet_access,
             "secure": record.secure,
             "isolation": self._isolation(record),
+            "object_storage": self._buckets(record),
         }
 
     def list_item(self, record: SandboxRecord) -> dict[str, Any]:
@@ -266,6 +282,7 @@ class ControlPlane:
             "uptime": int(time.time() - record.created_at),
             "metadata": dict(record.metadata),
             "sandbox_domain": self.manager.domain(record.sandbox_id),
+            "object_storage": [Bucket.from_json(item).public() for item in record.object_storage],
         }
 
     # ---- handlers -------------------------------------------------------------------------------------------------

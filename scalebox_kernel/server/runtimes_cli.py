@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from jupyter_core.application import JupyterApp
 from traitlets import Bool, List, Unicode
 
+from .isolation.buckets import fuse_problem, s3fs_version
+from .isolation.tools import which
 from .runtimes_install import Installer, canonical_language, versions_text
 from .runtimes_store import ORDER, RuntimeStore
 
@@ -69,8 +72,10 @@ class RuntimesListApp(JupyterApp):
     def start(self) -> None:
         store = RuntimeStore()
         statuses = [store.status(lang) for lang in ORDER]
+        storage = _object_storage()
         if self.json_output:
-            print(json.dumps({"dir": str(store.root), "languages": [s.as_json() for s in statuses]}, indent=1))
+            languages = [s.as_json() for s in statuses]
+            print(json.dumps({"dir": str(store.root), "languages": languages, "object_storage": storage}, indent=1))
             return
         print(f"Runtimes directory: {store.root}")
         for status in statuses:
@@ -79,6 +84,16 @@ class RuntimesListApp(JupyterApp):
                 print(f"  {status.language:<11} installed  {versions}\n  {'':<11}            {status.path}")
             else:
                 print(f"  {status.language:<11} {status.state:<10} {status.reason}")
+        if storage["available"]:
+            print(f"Object storage mounts: s3fs {storage['s3fs']} ({storage['path']})")
+        else:
+            print(f"Object storage mounts: unavailable: {storage['problem']}")
+
+
+def _object_storage() -> dict[str, Any]:
+    """Whether buckets can be mounted into sandboxes on this machine (s3fs, FUSE, root), for `runtimes list`."""
+    problem = fuse_problem()
+    return {"available": problem is None, "s3fs": s3fs_version(), "path": which("s3fs"), "problem": problem}
 
 
 class RuntimesApp(JupyterApp):

@@ -82,6 +82,7 @@ ISOLATION_TOOLS = {
     "slirp4netns": "slirp4netns",  # a sandbox's internet (without it: no network at all)
     "ip": "iproute2",  # the routes that keep that internet off the host
     "mkfs.ext4": "e2fsprogs",  # per-sandbox disk images (the disk limit)
+    "s3fs": "s3fs",  # object storage mounts (object_storage on create)
 }
 
 

@@ -9,16 +9,17 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import metrics
 from .agent import SandboxAgent
+from .isolation.buckets import Bucket, BucketError, Credentials, unmount_all
 from .isolation.disk import DiskImage
 from .isolation.jail import clean_stale_links
-from .isolation.sandbox import SandboxIsolation
+from .isolation.sandbox import SandboxIsolation, object_storage_problem
 from .isolation.tree import remove_path
 from .isolation.uids import RECORD, release
 from .settings import ServerSettings
@@ -111,6 +112,8 @@ class CreateSpec:
     cpu_count: int | None = None
     memory_mb: int | None = None
     disk_mb: int | None = None
+    #: Buckets to mount, each with its keys (never kept in the record).
+    object_storage: list[tuple[Bucket, Credentials]] = field(default_factory=list, repr=False)
 
     def validate(self, settings: ServerSettings) -> None:
         """Every field in its range (BadRequest naming the first that is not), before anything is created."""
@@ -126,6 +129,10 @@ class CreateSpec:
         )
         if problem:
             raise BadRequest(problem)
+        if self.object_storage:
+            problem = object_storage_problem(settings)
+            if problem:
+                raise BadRequest(f"object_storage cannot be mounted here: {problem}")
 
 
 @dataclass
@@ -300,8 +307,9 @@ class SandboxManager:
             cpu_count=spec.cpu_count or self.settings.cpu_count,
             memory_mb=spec.memory_mb or self.settings.memory_mb,
             disk_mb=spec.disk_mb,
+            object_storage=[bucket.to_json() for bucket, _ in spec.object_storage],
         )
-        agent = self._new_agent(record)
+        agent = self._new_agent(record, [credentials for _, credentials in spec.object_storage])
         if not spec.allow_internet_access and "network" in agent.isolation().get("missing", []):
             raise BadRequest(
                 "allow_internet_access=false needs network isolation, which this scalebox-local cannot provide "
@@ -315,6 +323,9 @@ class SandboxManager:
             except Exception as exc:
                 await self._shutdown_agent(record.sandbox_id, agent)
                 await self._remove_files(record.sandbox_id, agent)
+                if isinstance(exc, BucketError):  # the request's to fix: nothing of the sandbox is left
+                    log.info("sandbox %s not created: object_storage %s", record.sandbox_id, exc.strerror)
+                    raise BadRequest(f"object_storage {exc.strerror}") from None
                 log.exception("sandbox %s failed to start", record.sandbox_id)
                 raise StartFailed(f"sandbox failed to start: {exc}") from exc
             self._agents[record.sandbox_id] = agent
@@ -416,7 +427,7 @@ class SandboxManager:
         """The sandbox's directory: its root tree and, beside it, its private files."""
         return self.settings.sandbox_root(sandbox_id).parent
 
-    def _new_agent(self, record: SandboxRecord) -> SandboxAgent:
+    def _new_agent(self, record: SandboxRecord, credentials: Sequence[Credentials] = ()) -> SandboxAgent:
         return SandboxAgent(
             sandbox_id=record.sandbox_id,
             root=self.settings.sandbox_root(record.sandbox_id),
@@ -426,6 +437,8 @@ class SandboxManager:
             cpu_count=record.cpu_count,
             disk_mb=record.disk_mb,
             allow_internet_access=record.allow_internet_access,
+            buckets=[Bucket.from_json(item) for item in record.object_storage],
+            credentials=credentials,
         )
 
     async def _start_agent(self, record: SandboxRecord) -> None:
@@ -455,6 +468,7 @@ class SandboxManager:
         """Delete a dead sandbox's directory (tree, disk image, private files) and give back its uid. Without an
         agent (a server restart, a long pause) its disk image may still be mounted: that goes first."""
         private = self._tree(sandbox_id)
+        await unmount_all(private)  # before anything is removed: never a bucket's objects
         if agent is not None:
             agent.release()
         else:

@@ -50,6 +50,8 @@ class SandboxRecord:
     ended_at: float | None = None
     disk_mb: int | None = None  # None: the server's default
     problem: str = ""  # why the last expiry or kill of it failed (it is being retried), if one did
+    #: Its buckets (isolation/buckets.py `Bucket.to_json`): uri, mount point, endpoint, region; never a key.
+    object_storage: list[dict[str, Any]] = field(default_factory=list)
 
     def __repr__(self) -> str:  # never show the token
         return f"SandboxRecord({self.sandbox_id!r}, state={self.state!r}, reason={self.reason!r})"
@@ -59,7 +61,7 @@ class SandboxRecord:
 
 
 _COLUMNS = [f.name for f in fields(SandboxRecord)]
-_JSON_COLUMNS = {"metadata", "envs"}
+_JSON_COLUMNS = {"metadata", "envs", "object_storage"}
 _BOOL_COLUMNS = {"auto_pause", "allow_internet_access", "secure"}
 
 _SCHEMA = """
@@ -82,11 +84,16 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     paused_at REAL,
     ended_at REAL,
     disk_mb INTEGER,
-    problem TEXT NOT NULL DEFAULT ''
+    problem TEXT NOT NULL DEFAULT '',
+    object_storage TEXT NOT NULL DEFAULT '[]'
 )
 """
 #: Columns added since the first release, with their definitions: added to older databases when they open.
-_ADDED_COLUMNS = {"disk_mb": "INTEGER", "problem": "TEXT NOT NULL DEFAULT ''"}
+_ADDED_COLUMNS = {
+    "disk_mb": "INTEGER",
+    "problem": "TEXT NOT NULL DEFAULT ''",
+    "object_storage": "TEXT NOT NULL DEFAULT '[]'",
+}
 
 
 class SandboxStore:

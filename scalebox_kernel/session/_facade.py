@@ -12,6 +12,7 @@ from typing import Any
 
 from ..client import AsyncSandbox, Execution, ExecutionError, OutputMessage, Result, SandboxInfo, portal
 from ..client.callbacks import call_back
+from ..client.sandbox import StorageOption
 from ..config import ScaleboxConfig
 from ..errors import SandboxNotFound
 from ._packages import canonical
@@ -98,6 +99,7 @@ class Session:
         keep_alive: bool = False,
         timeout: int | None = None,
         download_files: list[str] | None = None,
+        object_storage: StorageOption | list[StorageOption] | None = None,
         on_progress: ProgressCallback | None = None,
         on_stdout: Callable[[str], Any] | None = None,
         on_stderr: Callable[[str], Any] | None = None,
@@ -108,6 +110,8 @@ class Session:
         `timeout` is the sandbox's lifetime in seconds (default 600), `files` maps paths (relative to `cwd`,
         default /workspace) to contents, `packages` are installed with the language's tool, `download_files` are
         read back into `result.files`; `on_progress` gets a ProgressInfo per step of every stage.
+        `object_storage` mounts buckets into a new session's sandbox (see `AsyncSandbox.create`); a session that
+        exists already keeps the mounts it was created with.
         """
         tracker = Tracker(on_progress)
         lang = canonical(language)
@@ -118,7 +122,8 @@ class Session:
             await tracker.start("initializing")
             await tracker.finish()
             await tracker.start("connecting")
-            session = await _session_for_run(session_id, config, timeout, tracker)
+            create = {"object_storage": object_storage} if object_storage else {}
+            session = await _session_for_run(session_id, config, timeout, tracker, create)
             created = session.attach is Attach.CREATED
             await session.context(lang, cwd=workdir)
             await tracker.finish({"session_id": session.session_id})
@@ -248,6 +253,7 @@ class Session:
         keep_alive: bool = False,
         timeout: int | None = None,
         download_files: list[str] | None = None,
+        object_storage: StorageOption | list[StorageOption] | None = None,
         on_progress: ProgressCallback | None = None,
         on_stdout: Callable[[str], Any] | None = None,
         on_stderr: Callable[[str], Any] | None = None,
@@ -269,6 +275,7 @@ class Session:
                 keep_alive=keep_alive,
                 timeout=timeout,
                 download_files=download_files,
+                object_storage=object_storage,
                 on_progress=on_progress,
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
@@ -300,7 +307,11 @@ class Session:
 
 
 async def _session_for_run(
-    session_id: str | None, config: ScaleboxConfig | None, timeout: int | None, tracker: Tracker
+    session_id: str | None,
+    config: ScaleboxConfig | None,
+    timeout: int | None,
+    tracker: Tracker,
+    create: dict[str, Any] | None = None,
 ) -> SandboxSession:
     """A new session, or the one named (reused from this process when open here, else attached by id)."""
     config = config or ScaleboxConfig.load()
@@ -316,7 +327,7 @@ async def _session_for_run(
             envs=None,
             replace_missing=False,
             tracker=tracker,
-            create={},
+            create=create or {},
         )
 
     if session_id is None:

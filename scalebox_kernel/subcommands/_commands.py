@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..client import ObjectStorage
+from ..client.models import DEFAULT_MOUNT_POINT
 from ..errors import SandboxNotFound
 from ..session import WORKSPACE, Attach, SandboxSession, Session, canonical_language
 from ._output import Output, SubcommandError, say, streamer
@@ -20,7 +22,8 @@ from ._status import StatusPanel, duration, info_rows, info_text, parse_duration
 
 COMMANDS_HELP = """\
 %scalebox new [NAME] [--language L] [--timeout 30m] [--keep] [--template T] [--cpu N] [--memory MiB]
-              [--no-internet] [--env K=V ...]   start a session (its sandbox so made) and make it current
+              [--no-internet] [--env K=V ...] [--mount s3://BUCKET/PREFIX/ [/mnt/oss] ...]
+                                              start a session (its sandbox so made) and make it current
 %scalebox use NAME|SANDBOX_ID [--as NAME]     switch to a session, or attach to a sandbox by id
 %scalebox list [--all]                        the sessions here (--all: every session on the server)
 %scalebox info [NAME]                         sandbox id, state, time left, packages, files
@@ -105,6 +108,15 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _mount(values: list[str]) -> ObjectStorage:
+    """`--mount URI [MOUNT_POINT]`: a bucket whose keys come from the AWS variables (never typed in a cell)."""
+    if len(values) > 2:
+        raise SubcommandError(f"--mount takes a uri and a mount point, not {len(values)} values: {' '.join(values)}")
+    if not values[0].startswith(("s3://", "oss://", "cos://")):
+        raise SubcommandError(f"--mount wants a bucket uri like s3://bucket/prefix/, not {values[0]!r}")
+    return ObjectStorage(uri=values[0], mount_point=values[1] if len(values) == 2 else DEFAULT_MOUNT_POINT)
+
+
 def seconds(text: str) -> int:
     try:
         return parse_duration(text)
@@ -169,6 +181,14 @@ class Commands:
         new.add_argument("--memory", type=int, default=None, metavar="MiB", help="memory of the sandbox")
         new.add_argument("--no-internet", action="store_true", help="no internet access in the sandbox")
         new.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="the sandbox's environment")
+        new.add_argument(
+            "--mount",
+            action="append",
+            nargs="+",
+            default=[],
+            metavar="URI [MOUNT_POINT]",
+            help="mount a bucket prefix (keys from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+        )
         opts = new.parse_args(args)
         named = self.sessions.named
         name = opts.name or next(f"session{i}" for i in range(1, 10_000) if f"session{i}" not in named)
@@ -186,6 +206,8 @@ class Commands:
             create["allow_internet_access"] = False
         if opts.env:
             create["envs"] = parse_env(opts.env)
+        if opts.mount:
+            create["object_storage"] = [_mount(values) for values in opts.mount]
         entry.create = create
         try:
             session = await self.sessions.open(entry, self.out, entry.language)

@@ -72,12 +72,22 @@ def info_rows(name: str, session: SandboxSession, info: SandboxInfo, envs: dict[
     ]
     if info.isolation is not None:
         rows.append(("isolation", ", ".join(f"{k}={v}" for k, v in info.isolation.items()) or "none"))
+    if info.object_storage:
+        rows.append(("mounts", ", ".join(_mount(item) for item in info.object_storage)))
     rows.append(("contexts", ", ".join(f"{lang} ({cid})" for lang, cid in state.contexts.items()) or "none yet"))
     packages = [f"{p} ({lang})" for lang, names in state.packages.items() for p in names]
     rows.append(("packages", ", ".join(packages) or "none installed"))
     rows.append(("files", ", ".join(sorted(state.files)) or "none uploaded"))
     rows.append(("env", ", ".join(sorted(envs)) or "none set"))
     return rows
+
+
+def _mount(item: dict[str, Any]) -> str:
+    """One object storage mount: where it is, what it is, and whether it is mounted (never a key)."""
+    text = f"{item.get('uri', '?')} at {item.get('mount_point', '?')}"
+    if item.get("mounted") is False:
+        text += f" (not mounted: {item.get('problem') or 'unknown why'})"
+    return text
 
 
 def info_text(rows: list[tuple[str, str]]) -> str:

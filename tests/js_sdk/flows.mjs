@@ -1077,6 +1077,41 @@ async function session() {
   }
 }
 
+async function storage() {
+  // A bucket of the test's moto server (FLOWS_S3_*), mounted with the SDK's documented objectStorage option.
+  const url = process.env.FLOWS_S3_URL
+  for (const secret of [process.env.FLOWS_S3_KEY, process.env.FLOWS_S3_SECRET]) if (secret) SECRETS.add(secret)
+  let sbx
+  await flow('create_object_storage', async (d) => {
+    sbx = remember(
+      await Sandbox.create('code-interpreter', {
+        timeoutMs: 300_000,
+        metadata: { suite: 'js-sdk', run: RUN, which: 'storage' },
+        objectStorage: {
+          uri: 's3://jsdata/in/',
+          mountPoint: '/mnt/oss',
+          accessKey: need(process.env.FLOWS_S3_KEY, 'FLOWS_S3_KEY'),
+          secretKey: need(process.env.FLOWS_S3_SECRET, 'FLOWS_S3_SECRET'),
+          region: 'us-east-1',
+          endpoint: need(url, 'FLOWS_S3_URL'),
+        },
+      }),
+    )
+    d.read = (await sbx.commands.run('cat /mnt/oss/hello.txt')).stdout
+    await sbx.files.write('/mnt/oss/from-js.txt', 'written by the JS SDK')
+    d.listed = (await sbx.files.list('/mnt/oss')).map((e) => e.name).sort()
+    assert.equal(d.read, 'hello from the bucket, JS\n')
+    assert.deepEqual(d.listed, ['from-js.txt', 'hello.txt'])
+  })
+
+  await flow('object_storage_info', async (d) => {
+    const info = await need(sbx, 'the storage sandbox').getInfo()
+    d.objectStorage = info.objectStorage
+    assert.equal(info.objectStorage?.uri, 's3://jsdata/in/', 'getInfo lost the mount: it reads object_storage as one object')
+  })
+  await killQuietly(sbx)
+}
+
 // ---- main --------------------------------------------------------------------------------------------------------
 
 // A promise the SDK leaves unhandled would end node; report it as a flow of its own instead (the test fails on it).
@@ -1084,7 +1119,7 @@ process.on('unhandledRejection', (err) =>
   report({ flow: 'unhandled_rejection', ok: false, ms: 0, error: describe(err) }),
 )
 
-const GROUPS = { lifecycle, files, commands, pty, languages, code, session }
+const GROUPS = { lifecycle, files, commands, pty, languages, code, session, storage }
 const wanted = process.argv.slice(2)
 const slow = wanted.length === 0 || wanted.includes('keepalive') ? keepalive() : Promise.resolve()
 for (const [name, group] of Object.entries(GROUPS)) {

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..isolation.buckets import Bucket, Credentials
 from ..isolation.layout import HOME, USER_DIRS
 from ..isolation.sandbox import SandboxIsolation
 from ..runtimes_store import RuntimeStore
@@ -92,6 +94,8 @@ class SandboxAgent:
         cpu_count: float | None = None,
         disk_mb: int | None = None,
         allow_internet_access: bool = True,
+        buckets: Sequence[Bucket] = (),
+        credentials: Sequence[Credentials] = (),
     ) -> None:
         self.sandbox_id = sandbox_id
         self.root = Path(root)
@@ -109,6 +113,8 @@ class SandboxAgent:
             disk_mb=disk_mb,
             internet=allow_internet_access,
             runtime=sandbox_host_dirs(),
+            buckets=buckets,
+            credentials=credentials,
         )
         self.tree = self.confinement.tree
         self.paths = SandboxPaths(self.root, self.tree)

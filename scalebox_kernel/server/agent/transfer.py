@@ -262,7 +262,12 @@ def _place(form: _MultipartUpload, query_path: str | None, paths: SandboxPaths, 
         tree.makedirs(parent)
         with tree.parent(sandbox_path) as (dir_fd, _):
             temp = f".{name[:200]}.{secrets.token_hex(6)}.upload"
-            os.link(f"/proc/self/fd/{form.staged}", temp, dst_dir_fd=dir_fd, follow_symlinks=True)
+            try:
+                os.link(f"/proc/self/fd/{form.staged}", temp, dst_dir_fd=dir_fd, follow_symlinks=True)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                _copy_staged(form.staged, temp, dir_fd)  # another file system there (a bucket mount)
             try:
                 os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except BaseException:
@@ -274,6 +279,29 @@ def _place(form: _MultipartUpload, query_path: str | None, paths: SandboxPaths, 
             raise _UploadError(400, f"upload to {sandbox_path}: is a directory") from None
         raise os_error(exc, "upload to", sandbox_path) from None
     return JSONResponse({"path": sandbox_path, "name": name, "type": "file"})
+
+
+def _copy_staged(staged: int, temp: str, dir_fd: int) -> None:
+    """Copy the staged file to a new `temp` in `dir_fd`, which is on another file system than the sandbox's scratch
+    space (blocking: on the tree's threads, as the sandbox)."""
+    source = os.open(f"/proc/self/fd/{staged}", os.O_RDONLY | os.O_CLOEXEC)  # the staged fd is write-only
+    try:
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        try:
+            size, offset = os.fstat(source).st_size, 0
+            while offset < size:
+                sent = os.sendfile(out, source, offset, min(size - offset, 1 << 24))
+                if not sent:
+                    break
+                offset += sent
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
+        finally:
+            os.close(out)
+    finally:
+        os.close(source)
 
 
 def _open_for_download(candidates: list[str], paths: SandboxPaths, tree: SandboxTree) -> tuple[str, int, int]:

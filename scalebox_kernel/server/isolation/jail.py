@@ -36,6 +36,7 @@ from jupyter_core.paths import jupyter_config_path
 
 from ..validation import ENV_NAME, RESERVED_ENV_PREFIX
 from . import netns, network
+from .buckets import Bucket, BucketError, BucketMount, Credentials, prepare_mount_point
 from .cgroups import Limits, SandboxCgroups, Usage
 from .detect import Capabilities
 from .disk import DiskImage, can_limit_disk
@@ -86,6 +87,8 @@ class JailOptions:
     #: (host directory, sandbox directory): shared caches copied into the sandbox when it first starts, so that
     #: environment values naming the host directory work inside (each sandbox writes only its own copy).
     seeds: tuple[tuple[str, str], ...] = ()
+    #: Object storage mounts (buckets.py): mounted on the host at start, bound at their mount points.
+    buckets: tuple[Bucket, ...] = ()
 
 
 class Jail:
@@ -100,6 +103,7 @@ class Jail:
         private_dir: Path,
         options: JailOptions,
         tree: SandboxTree | None = None,
+        credentials: Sequence[Credentials] = (),
     ):
         if not caps.namespaces:
             raise JailError("this machine cannot confine sandboxes: " + "; ".join(caps.problems))
@@ -128,6 +132,10 @@ class Jail:
         self._lock = asyncio.Lock()
         self._stopped = False  # stop() ran: this jail never starts again (a new one does, for a new agent)
         self._fresh_uid = False  # the uid was just claimed: what an earlier holder left in its keyrings goes
+        self.buckets = [BucketMount(bucket, n, self.private_dir) for n, bucket in enumerate(options.buckets)]
+        #: The keys of the buckets, given only when the sandbox is created: written to their private files at the
+        #: first start, which fails if a bucket cannot be mounted (later starts go on without it, and say so).
+        self._credentials = list(credentials)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -145,11 +153,14 @@ class Jail:
             )
             self.identity = identity
             self.tree.set_identity(identity.uid, identity.gid)
+            creating = bool(self._credentials)
+            await self._mount_buckets(identity, creating)
             await self._mount_disk()
             runtime = runtime_paths(self.options.runtime)
             mounts = await asyncio.to_thread(prepare_root, self.root, runtime, identity)
             if new:
                 await asyncio.to_thread(own_tree, self.root, identity)
+            await self._bucket_points(mounts, identity, creating)
             self._fresh_uid = new
             self._link_host_dir()
             nameserver = network.SLIRP_NAMESERVER if self.network == "private" else None
@@ -169,6 +180,43 @@ class Jail:
             self.disk_problem = "the sandbox was created before disk limits (its files are not on an image)"
             return
         await self.disk.mount()
+
+    async def _mount_buckets(self, identity: Identity, creating: bool) -> None:
+        """Mount the sandbox's buckets on the host (those not mounted yet). At creation a failure is the
+        BucketError the create answers with; later (a restart, a resume) the sandbox starts without that bucket,
+        and its get_info says why."""
+        for mount, credentials in zip(self.buckets, self._credentials, strict=False):
+            await asyncio.to_thread(mount.write_credentials, credentials)
+        self._credentials = []
+        for mount in self.buckets:
+            try:
+                await mount.mount(identity.uid, identity.gid)
+            except OSError as exc:
+                await self._bucket_failed(mount, exc, creating)
+
+    async def _bucket_points(self, mounts: list[tuple[str, str]], identity: Identity, creating: bool) -> None:
+        """The directories the buckets are bound on, made safely in the tree (nothing of the sandbox runs now)."""
+        bound = [Path(path) for kind, path in mounts if kind == "ro"]
+        for mount in self.buckets:
+            if not mount.mounted:
+                continue
+            point = Path(mount.bucket.mount_point)
+            try:
+                clash = next((b for b in bound if point.is_relative_to(b) or b.is_relative_to(point)), None)
+                if clash is not None:
+                    raise BucketError(0, f"the mount point {point} is over {clash}, which the sandbox needs")
+                await asyncio.to_thread(prepare_mount_point, self.root, str(point), identity.uid, identity.gid)
+            except OSError as exc:
+                await mount.unmount()
+                await self._bucket_failed(mount, exc, creating)
+
+    async def _bucket_failed(self, mount: BucketMount, exc: OSError, creating: bool) -> None:
+        why = exc.strerror or str(exc)
+        if creating:
+            where = f"{mount.bucket.uri} at {mount.bucket.mount_point}"
+            raise BucketError(exc.errno or 0, f"{where}: {why}") from None
+        mount.problem = why
+        log.warning("sandbox %s: bucket %s is not mounted: %s", self.sandbox_id, mount.bucket.uri, why)
 
     @property
     def running(self) -> bool:
@@ -194,6 +242,9 @@ class Jail:
             argv += ["--tmpfs", hidden]
         for hidden in hidden_server_dirs(mounts, self.options.runtime):
             argv += ["--tmpfs", hidden]
+        for mount in self.buckets:
+            if mount.mounted:  # its mount point was made a real directory just before (_bucket_points)
+                argv += ["--bind", str(mount.host_dir), mount.bucket.mount_point]
         argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm"]
         argv += ["--ro-bind", str(RELAY_SOURCE), SANDBOX_RELAY]
         argv += ["--chdir", HOME, "--"]
@@ -337,6 +388,11 @@ class Jail:
             with contextlib.suppress(OSError):
                 self.link_dir.unlink()
             self.tree.close()
+            for mount in self.buckets:
+                try:
+                    await mount.unmount()
+                except OSError as exc:  # its directory stays mounted: removing the sandbox fails (and is retried)
+                    log.warning("sandbox %s: could not unmount bucket %s: %s", self.sandbox_id, mount.bucket.uri, exc)
             if self.disk is not None:
                 await self.disk.unmount()
 

@@ -20,6 +20,7 @@ from typing import Any
 from jupyter_client.manager import AsyncKernelManager
 
 from ..settings import ServerSettings
+from .buckets import Bucket, Credentials, fuse_problem
 from .cgroups import Limits, Usage
 from .detect import Capabilities, capabilities
 from .jail import Jail, JailError, JailOptions
@@ -45,6 +46,20 @@ def describe(settings: ServerSettings) -> str:
     return caps.summary()
 
 
+def object_storage_problem(settings: ServerSettings) -> str | None:
+    """Why sandboxes of this server cannot have buckets mounted, or None."""
+    caps = server_capabilities(settings)
+    if caps is None or not caps.namespaces:
+        return "object storage mounts need the sandbox's own namespaces, and this server runs sandboxes unconfined"
+    return fuse_problem()
+
+
+def describe_object_storage(settings: ServerSettings) -> str:
+    """One line for `jupyter scalebox serve`: whether buckets can be mounted into sandboxes here."""
+    problem = object_storage_problem(settings)
+    return "object storage: " + ("s3fs mounts (object_storage on create)" if problem is None else f"off; {problem}")
+
+
 def none_info(settings: ServerSettings) -> dict[str, Any]:
     """get_info's `isolation` for a sandbox that runs unconfined, with the reasons."""
     caps = server_capabilities(settings)
@@ -68,6 +83,8 @@ class SandboxIsolation:
         disk_mb: int | None = None,
         internet: bool = True,
         runtime: Sequence[str] = (),
+        buckets: Sequence[Bucket] = (),
+        credentials: Sequence[Credentials] = (),
     ) -> None:
         self.settings = settings
         #: The only way the server touches the sandbox's files (as its uid, when it has one).
@@ -86,9 +103,16 @@ class SandboxIsolation:
                 uid_base=settings.sandbox_uid_base,
                 runtime=tuple(runtime),
                 seeds=((str(settings.cache_dir), f"{HOME}/.cache/scalebox"),),  # matplotlib's font cache
+                buckets=tuple(buckets),
             )
             self.jail = Jail(
-                caps, sandbox_id=sandbox_id, root=root, private_dir=private_dir, options=options, tree=self.tree
+                caps,
+                sandbox_id=sandbox_id,
+                root=root,
+                private_dir=private_dir,
+                options=options,
+                tree=self.tree,
+                credentials=credentials,
             )
         self._oom_seen = 0
         self._port_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
@@ -140,6 +164,10 @@ class SandboxIsolation:
 
     def info(self) -> dict[str, Any]:
         return self.jail.info() if self.jail is not None else none_info(self.settings)
+
+    def buckets(self) -> list[dict[str, Any]]:
+        """Each object storage mount: its uri, mount point and whether it is mounted (and if not, why)."""
+        return [mount.status() for mount in self.jail.buckets] if self.jail is not None else []
 
     # ------------------------------------------------------------------ pause
 

@@ -144,6 +144,26 @@ def test_the_files_api_reads_writes_and_lists_the_mount(mounted: Sandbox, s3: Mo
     assert not [e.name for e in mounted.files.list("/mnt/oss/uploaded") if e.name.endswith(".upload")]
 
 
+def test_writing_a_big_file_to_the_bucket_counts_against_the_sandboxs_own_disk(
+    server: LocalServer, http: httpx.Client, s3: MotoServer
+) -> None:
+    """s3fs keeps a file being written on the sandbox's disk image: a small disk stops the write (ENOSPC in that
+    sandbox), where it would otherwise fill the host's /tmp."""
+    body = {"disk_mb": 128, "object_storage": [s3.mount("s3://data/prefix/")]}
+    created = http.post("/v1/sandboxes", json=body)
+    assert created.status_code == 201, created.text
+    with Sandbox.connect(created.json()["data"]["sandbox_id"], config=config_for(server)) as sandbox:
+        execution = sandbox.run_code(
+            "import errno\ntry:\n    with open('/mnt/oss/huge.bin', 'wb') as f:\n"
+            "        for _ in range(200):\n            f.write(b'x' * (1 << 20))\n"
+            "except OSError as exc:\n    print(errno.errorcode[exc.errno])",
+            timeout=300,
+        )
+        assert execution.error is None, execution.error
+        assert "".join(execution.logs.stdout).strip() in ("ENOSPC", "EIO"), execution.logs
+        sandbox.kill()
+
+
 def test_a_prefix_of_a_few_thousand_objects_lists(mounted: Sandbox) -> None:
     execution = mounted.run_code(
         "import os\nnames = sorted(os.listdir('/workspace/many'))\nprint(len(names), names[0], names[-1])", timeout=300
@@ -357,14 +377,21 @@ BAD = [
     ("proc", {"mount_point": "/proc/1"}, "system directory /proc"),
     ("run", {"mount_point": "/run/scalebox/x"}, "system directory"),
     ("dotdot", {"mount_point": "/mnt/../etc"}, "plain path"),
+    ("double slash", {"mount_point": "//etc"}, "plain path"),
+    ("double slash deeper", {"mount_point": "//usr/lib"}, "plain path"),
+    ("inner double slash", {"mount_point": "/mnt//x"}, "plain path"),
     ("scheme", {"uri": "http://data/x"}, "s3://bucket/prefix/"),
     ("bucket", {"uri": "s3://a"}, "not a bucket name"),
     ("prefix", {"uri": "s3://data/a/../b"}, "prefix"),
     ("no secret", {"secret_key": None}, "secret_key is required"),
-    ("access key with colon", {"access_key": "AK:IA"}, "must not hold ':'"),
+    ("access key with colon", {"access_key": "AK:IA"}, "no ':' or spaces"),
+    ("access key with space", {"access_key": "AK IA"}, "no ':' or spaces"),
+    ("secret with space", {"secret_key": "se cret"}, "without spaces"),
     ("no place", {"region": None, "endpoint": None}, "needs a region or an endpoint"),
     ("endpoint with a password", {"endpoint": "http://user:pw@127.0.0.1:9"}, "only a scheme, a host and a port"),
     ("endpoint scheme", {"endpoint": "ftp://127.0.0.1"}, "endpoint must be"),
+    ("endpoint with an option", {"endpoint": "http://127.0.0.1,no_check_certificate"}, "only a scheme, a host"),
+    ("endpoint with a backslash", {"endpoint": "http://127.0.0.1\\x"}, "only a scheme, a host"),
     ("not a string", {"uri": 42}, "must be a string"),
 ]
 
@@ -379,6 +406,8 @@ def test_a_bad_mount_is_refused_before_the_sandbox_exists(
 
 
 def test_other_bad_shapes_are_refused(http: httpx.Client, server: LocalServer, s3: MotoServer) -> None:
+    message = _refused(http, server, s3.mount("s3://AKIAOOPS:hunter2@data/"), "not a bucket name")
+    assert "hunter2" not in message and "AKIAOOPS" not in message  # a key in the uri is never echoed
     _refused(http, server, "s3://data/", "object or a list")
     _refused(http, server, [s3.mount("s3://data/a/", "/mnt/a"), s3.mount("s3://data/b/", "/mnt/a/b")], "overlaps")
     _refused(http, server, [s3.mount("s3://data/a/", f"/mnt/m{i}") for i in range(9)], "at most 8")

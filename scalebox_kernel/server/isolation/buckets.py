@@ -24,6 +24,7 @@ import posixpath
 import re
 import signal
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ MAX_MOUNTS = 8
 #: Seconds s3fs has to mount and check the bucket (a failing request is retried once, connecting for 5 s at most):
 #: less than a client's default request timeout (30 s), so that a create is always answered.
 MOUNT_TIMEOUT = 25.0
+#: MiB s3fs leaves free on the sandbox's disk for the sandbox (beyond, a write to the bucket fails with ENOSPC).
+DISK_FREE_MB = 16
 #: What of s3fs's own messages is kept beside the mount (the rest is dropped).
 LOG_BYTES = 1 << 20
 #: Seconds an unmounted s3fs has to exit before it is killed.
@@ -53,6 +56,9 @@ CLOUD_ENDPOINTS = {
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
 _PREFIX_CHARS = re.compile(r"[A-Za-z0-9!\-_.*'()=+@,~ /]*")
 _REGION = re.compile(r"[A-Za-z0-9-]{1,64}")
+_ACCESS_KEY = re.compile(r"[A-Za-z0-9+/=._-]{1,256}")
+#: An endpoint's host: a name or IPv4 address, or a bracketed IPv6 one (nothing that s3fs's `-o` would split).
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 #: Where no bucket may be mounted: the system (bound read-only from the host), the jail's own places, and `/`.
 FORBIDDEN_TREES = (*SYSTEM_DIRS, "/proc", "/dev", "/sys", "/run", "/boot")
 #: Directories a bucket may be mounted below but not over (it would hide the sandbox's own files there).
@@ -134,10 +140,10 @@ def _text(entry: dict[str, Any], name: str, where: str, *, required: bool, limit
 def _uri(value: str, where: str) -> str:
     scheme, sep, rest = value.partition("://")
     if not sep or scheme not in SCHEMES:
-        raise ValueError(f"{where}.uri must look like s3://bucket/prefix/ (or oss://, cos://), not {value[:80]!r}")
+        raise ValueError(f"{where}.uri must look like s3://bucket/prefix/ (or oss://, cos://)")
     bucket, _, prefix = rest.partition("/")
-    if not _BUCKET.fullmatch(bucket):
-        raise ValueError(f"{where}.uri: {bucket[:80]!r} is not a bucket name (3 to 63 letters, digits, '.', '-', '_')")
+    if not _BUCKET.fullmatch(bucket):  # not shown: a mistaken `s3://KEY:SECRET@bucket/` must not be echoed
+        raise ValueError(f"{where}.uri: the bucket is not a bucket name (3 to 63 letters, digits, '.', '-', '_')")
     parts = [p for p in prefix.split("/") if p]
     if not _PREFIX_CHARS.fullmatch(prefix) or any(p in (".", "..") for p in parts) or "//" in prefix.strip("/"):
         raise ValueError(
@@ -152,7 +158,7 @@ def mount_point_problem(path: str, where: str = "object_storage") -> str | None:
     if not path.startswith("/"):
         return f"{where}.mount_point must be an absolute path inside the sandbox (like /mnt/oss), not {path[:80]!r}"
     trimmed = path.rstrip("/") or "/"
-    if posixpath.normpath(trimmed) != trimmed:
+    if "//" in trimmed or posixpath.normpath(trimmed) != trimmed:
         return f"{where}.mount_point {path[:80]!r} must be a plain path (no '.', '..' or '//' parts)"
     if trimmed in NOT_OVER:
         return (
@@ -188,8 +194,10 @@ def parse_object_storage(value: Any) -> list[tuple[Bucket, Credentials]]:
         mount_point = mount_point.rstrip("/")
         access_key = _text(entry, "access_key", where, required=True, limit=256) or ""
         secret_key = _text(entry, "secret_key", where, required=True, limit=1024) or ""
-        if ":" in access_key or any(c.isspace() for c in access_key):
-            raise ValueError(f"{where}.access_key must not hold ':' or spaces")
+        if not _ACCESS_KEY.fullmatch(access_key):
+            raise ValueError(f"{where}.access_key must be letters, digits and +/=._- only (no ':' or spaces)")
+        if not secret_key.isascii() or any(c.isspace() for c in secret_key):
+            raise ValueError(f"{where}.secret_key must be ASCII without spaces")
         region = _text(entry, "region", where, required=False, limit=64)
         if region is not None and not _REGION.fullmatch(region):
             raise ValueError(f"{where}.region must be letters, digits and '-', like us-east-1")
@@ -213,14 +221,23 @@ def _endpoint(value: str | None, where: str) -> str | None:
         value = "https://" + value
     try:
         parts = urlsplit(value)
-        parts.port  # noqa: B018 - a bad port raises here
+        port = parts.port  # a bad port raises here
     except ValueError:
-        parts = None
+        parts, port = None, None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{where}.endpoint must be the service's URL, like https://s3.example.com, not {value[:80]!r}")
-    if parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ValueError(f"{where}.endpoint must be the service's URL, like https://s3.example.com")
+    host = parts.netloc.rpartition("@")[2]
+    host = host[: -len(f":{port}")] if port is not None and host.endswith(f":{port}") else host
+    if (
+        parts.username
+        or parts.password
+        or parts.query
+        or parts.fragment
+        or parts.path not in ("", "/")
+        or not _HOST.fullmatch(host)
+    ):
         raise ValueError(f"{where}.endpoint must be a URL with only a scheme, a host and a port, like http://host:9000")
-    return f"{parts.scheme}://{parts.netloc}"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
 # ---- this machine -----------------------------------------------------------------------------------------------
@@ -257,6 +274,8 @@ def s3fs_version() -> str | None:
 
 def _failure(bucket: Bucket, log_text: str, secrets: list[str]) -> str:
     """What s3fs's log says went wrong, as a sentence that names what to fix (and never a key)."""
+    # Only what s3fs reported (its first line repeats its command line, options and all).
+    log_text = "\n".join(line for line in log_text.splitlines() if "s3fs version" not in line)
     codes = re.findall(r"<Code>([A-Za-z]+)</Code>", log_text)
     for code in codes:
         if code in S3_ERRORS:
@@ -277,7 +296,12 @@ def _failure(bucket: Bucket, log_text: str, secrets: list[str]) -> str:
     ):
         if needle in lowered:
             return f"could not reach the endpoint {bucket.endpoint}: {why}; check endpoint (and region)"
-    lines = [line for line in log_text.splitlines() if "[ERR]" in line or "[CRT]" in line]
+    if "no enough disk space" in lowered:
+        return (
+            f"the sandbox's disk is too small for s3fs's write buffers (it needs {DISK_FREE_MB + 32} MiB free): "
+            "ask for more disk_mb"
+        )
+    lines = [line for line in log_text.splitlines() if "[ERR]" in line or line.startswith("s3fs: ")]
     last = lines[-1].split("):", 1)[-1].strip() if lines else "s3fs gave up without saying why"
     for secret in secrets:
         last = last.replace(secret, "***")
@@ -307,7 +331,7 @@ class BucketMount:
         with os.fdopen(fd, "w") as handle:
             handle.write(f"{credentials.access_key}:{credentials.secret_key}\n")
 
-    def _argv(self, s3fs: str, uid: int, gid: int) -> list[str]:
+    def _argv(self, s3fs: str, uid: int, gid: int, tmpdir: Path) -> list[str]:
         bucket = self.bucket
         source = bucket.bucket + (f":/{bucket.prefix}" if bucket.prefix else "")
         options = [
@@ -324,6 +348,10 @@ class BucketMount:
             "retries=1",
             "connect_timeout=5",
             "readwrite_timeout=60",
+            f"tmpdir={tmpdir}",  # files being written wait on the sandbox's own disk, within its limit
+            f"ensure_diskfree={DISK_FREE_MB}",
+            "multipart_size=8",  # MiB per part, 4 at once: what s3fs needs free on that disk beside DISK_FREE_MB
+            "parallel_count=4",
             "dbglevel=err",
         ]
         if bucket.region:
@@ -339,9 +367,10 @@ class BucketMount:
     def mounted(self) -> bool:
         return self.process is not None and self.process.returncode is None and is_mounted(self.host_dir)
 
-    async def mount(self, uid: int, gid: int) -> None:
+    async def mount(self, uid: int, gid: int, *, tmpdir: Path, deadline: float) -> None:
         """Mount the bucket on the host (again, after a restart: what an earlier s3fs left goes first), and wait
-        until s3fs has checked it; BucketError says what to fix."""
+        until s3fs has checked it, at most until `deadline` (monotonic); BucketError says what to fix. `tmpdir`
+        is a root-only directory on the sandbox's own disk, where s3fs keeps the files being written."""
         if self.mounted:
             return
         await self.unmount()
@@ -351,13 +380,14 @@ class BucketMount:
         if not self.passwd.is_file():
             raise BucketError(errno.ENOENT, "the keys of this mount are gone (its private file is missing)")
         self.host_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmpdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = dict(SYSTEM_ENV)
         for name in ("CURL_CA_BUNDLE", "SSL_CERT_FILE"):  # a private CA's certificates (paths, not secrets)
             if os.environ.get(name):
                 env["CURL_CA_BUNDLE"] = os.environ[name]
                 break
         self.process = await asyncio.create_subprocess_exec(
-            *self._argv(s3fs, uid, gid),
+            *self._argv(s3fs, uid, gid, tmpdir),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -367,13 +397,15 @@ class BucketMount:
         assert self.process.stdout is not None
         self._copier = asyncio.create_task(_copy_scrubbed(self.process.stdout, self.log, self._secrets()))
         try:
-            await asyncio.wait_for(self._checked(), MOUNT_TIMEOUT)
+            await asyncio.wait_for(self._checked(), max(0.1, deadline - time.monotonic()))
         except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()  # stuck in its check: it would not end of itself
             await self.unmount()
             raise BucketError(
                 errno.ETIMEDOUT,
-                f"s3fs did not mount bucket {self.bucket.bucket!r} within {MOUNT_TIMEOUT:.0f} s: check the endpoint "
-                f"{self.bucket.endpoint}",
+                f"s3fs did not mount bucket {self.bucket.bucket!r} in time ({MOUNT_TIMEOUT:.0f} s for all the "
+                f"mounts): the endpoint {self.bucket.endpoint} does not answer",
             ) from None
         except BucketError:
             await self.unmount()
@@ -436,44 +468,53 @@ class BucketMount:
 
     def status(self) -> dict[str, Any]:
         info: dict[str, Any] = {**self.bucket.public(), "mounted": self.mounted}
-        if self.problem and not info["mounted"]:
-            info["problem"] = self.problem
+        if not info["mounted"]:
+            if self.process is not None and self.process.returncode is not None:
+                self.problem = (
+                    f"s3fs stopped (exit code {self.process.returncode}); the sandbox's next restart mounts it again"
+                )
+            if self.problem:
+                info["problem"] = self.problem
         return info
 
 
 async def _copy_scrubbed(stream: asyncio.StreamReader, log: Path, secrets: list[str]) -> None:
     """s3fs's output into `log` with the keys replaced (an S3 error can quote the access key), up to LOG_BYTES;
     read to its end whatever it writes, so that s3fs never blocks on a full pipe."""
-    keep = max((len(secret) for secret in secrets), default=0)
+    keys = [secret.encode() for secret in secrets if secret]
+    keep = max((len(key) for key in keys), default=1) - 1  # bytes held back: a key cut in two is never written
     written = 0
     pending = b""
     with open(log, "wb") as out:
 
         def emit(data: bytes) -> None:
             nonlocal written
-            text = data.decode(errors="replace")
-            for secret in secrets:
-                text = text.replace(secret, "***")
-            encoded = text.encode()
-            if encoded and written + len(encoded) <= LOG_BYTES:
+            if data and written + len(data) <= LOG_BYTES:
                 with contextlib.suppress(OSError):  # a full disk loses the log, never s3fs
-                    out.write(encoded)
+                    out.write(data)
                     out.flush()
-                written += len(encoded)
+                written += len(data)
+
+        def scrub(data: bytes) -> bytes:
+            for key in keys:
+                data = data.replace(key, b"***")
+            return data
 
         while chunk := await stream.read(65536):
-            pending += chunk
-            cut = pending.rfind(b"\n") + 1  # whole lines, so that no key is cut in two
+            pending = scrub(pending + chunk)
+            cut = pending.rfind(b"\n") + 1
             if not cut and len(pending) > 65536:
                 cut = len(pending) - keep
             emit(pending[:cut])
             pending = pending[cut:]
-        emit(pending)
+        emit(scrub(pending))
 
 
 def _leftovers(host_dir: Path) -> list[int]:
     """Pids of s3fs processes serving `host_dir` (an earlier server's, which it could not end)."""
     target = os.fsencode(host_dir)
+    s3fs = which("s3fs")
+    real = os.path.realpath(s3fs) if s3fs else ""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -482,8 +523,14 @@ def _leftovers(host_dir: Path) -> list[int]:
                     argv = handle.read().split(b"\0")
             except OSError:
                 continue
-            if os.path.basename(argv[0]) == b"s3fs" and target in argv:
-                found.append(int(entry))
+            if target not in argv or os.path.basename(argv[0]) != b"s3fs":
+                continue
+            try:  # ours: root's, running the real s3fs (a sandbox's process may look like one, but is not root)
+                if os.stat(f"/proc/{entry}").st_uid != 0 or os.path.realpath(f"/proc/{entry}/exe") != real:
+                    continue
+            except OSError:
+                continue
+            found.append(int(entry))
     return found
 
 

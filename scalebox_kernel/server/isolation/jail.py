@@ -27,6 +27,7 @@ import re
 import shlex
 import site
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,15 @@ from jupyter_core.paths import jupyter_config_path
 
 from ..validation import ENV_NAME, RESERVED_ENV_PREFIX
 from . import netns, network
-from .buckets import Bucket, BucketError, BucketMount, Credentials, prepare_mount_point
+from .buckets import (
+    MOUNT_TIMEOUT,
+    Bucket,
+    BucketError,
+    BucketMount,
+    Credentials,
+    mount_point_problem,
+    prepare_mount_point,
+)
 from .cgroups import Limits, SandboxCgroups, Usage
 from .detect import Capabilities
 from .disk import DiskImage, can_limit_disk
@@ -154,12 +163,12 @@ class Jail:
             self.identity = identity
             self.tree.set_identity(identity.uid, identity.gid)
             creating = bool(self._credentials)
-            await self._mount_buckets(identity, creating)
             await self._mount_disk()
             runtime = runtime_paths(self.options.runtime)
             mounts = await asyncio.to_thread(prepare_root, self.root, runtime, identity)
             if new:
                 await asyncio.to_thread(own_tree, self.root, identity)
+            await self._mount_buckets(identity, creating)
             await self._bucket_points(mounts, identity, creating)
             self._fresh_uid = new
             self._link_host_dir()
@@ -188,9 +197,11 @@ class Jail:
         for mount, credentials in zip(self.buckets, self._credentials, strict=False):
             await asyncio.to_thread(mount.write_credentials, credentials)
         self._credentials = []
-        for mount in self.buckets:
+        deadline = time.monotonic() + MOUNT_TIMEOUT  # for all of them: a create is answered in time
+        for index, mount in enumerate(self.buckets):
             try:
-                await mount.mount(identity.uid, identity.gid)
+                # Files being written wait on the sandbox's own disk (its limit), where only root reaches them.
+                await mount.mount(identity.uid, identity.gid, tmpdir=self.host_dir / f"s3fs-{index}", deadline=deadline)
             except OSError as exc:
                 await self._bucket_failed(mount, exc, creating)
 
@@ -202,6 +213,9 @@ class Jail:
                 continue
             point = Path(mount.bucket.mount_point)
             try:
+                problem = mount_point_problem(mount.bucket.mount_point)
+                if problem:  # checked at create already; a record is never trusted with a mount
+                    raise BucketError(0, problem)
                 clash = next((b for b in bound if point.is_relative_to(b) or b.is_relative_to(point)), None)
                 if clash is not None:
                     raise BucketError(0, f"the mount point {point} is over {clash}, which the sandbox needs")

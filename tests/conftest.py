@@ -39,6 +39,7 @@ def isolated_jupyter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     os.environ["IPYTHONDIR"] = str(root / "ipython")
     os.environ["SCALEBOX_DATA_DIR"] = str(root / "scalebox-default")
     os.environ["SCALEBOX_LOCAL_AUTOSTART"] = "0"  # tests start their servers explicitly
+    os.environ["SCALEBOX_LOCAL_POOL_SIZE"] = "0"  # the pool only where a test asks for it (test_pool.py)
     os.environ.setdefault("MPLBACKEND", "agg")
     yield root
     os.environ.clear()

@@ -204,6 +204,7 @@ class ControlPlane:
             Route("/v1/sandboxes/{sandbox_id}/metrics", guard(self.metrics), methods=["GET"]),
             Route("/v1/sandboxes/{sandbox_id}/status", guard(self.status), methods=["GET"]),
             Route("/v1/scalebox-regions", guard(self.regions), methods=["GET"]),
+            Route("/v1/pool", guard(self.pool), methods=["GET"]),
         ]
 
     def _guard(self, handler: Handler) -> Handler:
@@ -262,6 +263,7 @@ class ControlPlane:
             "secure": record.secure,
             "isolation": self._isolation(record),
             "object_storage": self._buckets(record),
+            "warm": record.warm,
         }
 
     def list_item(self, record: SandboxRecord) -> dict[str, Any]:
@@ -363,6 +365,10 @@ class ControlPlane:
         if record.problem:
             data["problem"] = scrub(record.problem)
         return _ok(data)
+
+    async def pool(self, request: Request) -> Response:
+        """scalebox-local's warm pool: its size, what is ready, its memory and budget."""
+        return _ok(self.manager.pool.status())
 
     async def regions(self, request: Request) -> Response:
         return _ok({"scalebox_regions": REGIONS})

@@ -22,6 +22,7 @@ from .isolation.jail import clean_stale_links
 from .isolation.sandbox import SandboxIsolation, object_storage_problem
 from .isolation.tree import remove_path
 from .isolation.uids import RECORD, release
+from .pool import PoolRequest, WarmPool
 from .settings import ServerSettings
 from .store import PAUSED, RUNNING, TERMINATED, SandboxRecord, SandboxStore, iso
 from .validation import MAX_ENV_BYTES, env_problem, map_problem, name_problem, range_problem
@@ -168,6 +169,7 @@ class SandboxManager:
         self._reaper: asyncio.Task[None] | None = None
         self._ending: dict[str, str] = {}  # sandbox id -> "expired"/"killed", from the start of its termination
         self._retries: dict[str, _Retry] = {}  # sandbox id -> its failed expiry, kill or stop, to try again
+        self.pool = WarmPool(settings, self._pool_agent, self._remove_files)
 
     # ---- lifetime of the manager -------------------------------------------------------------------------------
 
@@ -179,6 +181,11 @@ class SandboxManager:
             if record.state == TERMINATED:
                 continue
             self._lost[record.sandbox_id] = RESTART_REASON
+            if record.state == PAUSED:  # it starts when resumed; what the last server left mounted goes now
+                try:
+                    await unmount_all(self._tree(record.sandbox_id))
+                except OSError as exc:
+                    log.warning("sandbox %s: could not unmount its buckets: %s", record.sandbox_id, exc)
             if record.state == RUNNING and record.end_at <= now:
                 await self._settle(record, "expire", self._expire(record))
             elif record.state == RUNNING:
@@ -192,6 +199,7 @@ class SandboxManager:
         live = {sid for sid, record in self._records.items() if record.state == RUNNING}
         await asyncio.to_thread(clean_stale_links, self.settings.data_path, live)
         self._reaper = asyncio.create_task(self._reap_forever(), name="scalebox-reaper")
+        self.pool.refill()
 
     async def _sweep_orphans(self) -> None:
         """Remove sandbox directories that no record knows (a create cut short by a crash): their disk images,
@@ -208,7 +216,9 @@ class SandboxManager:
                         log.warning("could not remove the orphaned sandbox directory %s: %s", entry, exc)
 
     async def close(self) -> None:
-        """Stop every agent (kernels, commands); records stay as they are for the next start."""
+        """Stop every agent (kernels, commands); records stay as they are for the next start. The pool's sandboxes
+        go (they have no records)."""
+        await self.pool.close()
         if self._reaper:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -291,9 +301,31 @@ class SandboxManager:
 
     async def create(self, spec: CreateSpec) -> SandboxRecord:
         spec.validate(self.settings)
+        warm = await self.pool.take(
+            PoolRequest(
+                envs=spec.envs,
+                memory_mb=spec.memory_mb or self.settings.memory_mb,
+                cpu_count=spec.cpu_count or self.settings.cpu_count,
+                disk_mb=spec.disk_mb,
+                allow_internet_access=spec.allow_internet_access,
+                object_storage=bool(spec.object_storage),
+            )
+        )
+        record = self._record(spec, warm.sandbox_id if warm is not None else "sbx-" + secrets.token_hex(8))
+        if warm is not None:
+            record.warm = True
+            async with self._lock(record.sandbox_id):
+                self.store.save(record)
+                self._agents[record.sandbox_id] = warm
+                self._records[record.sandbox_id] = record
+            self._wake.set()
+            return record
+        return await self._create_cold(spec, record)
+
+    def _record(self, spec: CreateSpec, sandbox_id: str) -> SandboxRecord:
         now = time.time()
-        record = SandboxRecord(
-            sandbox_id="sbx-" + secrets.token_hex(8),
+        return SandboxRecord(
+            sandbox_id=sandbox_id,
             template=spec.template,
             token=secrets.token_urlsafe(32),
             created_at=now,
@@ -309,6 +341,9 @@ class SandboxManager:
             disk_mb=spec.disk_mb,
             object_storage=[bucket.to_json() for bucket, _ in spec.object_storage],
         )
+
+    async def _create_cold(self, spec: CreateSpec, record: SandboxRecord) -> SandboxRecord:
+        """Make a sandbox from nothing (what the pool could not give)."""
         agent = self._new_agent(record, [credentials for _, credentials in spec.object_storage])
         if not spec.allow_internet_access and "network" in agent.isolation().get("missing", []):
             raise BadRequest(
@@ -426,6 +461,19 @@ class SandboxManager:
     def _tree(self, sandbox_id: str) -> Path:
         """The sandbox's directory: its root tree and, beside it, its private files."""
         return self.settings.sandbox_root(sandbox_id).parent
+
+    def _pool_agent(self, sandbox_id: str) -> SandboxAgent:
+        """A sandbox of the warm pool: the server's defaults, no record yet."""
+        return SandboxAgent(
+            sandbox_id=sandbox_id,
+            root=self.settings.sandbox_root(sandbox_id),
+            envs={},
+            settings=self.settings,
+            memory_mb=self.settings.memory_mb,
+            cpu_count=self.settings.cpu_count,
+            disk_mb=None,
+            allow_internet_access=True,
+        )
 
     def _new_agent(self, record: SandboxRecord, credentials: Sequence[Credentials] = ()) -> SandboxAgent:
         return SandboxAgent(

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, default, validate
+from traitlets import Bool, CaselessStrEnum, Float, Int, List, Unicode, default, validate
 from traitlets.config import Configurable
 
 from ..config import ScaleboxConfig
@@ -78,6 +78,37 @@ class ServerSettings(Configurable):
         config=True,
         help="Disk (MiB) of a sandbox whose create request names none: its files live on a sparse ext4 image of "
         "that size when isolated (root with loop devices), so filling it stops that sandbox only; 0: no limit.",
+    )
+    pool_size = Int(
+        min=0,
+        config=True,
+        help="Sandboxes the warm pool keeps started (jail, home and kernels ready), handed to creates that they "
+        "can honour; 0 turns the pool off. Env: SCALEBOX_LOCAL_POOL_SIZE.",
+    )
+
+    @default("pool_size")
+    def _default_pool_size(self) -> int:
+        raw = os.environ.get("SCALEBOX_LOCAL_POOL_SIZE", "").strip()
+        if raw:
+            if not raw.isdigit():
+                problem = f"SCALEBOX_LOCAL_POOL_SIZE={raw[:40]!r} is not valid: it takes a whole number, 0 or more"
+                raise ValueError(problem)
+            return int(raw)
+        return 2
+
+    pool_languages = List(
+        Unicode(),
+        ["python"],
+        config=True,
+        help="Languages whose kernel every pooled sandbox starts before it is taken (its first cell in each then "
+        "finds a kernel ready).",
+    )
+    pool_memory_mb = Int(
+        1024,
+        min=0,
+        config=True,
+        help="MiB the pooled sandboxes may use together (measured in their cgroups); the pool stops growing "
+        "before one more would pass it.",
     )
     allow_private_networks = Bool(
         False,

@@ -52,6 +52,7 @@ class SandboxRecord:
     problem: str = ""  # why the last expiry or kill of it failed (it is being retried), if one did
     #: Its buckets (isolation/buckets.py `Bucket.to_json`): uri, mount point, endpoint, region; never a key.
     object_storage: list[dict[str, Any]] = field(default_factory=list)
+    warm: bool = False  # taken from the warm pool (started before the create)
 
     def __repr__(self) -> str:  # never show the token
         return f"SandboxRecord({self.sandbox_id!r}, state={self.state!r}, reason={self.reason!r})"
@@ -62,7 +63,7 @@ class SandboxRecord:
 
 _COLUMNS = [f.name for f in fields(SandboxRecord)]
 _JSON_COLUMNS = {"metadata", "envs", "object_storage"}
-_BOOL_COLUMNS = {"auto_pause", "allow_internet_access", "secure"}
+_BOOL_COLUMNS = {"auto_pause", "allow_internet_access", "secure", "warm"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -85,7 +86,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     ended_at REAL,
     disk_mb INTEGER,
     problem TEXT NOT NULL DEFAULT '',
-    object_storage TEXT NOT NULL DEFAULT '[]'
+    object_storage TEXT NOT NULL DEFAULT '[]',
+    warm INTEGER NOT NULL DEFAULT 0
 )
 """
 #: Columns added since the first release, with their definitions: added to older databases when they open.
@@ -93,6 +95,7 @@ _ADDED_COLUMNS = {
     "disk_mb": "INTEGER",
     "problem": "TEXT NOT NULL DEFAULT ''",
     "object_storage": "TEXT NOT NULL DEFAULT '[]'",
+    "warm": "INTEGER NOT NULL DEFAULT 0",
 }
 
 

@@ -72,6 +72,8 @@ def info_rows(name: str, session: SandboxSession, info: SandboxInfo, envs: dict[
     ]
     if info.isolation is not None:
         rows.append(("isolation", ", ".join(f"{k}={v}" for k, v in info.isolation.items()) or "none"))
+    if isinstance(info.raw.get("warm"), bool):
+        rows.append(("warm start", "yes: taken from the server's warm pool" if info.raw["warm"] else "no"))
     if info.object_storage:
         rows.append(("mounts", ", ".join(_mount(item) for item in info.object_storage)))
     rows.append(("contexts", ", ".join(f"{lang} ({cid})" for lang, cid in state.contexts.items()) or "none yet"))

@@ -173,6 +173,17 @@ class SandboxAgent:
                 self.tree.makedirs(target.rpartition("/")[0])
                 self.tree.write_new(target, path.read_bytes())
 
+    async def become(self, *, envs: dict[str, str], memory_mb: int, cpu_count: int) -> None:
+        """Make a pooled sandbox the one a create asked for: its limits, and its env vars (the kernels started
+        before them start again with them, before any cell)."""
+        self.confinement.set_limits(memory_mb=memory_mb, cpu_count=cpu_count)
+        if envs:
+            self.envs = dict(envs)
+            languages = [context.runtime.name for context in self.contexts.all()]
+            await self.contexts.shutdown("the sandbox was given its environment")
+            for language in languages:
+                self.contexts.warm_default(language)
+
     async def pause(self) -> None:
         """Freeze every process of the sandbox (the cgroup freezer, where there is one: it also stops what left
         its process group, like bash_kernel's shell) and SIGSTOP each kernel's and command's group; memory and

@@ -8,6 +8,7 @@ each language (or of a context id from before) says so on stderr before it runs 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,8 @@ MAX_CONTEXTS = 32
 #: jupyter_server and JupyterLab route kernel ids by. (Ids of the older 16-hex-digit shape still come back after
 #: a restart.)
 _CONTEXT_ID = re.compile(r"^(?P<language>[a-z]+)-([0-9a-f]{16}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4})$")
+
+log = logging.getLogger("scalebox_kernel.server")
 
 
 def _new_context_id(language: str) -> str:
@@ -78,6 +81,9 @@ class Contexts:
         self._lost_reason: str | None = None
         self._lost_languages: set[str] = set()  # languages whose next default context must announce the loss
         self._paused = False
+        #: Default contexts started ahead of time (warm_default) that nobody used yet: the first CreateContext of
+        #: their language takes one over instead of starting another kernel.
+        self._spares: set[str] = set()
 
     # ------------------------------------------------------------------ lookup and lifetime
 
@@ -117,6 +123,12 @@ class Contexts:
         return context
 
     def default(self, language: str) -> CodeContext:
+        """The default context of a language, created on first use."""
+        context = self._default(language)
+        self._spares.discard(context.id)
+        return context
+
+    def _default(self, language: str) -> CodeContext:
         """The default context of a language, created on first use. A name seen before finds it without resolving
         the runtime again (which reads the runtime's spec from disk: a cost on every cell)."""
         context = self._contexts.get(self._defaults.get(self._resolved.get(language, ""), ""))
@@ -138,6 +150,7 @@ class Contexts:
     def find(self, context_id: str) -> CodeContext:
         context = self._contexts.get(context_id)
         if context is not None:
+            self._spares.discard(context_id)
             return context
         match = _CONTEXT_ID.match(context_id)
         if self._lost_reason and match and match["language"] in LANGUAGES and context_id not in self._created:
@@ -148,6 +161,7 @@ class Contexts:
         raise ConnectError("not_found", f"context {context_id} not found")
 
     async def destroy(self, context_id: str) -> None:
+        self._spares.discard(context_id)
         context = self._contexts.pop(context_id, None)
         if context is None:
             raise ConnectError("not_found", f"context {context_id} not found")
@@ -157,9 +171,54 @@ class Contexts:
         await context.kernel.shutdown()
 
     def warm_default(self, language: str = "python") -> None:
-        """Create the default context of a language now, so its kernel is ready before the first cell."""
+        """Create the default context of a language now, so its kernel is ready before the first cell (or for the
+        first CreateContext of that language to take over)."""
+        before = set(self._contexts)
         with contextlib.suppress(ConnectError):
-            self.default(language)
+            context = self._default(language)
+            if context.id not in before:
+                self._spares.add(context.id)
+
+    async def warm(self, language: str) -> None:
+        """Start the default context of a language now and wait until its kernel is up (a pooled sandbox's), still
+        free for the first CreateContext to take over."""
+        self.warm_default(language)
+        await self._default(language).kernel.ready()
+
+    async def _adopt(self, language: str, cwd: str) -> CodeContext | None:
+        """A new context made of a spare default one of `language` (its kernel started ahead, never used), moved to
+        `cwd`; None when there is none (or it cannot move there)."""
+        runtime = self.registry.resolve(language)
+        spare = next(
+            (self._contexts[i] for i in sorted(self._spares) if self._contexts[i].runtime.name == runtime.name), None
+        )
+        if spare is None:
+            return None
+        sandbox_cwd, _ = self._paths.cwd(cwd)
+        move = runtime.chdir_code(sandbox_cwd) if sandbox_cwd != spare.cwd else ""
+        if move is None:
+            return None
+        # From here on it is nobody's default: a concurrent cell of the default context gets a kernel of its own.
+        self._spares.discard(spare.id)
+        del self._contexts[spare.id]
+        if self._defaults.get(runtime.name) == spare.id:
+            del self._defaults[runtime.name]
+        try:
+            if move:
+                await spare.kernel.run_silently(move)
+            else:
+                await spare.kernel.ready()
+        except Exception:
+            log.info("a spare %s kernel could not be taken over; starting another", runtime.name, exc_info=True)
+            await spare.kernel.shutdown()
+            return None
+        created = Timestamp()
+        created.GetCurrentTime()
+        context_id = _new_context_id(runtime.name)
+        context = CodeContext(id=context_id, runtime=runtime, cwd=sandbox_cwd, created_at=created, kernel=spare.kernel)
+        self._contexts[context_id] = context
+        self._created.add(context_id)
+        return context
 
     def mark_state_lost(self, reason: str) -> None:
         self._lost_reason = reason
@@ -183,6 +242,7 @@ class Contexts:
 
     async def shutdown(self, reason: str) -> None:
         contexts = list(self._contexts.values())
+        self._spares.clear()
         self._contexts.clear()
         self._defaults.clear()
         for context in contexts:
@@ -194,6 +254,10 @@ class Contexts:
     # ------------------------------------------------------------------ RPCs
 
     async def create_context(self, request: pb.CreateContextRequest) -> pb.Context:
+        if len(self._contexts) < MAX_CONTEXTS:
+            adopted = await self._adopt(request.language, request.cwd)
+            if adopted is not None:
+                return adopted.message()
         return self.create(request.language, request.cwd).message()
 
     async def destroy_context(self, request: pb.DestroyContextRequest) -> pb.DestroyContextResponse:

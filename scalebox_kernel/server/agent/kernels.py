@@ -161,6 +161,12 @@ class Kernel:
         """Start the kernel if it is not running (a Jupyter endpoint client is about to use it)."""
         await self._ensure_started()
 
+    async def run_silently(self, code: str) -> None:
+        """Run helper code in the kernel (started if need be) between cells, showing nothing."""
+        async with self.lock:
+            await self._ensure_started()
+            await self._silent(code)
+
     async def _ensure_started(self) -> None:
         async with self._start_lock:
             if self._closed:

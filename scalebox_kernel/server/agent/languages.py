@@ -76,6 +76,10 @@ class ROutput(CellOutput):
 
 class RRuntime(Runtime):
     name = "r"
+
+    def chdir_code(self, path: str) -> str:
+        return f"invisible(setwd({json.dumps(path)}))"
+
     display_name = "R"
 
     def env_code(self, env_vars: Mapping[str, str]) -> tuple[str, str]:
@@ -226,6 +230,10 @@ class TslabOutput(CellOutput):
 
 class NodeRuntime(Runtime):
     name = "nodejs"
+
+    def chdir_code(self, path: str) -> str:
+        return f"process.chdir({json.dumps(path)});"
+
     display_name = "Node.js"
     settle_after_error = 0.25  # tslab answers `abort` for 200 ms after an error
     ipc_transport = False  # tslab builds `ipc://ip:port` URLs
@@ -299,6 +307,10 @@ class DenoOutput(CellOutput):
 
 class DenoRuntime(Runtime):
     name = "typescript"
+
+    def chdir_code(self, path: str) -> str:
+        return f"Deno.chdir({json.dumps(path)});"
+
     display_name = "TypeScript"
     interrupt_restarts = True  # SIGINT kills deno's kernel and a message-mode interrupt wedges it
     ipc_transport = False  # "invalid host" for an IPC path
@@ -395,6 +407,10 @@ class BashOutput(CellOutput):
 
 class BashRuntime(Runtime):
     name = "bash"
+
+    def chdir_code(self, path: str) -> str:
+        return f"cd {shlex.quote(path)}"
+
     display_name = "Bash"
     ipykernel_based = True
 

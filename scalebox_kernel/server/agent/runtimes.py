@@ -233,6 +233,10 @@ class Runtime:
         """Code run silently before and after one cell to apply `ExecuteRequest.env_vars`; None: unsupported."""
         return None
 
+    def chdir_code(self, path: str) -> str | None:
+        """Code run silently to move a started kernel to `path` (a spare kernel taken over); None: it cannot."""
+        return None
+
     def cell_output(self, code: str = "") -> CellOutput:
         """A fresh normaliser for one cell's output (kernels that misreport results or errors override it)."""
         return CellOutput()
@@ -261,6 +265,9 @@ class PythonRuntime(Runtime):
         # No MPLBACKEND from the server: ipykernel then picks its inline backend, so plots become image/png.
         env.pop("MPLBACKEND", None)
         return KernelLaunch(argv=lossless_iopub_argv(argv), env=env)
+
+    def chdir_code(self, path: str) -> str:
+        return f"__import__('os').chdir({json.dumps(path)})"
 
     def env_code(self, env_vars: Mapping[str, str]) -> tuple[str, str]:
         values = json.dumps(dict(env_vars))

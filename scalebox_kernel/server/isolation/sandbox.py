@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -124,6 +125,20 @@ class SandboxIsolation:
     @property
     def active(self) -> bool:
         return self.jail is not None
+
+    @property
+    def running(self) -> bool:
+        """Whether its namespaces are alive (always, for an unconfined sandbox)."""
+        return self.jail is None or self.jail.running
+
+    def set_limits(self, *, memory_mb: int | None, cpu_count: float | None) -> None:
+        """Change the memory and CPU limits of a running sandbox (a pooled one, taken for a create)."""
+        if self.jail is None:
+            return
+        limits = dataclasses.replace(self.jail.options.limits, memory_mb=memory_mb, cpu_count=cpu_count)
+        self.jail.options = dataclasses.replace(self.jail.options, limits=limits)
+        if self.jail.cgroups is not None:
+            self.jail.cgroups.set_limits(limits)
 
     async def start(self) -> None:
         self.kernel_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -1,0 +1,212 @@
+"""The warm pool (issue 15): sandboxes started ahead of time, handed to the creates they can honour.
+
+A taken sandbox honours metadata, timeout, env vars and limits as a cold one does, two takes share nothing, the
+pool refills, stays within its memory budget, and a server restart neither leaks nor double-counts its sandboxes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from client_support import config_for
+from conftest import LocalServer
+
+from scalebox_kernel.client import Sandbox
+from scalebox_kernel.server.isolation import capabilities
+
+CAPS = capabilities()
+pytestmark = pytest.mark.skipif(not CAPS.namespaces, reason="no isolation here: " + "; ".join(CAPS.problems))
+
+
+def pool_of(server: LocalServer) -> dict[str, Any]:
+    with server.client() as http:
+        found: dict[str, Any] = http.get("/v1/pool").json()["data"]
+        return found
+
+
+def wait_ready(server: LocalServer, ready: int, timeout: float = 90.0) -> dict[str, Any]:
+    """The pool's status once it holds `ready` sandboxes (bounded)."""
+    deadline = time.monotonic() + timeout
+    status = pool_of(server)
+    while status["ready"] != ready and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = pool_of(server)
+    assert status["ready"] == ready, status
+    return status
+
+
+def sandbox_dirs(server: LocalServer) -> set[str]:
+    return set(os.listdir(server.data_dir / "sandboxes"))
+
+
+@pytest.fixture(scope="module")
+def server(server_factory: Callable[..., LocalServer]) -> LocalServer:
+    return server_factory(extra=["--ServerSettings.pool_size=2"])
+
+
+@pytest.fixture(scope="module")
+def http(server: LocalServer) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        client.timeout = httpx.Timeout(120)
+        yield client
+
+
+OPTIONS: dict[str, Any] = {
+    "metadata": {"team": "blue", "run": "42"},
+    "timeout": 123,
+    "envs": {"GREETING": "hello from the create", "PYTHONDONTWRITEBYTECODE": "1"},
+    "cpu_count": 1,
+    "memory_mb": 700,
+}
+
+
+def observed(sandbox: Sandbox) -> dict[str, Any]:
+    """What a user can see of a sandbox's options: through get_info, a cell and a command."""
+    info = sandbox.get_info()
+    cell = sandbox.run_code("import os, sys\n(os.environ.get('GREETING'), sys.flags.dont_write_bytecode)")
+    assert cell.error is None, cell.error
+    command = sandbox.commands.run("echo $GREETING")
+    return {
+        "metadata": info.metadata,
+        "timeout": info.timeout,
+        "cpu_count": info.cpu_count,
+        "memory_mb": info.memory_mb,
+        "limits": {k: v for k, v in (info.isolation or {}).get("limits", {}).items()},
+        "cell": cell.text,
+        "command": command.stdout.split("\n")[0],
+        "template": info.template_id,
+    }
+
+
+def test_a_taken_sandbox_honours_every_option_as_a_cold_one_does(server: LocalServer) -> None:
+    wait_ready(server, 2)
+    warm = Sandbox.create(config=config_for(server), **OPTIONS)
+    # No internet makes it cold: the pool's sandboxes all have internet access. Everything else is the same.
+    cold = Sandbox.create(config=config_for(server), **OPTIONS, allow_internet_access=False)
+    try:
+        assert warm.get_info().raw["warm"] is True and cold.get_info().raw["warm"] is False
+        seen_warm, seen_cold = observed(warm), observed(cold)
+        assert seen_warm == seen_cold
+        assert seen_warm["metadata"] == OPTIONS["metadata"] and seen_warm["timeout"] == 123
+        assert seen_warm["cell"] == "('hello from the create', 1)"  # set before the kernel started: sys.flags too
+        assert seen_warm["command"] == "hello from the create"
+        assert seen_warm["limits"]["memory_mb"] == 700 and seen_warm["limits"]["cpu_count"] == 1
+        assert seen_warm["memory_mb"] == 700 and seen_warm["cpu_count"] == 1
+    finally:
+        warm.kill()
+        cold.kill()
+
+
+def test_two_takes_share_nothing_and_the_pool_refills(server: LocalServer, http: httpx.Client) -> None:
+    wait_ready(server, 2)
+    made_before = pool_of(server)["made"]
+    first = Sandbox.create(config=config_for(server))
+    second = Sandbox.create(config=config_for(server))
+    try:
+        assert first.get_info().raw["warm"] and second.get_info().raw["warm"]
+        assert first.sandbox_id != second.sandbox_id
+        assert first.run_code("secret = 'mine'\nopen('/workspace/left.txt', 'w').write('x')").error is None
+        probe = "import os\n(globals().get('secret'), os.path.exists('/workspace/left.txt'), os.getuid())"
+        theirs = second.run_code(probe).text or ""
+        mine = first.run_code(probe).text or ""
+        assert theirs.startswith("(None, False,") and mine.startswith("('mine', True,")
+        assert theirs.split(",")[-1] != mine.split(",")[-1]  # each its own uid
+        # Nothing of the pool shows in a list: only the two taken sandboxes are there.
+        listed = {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
+        assert listed == {first.sandbox_id, second.sandbox_id}
+        status = wait_ready(server, 2)
+        assert status["made"] >= made_before + 2 and status["taken"] >= 2
+    finally:
+        first.kill()
+        second.kill()
+
+
+def test_a_killed_taken_sandbox_never_returns_to_the_pool(server: LocalServer) -> None:
+    wait_ready(server, 2)
+    taken = Sandbox.create(config=config_for(server))
+    taken_id = taken.sandbox_id
+    taken.kill()
+    wait_ready(server, 2)
+    again = [Sandbox.create(config=config_for(server)) for _ in range(2)]
+    try:
+        assert taken_id not in {s.sandbox_id for s in again}
+        assert taken_id not in sandbox_dirs(server)
+    finally:
+        for sandbox in again:
+            sandbox.kill()
+
+
+def test_the_pool_stays_within_its_memory_budget(
+    server: LocalServer, server_factory: Callable[..., LocalServer]
+) -> None:
+    one = wait_ready(server, 2)["memory_mb"] / 2  # what a pooled sandbox takes here
+    budget = int(one * 2.5)
+    tight = server_factory(extra=["--ServerSettings.pool_size=4", f"--ServerSettings.pool_memory_mb={budget}"])
+    deadline = time.monotonic() + 90
+    status = pool_of(tight)
+    while (status["starting"] or status["ready"] == 0) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        status = pool_of(tight)
+    time.sleep(2)  # would it grow on?
+    status = pool_of(tight)
+    assert 1 <= status["ready"] < 4, status
+    assert status["memory_mb"] <= budget, status
+    none = server_factory(extra=["--ServerSettings.pool_size=2", "--ServerSettings.pool_memory_mb=0"])
+    time.sleep(1)
+    assert pool_of(none)["ready"] == 0
+    with Sandbox.create(config=config_for(none)) as sandbox:
+        assert sandbox.get_info().raw["warm"] is False  # made cold
+        sandbox.kill()
+
+
+def test_a_restart_neither_leaks_nor_double_counts_pooled_sandboxes(
+    server_factory: Callable[..., LocalServer],
+) -> None:
+    first = server_factory(extra=["--ServerSettings.pool_size=2"])
+    wait_ready(first, 2)
+    kept = Sandbox.create(config=config_for(first), timeout=600)
+    wait_ready(first, 2)
+    pooled_before = sandbox_dirs(first) - {kept.sandbox_id}
+    assert len(pooled_before) == 2
+    kept.close()
+    first.process.send_signal(signal.SIGKILL)  # a crash: the pool's directories stay behind
+    first.process.wait(15)
+    second = server_factory(data_dir=first.data_dir, extra=["--ServerSettings.pool_size=2"])
+    wait_ready(second, 2)
+    after = sandbox_dirs(second)
+    assert not pooled_before & after  # the crashed server's pool is gone, not taken over
+    assert len(after - {kept.sandbox_id}) == 2  # only the new pool
+    with second.client() as http:
+        listed = [s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]]
+    assert listed == [kept.sandbox_id]
+    again = Sandbox.connect(kept.sandbox_id, config=config_for(second))
+    assert again.run_code("1 + 1").text == "2"
+    again.kill()
+    again.close()
+    second.stop()  # a clean stop removes the pool
+    assert sandbox_dirs(second) == set()
+
+
+def test_the_first_context_takes_over_the_kernel_started_ahead_and_shares_nothing_with_the_default(
+    server: LocalServer,
+) -> None:
+    wait_ready(server, 2)
+    with Sandbox.create(config=config_for(server)) as sandbox:
+        context = sandbox.create_code_context("python", cwd="/workspace")
+        cwd = sandbox.run_code("import os\nos.getcwd()", context=context)
+        assert cwd.text == "'/workspace'", cwd
+        kernels = "pgrep -fc '[i]pykernel_launcher' || true"  # the bracket keeps pgrep's own shell out
+        assert sandbox.commands.run(kernels).stdout.strip() == "1"  # the pooled kernel, moved: no second one
+        assert sandbox.run_code("mine = 'default'").error is None  # the default context: a kernel of its own
+        assert sandbox.commands.run(kernels).stdout.strip() == "2"
+        separate = sandbox.run_code("'mine' in globals()", context=context)
+        assert separate.text == "False"
+        home = sandbox.run_code("import os\nos.getcwd()")
+        assert home.text == "'/home/user'"
+        sandbox.kill()

@@ -97,6 +97,59 @@ def test_kernel_info_is_local_and_the_sandbox_opens_lazily(local_server: LocalSe
     assert sandbox_id not in live_sandboxes(local_server), "shutdown (not kept) must kill the sandbox"
 
 
+#: What only running cells needs: none of it may be imported by a kernel process before its first cell.
+CELL_ONLY_MODULES = (
+    "scalebox_kernel.session",
+    "scalebox_kernel.client",
+    "scalebox_kernel.subcommands",
+    "scalebox_kernel.protocol",
+    "scalebox_kernel.kernel.channel",
+    "httpx",
+    "google.protobuf",
+    "websockets",
+)
+
+
+def test_kernel_info_comes_before_anything_that_runs_cells_is_imported(tmp_path: Path) -> None:
+    """The kernel process, started with `-X importtime` (Python writes each import to stderr as it finishes),
+    answers kernel_info having imported none of the session, client, protocol or relay; its first cell then
+    imports them (which shows that the check reads this process's imports)."""
+    from jupyter_client import BlockingKernelClient
+    from jupyter_client.connect import write_connection_file
+
+    connection, _ = write_connection_file(str(tmp_path / "kernel.json"), ip="127.0.0.1")
+    log = tmp_path / "kernel.stderr"
+
+    def imported() -> set[str]:
+        lines = log.read_text().splitlines()
+        return {m.group(1) for line in lines if (m := re.match(r"import time:\s+\d+ \|\s+\d+ \|\s*(\S+)", line))}
+
+    def cell_only(modules: set[str]) -> set[str]:
+        return {name for name in modules if name.startswith(CELL_ONLY_MODULES)}
+
+    argv = [sys.executable, "-X", "importtime", "-m", "scalebox_kernel.kernel", "-f", connection]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([*argv, "--language", "python"], stdout=err, stderr=err)
+    client = BlockingKernelClient()
+    client.load_connection_file(connection)
+    try:
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        at_start = imported()
+        assert "scalebox_kernel.kernel.kernel" in at_start
+        assert cell_only(at_start) == set(), "imported before the first cell"
+        reply = client.execute_interactive("1 + 1", output_hook=lambda msg: None, timeout=120)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert {"scalebox_kernel.session", "scalebox_kernel.client", "httpx"} <= cell_only(imported())
+        client.shutdown()  # kills the sandbox the cell opened
+        proc.wait(30)
+    finally:
+        client.stop_channels()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_output_is_relayed_in_order_with_the_kernels_count(kernel: KernelRun) -> None:
     code = (
         "import sys\nfrom IPython.display import HTML, display\n"

@@ -1,12 +1,11 @@
 """The Scalebox kernel's door onto the shared `%scalebox` subcommands (`scalebox_kernel.subcommands`): its named
-sessions (the `default` one is the notebook's own sandbox), its output (messages of the running cell), and the
-`%scalebox` lines and `%%scalebox` cells of a cell."""
+sessions (the `default` one is the notebook's own sandbox), its output (messages of the running cell), and what
+carries out a cell's `%scalebox` lines and `%%scalebox` cells (`cell_syntax` finds them)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import shlex
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,8 +34,6 @@ if TYPE_CHECKING:
     from .kernel import ScaleboxKernel
 
 T = TypeVar("T")
-_LINE = re.compile(r"^%scalebox(\s|$)")
-_CELL = re.compile(r"^%%scalebox(\s|$)")
 
 HELP = f"""\
 In the Scalebox kernel every cell runs in the current session's sandbox (at first the notebook's own, which a
@@ -46,34 +43,6 @@ restarted kernel re-attaches to). %scalebox lines at the top of a cell run here,
     run the rest of the cell in language L, in the same sandbox (or in session NAME)
 
 {COMMANDS_HELP.format(exit="the kernel shuts down")}"""
-
-
-def split_cell(code: str) -> tuple[list[str], str]:
-    """The `%scalebox` lines at the top of a cell, and the code after them."""
-    lines = code.split("\n")
-    commands: list[str] = []
-    index = 0
-    while index < len(lines) and (not lines[index].strip() or _LINE.match(lines[index])):
-        if lines[index].strip():
-            commands.append(lines[index])
-        index += 1
-    return commands, "\n".join(lines[index:]) if commands else code
-
-
-def split_magic(code: str) -> tuple[str, str] | None:
-    """`(options, body)` when the cell is a `%%scalebox` cell."""
-    head, _, body = code.lstrip("\n").partition("\n")
-    return (head[len("%%scalebox") :], body) if _CELL.match(head) else None
-
-
-def misplaced(code: str) -> str | None:
-    """A usage error when `%scalebox` lines come after code (they must come first, they do not run remotely)."""
-    lines = code.split("\n")
-    if any(_LINE.match(line) for line in lines):
-        return "put %scalebox lines at the top of the cell, before any code: they run here, not in the sandbox."
-    if any(_CELL.match(line) for line in lines):
-        return "%%scalebox must be the first line of the cell."
-    return None
 
 
 class CellOutput:

@@ -10,8 +10,6 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from IPython.utils.tokenutil import token_at_cursor
-
 #: The MIME type the helper cell answers in (travels as a Result's `extra`, like any unknown type).
 INTROSPECT_MIME = "application/vnd.scalebox.introspect+json"
 
@@ -81,6 +79,8 @@ def inspect_cell(name: str, detail_level: int = 0, omit_sections: Iterable[str] 
 
 
 def inspect_name(code: str, cursor_pos: int) -> str:
+    from IPython.utils.tokenutil import token_at_cursor  # IPython only once something is inspected
+
     return token_at_cursor(code, cursor_pos)
 
 

@@ -4,6 +4,10 @@ Threads: ipykernel 7 runs shell requests (execute, complete, ...) on the main th
 requests (interrupt, shutdown) on a separate control thread with its own loop. The sandbox session and its HTTP
 connections belong to the main loop, so control handlers hand work over with `call_soon_threadsafe` /
 `run_coroutine_threadsafe`.
+
+Start-up: `kernel_info` is answered from this module's light imports alone. What runs cells (the session layer,
+the client with httpx and protobuf, the `%scalebox` subcommands, the relay) is imported and built by the first
+request that needs it (`_cells`), not at start.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import json
 import os
 import re
 import signal
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ipykernel._version import kernel_protocol_version
 from ipykernel.kernelbase import Kernel
@@ -23,18 +28,24 @@ from traitlets import Bool, Float, Unicode, default
 from .. import __version__
 from ..config import ScaleboxConfig
 from ..errors import InvalidArgument, ScaleboxError, redact
-from ..session import SandboxSession
-from ..subcommands import DEFAULT, NamedSession, SubcommandError
-from . import commands, introspect
-from .channel import SandboxChannel
+from . import introspect
+from .cell_syntax import misplaced, split_cell, split_magic
 from .history import LocalHistory
 from .languages import get_language
 from .notebooks import notebook_key
 from .relay import CellRelay, split_traceback
-from .sandbox import NotebookSandbox
+
+if TYPE_CHECKING:
+    from ..session import SandboxSession
+    from ..subcommands import NamedSession
+    from .channel import SandboxChannel
+    from .commands import Background, NotebookSessions
+    from .sandbox import NotebookSandbox
 
 #: VS Code runs hidden helper code (interpreter probe, Variables view) whose names start with this.
 VSCODE_PREFIX = "_VSCODE_"
+#: The notebook's own session (`subcommands.DEFAULT`, restated so that start-up does not import the subcommands).
+DEFAULT = "default"
 #: A cell that is only `exit` / `quit` (IPython's exiter), with or without `()` or `keep_kernel=True`.
 EXIT_CELL = re.compile(r"(?:exit|quit)(?:\(\s*(?:keep_kernel\s*=\s*(?:True|False))?\s*\))?")
 
@@ -88,23 +99,10 @@ class ScaleboxKernel(Kernel):
         self.history = LocalHistory()
         parent = self.parent
         connection_file = getattr(parent, "abs_connection_file", None) or getattr(parent, "connection_file", None)
-        self.sandbox = NotebookSandbox(
-            self.scalebox_config,
-            self.lang,
-            notebook_key(connection_file),
-            keep=self.keep_sandbox,
-            progress_delay=self.progress_delay,
-            open_timeout=self.open_timeout,
-        )
-        self.sessions = commands.NotebookSessions(self.sandbox, self.lang.kernel_name)
-        self.channel = SandboxChannel(self)  # the relay to the sandbox's kernel (when the back end has one)
-        self.sessions.describe_channel = self.channel.describe
-        self.sandbox.busy = lambda: self._cell_task is not None or self.channel.busy()
+        self.notebook = notebook_key(connection_file)
+        self._parts: _CellParts | None = None  # built by the first request that needs them
         self._exiting = False
         self._background_tasks: set[asyncio.Future[None]] = set()
-        self.sandbox.on_idle_pause = self._paused_for_idle
-        self.sandbox.still_paused = lambda: self.sessions.entry(DEFAULT).paused
-        self.run_later = commands.Background()  # status panel clicks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cell_task: asyncio.Task[Any] | None = None
         self._interrupted = False
@@ -113,10 +111,59 @@ class ScaleboxKernel(Kernel):
         self._widgets: bool | None = None
         self._serve_comms()
 
+    # ------------------------------------------------------------------------------------------ what runs cells
+
+    @property
+    def cells_ready(self) -> bool:
+        """Whether what runs cells has been built (by a cell, `%scalebox` line, shutdown or restart)."""
+        return self._parts is not None
+
+    def _cells(self) -> _CellParts:
+        """The notebook's sandbox, its named sessions, the relay and the background runner: imported and built on
+        first use, so that the kernel process starts (and answers `kernel_info`) without them."""
+        if self._parts is None:
+            from .channel import SandboxChannel
+            from .commands import Background, NotebookSessions
+            from .sandbox import NotebookSandbox
+
+            sandbox = NotebookSandbox(
+                self.scalebox_config,
+                self.lang,
+                self.notebook,
+                keep=self.keep_sandbox,
+                progress_delay=self.progress_delay,
+                open_timeout=self.open_timeout,
+            )
+            sessions = NotebookSessions(sandbox, self.lang.kernel_name)
+            channel = SandboxChannel(self)  # the relay to the sandbox's kernel (when the back end has one)
+            sessions.describe_channel = channel.describe
+            sandbox.busy = lambda: self._cell_task is not None or channel.busy()
+            sandbox.on_idle_pause = self._paused_for_idle
+            sandbox.still_paused = lambda: sessions.entry(DEFAULT).paused
+            self._parts = _CellParts(sandbox, sessions, channel, Background())
+        return self._parts
+
+    @property
+    def sandbox(self) -> NotebookSandbox:
+        return self._cells().sandbox
+
+    @property
+    def sessions(self) -> NotebookSessions:
+        return self._cells().sessions
+
+    @property
+    def channel(self) -> SandboxChannel:
+        return self._cells().channel
+
+    @property
+    def run_later(self) -> Background:
+        """Coroutines started from the kernel's loop (status panel clicks, remote interrupts)."""
+        return self._cells().run_later
+
     # ------------------------------------------------------------------------------------------ identity
 
     def secrets(self) -> list[str]:
-        return self.sessions.secrets()
+        return self.sessions.secrets() if self.cells_ready else self.scalebox_config.secrets()
 
     def _serve_comms(self) -> None:
         """Handle comm messages with ipykernel's comm manager, as the IPython kernel does (widgets need it)."""
@@ -181,7 +228,7 @@ class ScaleboxKernel(Kernel):
         if task is not None and not task.done():
             self._interrupted = True
             task.cancel()
-        if remote and self.channel.open:
+        if remote and self.cells_ready and self.channel.open:
             self.run_later(self.channel.interrupt(), lambda _result: None)
 
     # ------------------------------------------------------------------------------------------ the relay
@@ -206,7 +253,9 @@ class ScaleboxKernel(Kernel):
         parsed = self.session.deserialize(rest, content=False, copy=False)  # checks the frontend's signature
         header = parsed["header"]
         msg_type = header.get("msg_type", "")
-        if msg_type == "kernel_info_request" or not (self.channel.wanted or msg_type == "execute_request"):
+        if msg_type == "kernel_info_request" or (msg_type != "execute_request" and not self.cells_ready):
+            return False  # nothing goes to a sandbox before a cell opened one
+        if not (self.channel.wanted or msg_type == "execute_request"):
             return False
         if self.config_error:  # nothing goes anywhere with a broken configuration: each cell says what is wrong
             return False
@@ -234,11 +283,11 @@ class ScaleboxKernel(Kernel):
         code = str(content.get("code", ""))
         silent = bool(content.get("silent"))
         store_history = bool(content.get("store_history", not silent))
-        lines, rest = commands.split_cell(code)
-        if commands.misplaced(rest) is not None or not rest.strip():
+        lines, rest = split_cell(code)
+        if misplaced(rest) is not None or not rest.strip():
             self._count_locally = True  # a cell of %scalebox lines (or a usage error) takes no sandbox number
             return False
-        if commands.split_magic(rest) is not None:
+        if split_magic(rest) is not None:
             return False  # %%scalebox cells run over ExecutionService (another language or session, -l/--env)
         if self.sessions.entry().envs:
             return False  # per-cell env vars (%scalebox env) are applied on the ExecutionService path
@@ -309,12 +358,16 @@ class ScaleboxKernel(Kernel):
             relay.stream("stderr", notice)
 
     async def _open_for_cell(self, lines: list[str], relay: CellRelay) -> bool:
+        from .commands import run_line
+
         await self._wake(relay)
         for line in lines:
-            await commands.run_line(self, line, relay)
+            await run_line(self, line, relay)
         return await self.channel.ensure(relay)
 
     def _cell_failure(self, exc: BaseException, relay: CellRelay) -> dict[str, Any]:
+        from ..subcommands import SubcommandError
+
         if isinstance(exc, asyncio.CancelledError):
             return relay.error("KeyboardInterrupt", "", ["KeyboardInterrupt: the cell was interrupted."])
         if not isinstance(exc, ScaleboxError):
@@ -327,7 +380,9 @@ class ScaleboxKernel(Kernel):
 
     async def open_session(self, relay: CellRelay) -> SandboxSession:
         """The current session's sandbox (at first the notebook's), opened by the first cell that needs it."""
-        return await self.sessions.open(self.sessions.entry(), commands.CellOutput(self, relay), self.lang.wire)
+        from .commands import CellOutput
+
+        return await self.sessions.open(self.sessions.entry(), CellOutput(self, relay), self.lang.wire)
 
     async def run(
         self,
@@ -342,10 +397,12 @@ class ScaleboxKernel(Kernel):
         """Run `code` in the current session's context (or `entry`'s, for `language`), relaying its output; a
         sandbox that expired or was killed since the last cell is replaced (and that announced) if nothing of
         this cell ran yet. The execute_reply content."""
+        from .commands import CellOutput
+
         entry = entry or self.sessions.entry()
         _session, execution = await self.sessions.run(
             entry,
-            commands.CellOutput(self, relay),
+            CellOutput(self, relay),
             code,
             language=language or self.lang.wire,
             envs=(entry.envs if envs is None else envs) or None,
@@ -417,11 +474,7 @@ class ScaleboxKernel(Kernel):
                 raise
             reply = relay.error("KeyboardInterrupt", "", ["KeyboardInterrupt: the cell was interrupted."])
         except Exception as exc:
-            if not isinstance(exc, ScaleboxError):
-                self.log.exception("Cell failed inside the Scalebox kernel")
-            ename = "UsageError" if isinstance(exc, SubcommandError) else type(exc).__name__
-            message = redact(str(exc), self.secrets())
-            reply = relay.error(ename, message, [f"{ename}: {message}"])
+            reply = self._cell_failure(exc, relay)
         finally:
             self._cell_task = None
             self._interrupted = False
@@ -432,16 +485,18 @@ class ScaleboxKernel(Kernel):
         return reply
 
     async def _cell(self, code: str, relay: CellRelay) -> dict[str, Any]:
+        from .commands import run_line, run_magic
+
         if self.config_error:
             why = f"{self.config_error} (fix it, then restart the kernel)"
             return relay.error("ConfigError", why, [f"ConfigError: {why}"])
-        lines, rest = commands.split_cell(code)
+        lines, rest = split_cell(code)
         if not self._lines_done:  # else _open_for_cell woke it already
             await self._wake(relay)
         if self._lines_done:  # they ran before the relay found it had to fall back
             lines, self._lines_done = [], False
         for line in lines:
-            await commands.run_line(self, line, relay)
+            await run_line(self, line, relay)
         if not rest.strip():
             return relay.ok()
         if self.lang.key == "python" and EXIT_CELL.fullmatch(rest.strip()):  # ExecutionService carries no payload
@@ -451,10 +506,10 @@ class ScaleboxKernel(Kernel):
             if not keep:
                 self.exit_soon()
             return reply
-        magic = commands.split_magic(rest)
+        magic = split_magic(rest)
         if magic is not None:
-            return await commands.run_magic(self, *magic, relay)
-        problem = commands.misplaced(rest)
+            return await run_magic(self, *magic, relay)
+        problem = misplaced(rest)
         if problem:
             return relay.error("UsageError", problem, [f"UsageError: {problem}"])
         target = introspect.help_target(rest) if self.lang.key == "python" else None
@@ -577,3 +632,13 @@ class ScaleboxKernel(Kernel):
         self._interrupt_cell(remote=False)  # the sandbox's kernel is restarted, or let go of, next
         await self.channel.close()
         await self.sessions.shutdown(restart)
+
+
+@dataclass
+class _CellParts:
+    """What runs cells, built together on first use (`ScaleboxKernel._cells`)."""
+
+    sandbox: NotebookSandbox
+    sessions: NotebookSessions
+    channel: SandboxChannel
+    run_later: Background

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..session import canonical_language
+from ..language_names import canonical as canonical_language
 
 
 @dataclass(frozen=True)

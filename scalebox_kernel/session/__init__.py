@@ -1,8 +1,8 @@
 """The session layer: a sandbox's lifetime (create lazily, reuse, re-attach by id, auto-resume), its packages and
 files, progress, timing and insights; `Session` is the seed SDK's Session API on top of it."""
 
+from ..language_names import canonical as canonical_language
 from ._facade import KeepAliveResult, Session, SessionInfo, SessionResult
-from ._packages import canonical as canonical_language
 from ._progress import STAGES, ProgressInfo
 from ._sandbox import WORKSPACE, Attach, SandboxSession
 

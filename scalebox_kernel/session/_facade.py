@@ -15,7 +15,7 @@ from ..client.callbacks import call_back
 from ..client.sandbox import StorageOption
 from ..config import ScaleboxConfig
 from ..errors import SandboxNotFound
-from ._packages import canonical
+from ..language_names import canonical
 from ._progress import ProgressCallback, Tracker
 from ._sandbox import SESSION_METADATA_KEY, WORKSPACE, Attach, SandboxSession, find_sandbox
 from ._state import load_state

@@ -1,4 +1,4 @@
-"""Language names as sessions know them, and how each language installs packages into its sandbox only."""
+"""How each language installs packages into its sandbox only (the language names themselves: `language_names`)."""
 
 from __future__ import annotations
 
@@ -13,31 +13,6 @@ from ..errors import CommandExitError, InvalidArgument, ScaleboxError
 if TYPE_CHECKING:
     from ..client import Execution
     from ._progress import Tracker
-
-_ALIASES = {
-    "python": "python",
-    "python3": "python",
-    "py": "python",
-    "r": "r",
-    "nodejs": "nodejs",
-    "javascript": "nodejs",
-    "node": "nodejs",
-    "js": "nodejs",
-    "typescript": "typescript",
-    "deno": "typescript",
-    "ts": "typescript",
-    "java": "java",
-    "ijava": "java",
-    "bash": "bash",
-    "sh": "bash",
-}
-
-
-def canonical(language: str | None) -> str:
-    """One name per runtime (`python3` -> `python`, `js` -> `nodejs`, ...); unknown names pass through lowercased,
-    so that the server can say which languages it has."""
-    name = (language or "python").strip().lower()
-    return _ALIASES.get(name, name)
 
 
 # Run once in a Python context: where this sandbox's own packages go (below the sandbox's home, which is the

@@ -24,7 +24,8 @@ from ..errors import (
     ScaleboxError,
     ServerUnavailable,
 )
-from ._packages import PYTHON_PROBE, R_PROBE, canonical, install_command, parse_probe, run_install
+from ..language_names import canonical
+from ._packages import PYTHON_PROBE, R_PROBE, install_command, parse_probe, run_install
 from ._progress import ProgressCallback, Tracker
 from ._state import STATE_DIR, SessionState, content_hash, load_state, save_state
 

@@ -464,7 +464,7 @@ def test_expired_or_killed_sandbox_is_announced(local_server: LocalServer) -> No
         while sandbox_id in live_sandboxes(local_server) and time.monotonic() < deadline:
             time.sleep(0.5)
         reply, outputs = run.execute("print('still here?', 'lost' in globals())")
-        assert reply["content"]["status"] == "ok"
+        assert reply["content"]["status"] == "ok", (reply["content"], [o["content"] for o in outputs])
         notice = text_of(outputs, "stderr")
         assert sandbox_id in notice and "expired" in notice and "gone" in notice, [o["content"] for o in outputs]
         assert re.search(r"expired at \d\d:\d\d:\d\d;", notice), "the notice says when it expired"

@@ -181,7 +181,7 @@ class JupyterPlane:
     async def kernels(self, request: Request) -> Response:
         async def work(agent: SandboxAgent) -> Response:
             if request.method == "GET":
-                return _json([self._model(context) for context in agent.contexts.all()])
+                return _json([self._model(context) for context in agent.contexts.listed()])
             body = await _body(request)
             name = body.get("name") or "python"
             if not isinstance(name, str):

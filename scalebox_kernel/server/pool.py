@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..protocol.connect import ConnectError
 from .agent import SandboxAgent
 from .settings import ServerSettings
 
@@ -29,8 +30,9 @@ log = logging.getLogger("scalebox_kernel.server")
 
 #: MiB a pooled sandbox is assumed to take before one was measured.
 POOL_SANDBOX_ESTIMATE_MB = 64
-#: Seconds between two attempts to fill the pool after one failed.
+#: Seconds before the pool tries again after a sandbox failed to start, doubling up to RETRY_MAX.
 RETRY_AFTER = 5.0
+RETRY_MAX = 300.0
 
 
 @dataclass
@@ -62,6 +64,8 @@ class WarmPool:
         self._filler: asyncio.Task[None] | None = None
         self._closed = False
         self._measured_mb = 0.0  # the biggest pooled sandbox seen
+        self._languages = list(settings.pool_languages)  # less those this server cannot run (said once)
+        self._failures = 0  # fills failed in a row (the wait before the next one doubles)
         self.taken = 0
         self.made = 0
         self.problem = ""  # why the last fill failed, if it did
@@ -100,7 +104,13 @@ class WarmPool:
             agent = self._new_agent(sandbox_id)
             try:
                 await agent.start()
-                for language in self.settings.pool_languages:
+                for language in list(self._languages):
+                    try:
+                        agent.contexts.registry.resolve(language)
+                    except ConnectError as exc:  # not installed, or no such language: the pool goes on without it
+                        log.warning("the warm pool starts no %s kernels: %s", language, exc.message)
+                        self._languages.remove(language)
+                        continue
                     await agent.contexts.warm(language)
             except asyncio.CancelledError:  # the server is stopping: nothing half-made stays
                 await asyncio.shield(self._discard(sandbox_id, agent))
@@ -109,7 +119,8 @@ class WarmPool:
                 self.problem = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("the warm pool could not start a sandbox: %s", self.problem)
                 await self._discard(sandbox_id, agent)
-                await asyncio.sleep(RETRY_AFTER)
+                self._failures += 1
+                await asyncio.sleep(min(RETRY_AFTER * 2 ** (self._failures - 1), RETRY_MAX))
                 continue
             finally:
                 self._starting -= 1
@@ -117,8 +128,13 @@ class WarmPool:
                 await self._discard(sandbox_id, agent)
                 return
             self.problem = ""
+            self._failures = 0
             self.made += 1
             self._ready.append(agent)
+
+    async def discard(self, agent: SandboxAgent) -> None:
+        """Stop and remove a sandbox taken from the pool that its create could not use after all."""
+        await self._discard(agent.sandbox_id, agent)
 
     async def _discard(self, sandbox_id: str, agent: SandboxAgent) -> None:
         with contextlib.suppress(Exception):
@@ -141,7 +157,7 @@ class WarmPool:
 
     async def take(self, request: PoolRequest) -> SandboxAgent | None:
         """A ready sandbox made into what `request` asks for, or None (the create is then made cold)."""
-        if not self.can_honour(request):
+        if self._closed or not self.can_honour(request):
             return None
         while self._ready:
             agent = self._ready.pop(0)
@@ -151,6 +167,9 @@ class WarmPool:
                 continue
             try:
                 await agent.become(envs=request.envs, memory_mb=request.memory_mb, cpu_count=request.cpu_count)
+            except asyncio.CancelledError:  # the create was given up: the sandbox is nobody's
+                await asyncio.shield(self._discard(agent.sandbox_id, agent))
+                raise
             except Exception as exc:  # a memory limit below what it uses already, say: made cold instead
                 log.info("a pooled sandbox could not be given what a create asked (%s); making one cold", exc)
                 await self._discard(agent.sandbox_id, agent)
@@ -178,7 +197,7 @@ class WarmPool:
             "size": self.size,
             "ready": len(self._ready),
             "starting": self._starting,
-            "languages": list(self.settings.pool_languages),
+            "languages": list(self._languages),
             "memory_mb": round(self.memory_mb(), 1),
             "budget_mb": self.settings.pool_memory_mb,
             "made": self.made,

@@ -314,10 +314,15 @@ class SandboxManager:
         record = self._record(spec, warm.sandbox_id if warm is not None else "sbx-" + secrets.token_hex(8))
         if warm is not None:
             record.warm = True
-            async with self._lock(record.sandbox_id):
-                self.store.save(record)
-                self._agents[record.sandbox_id] = warm
-                self._records[record.sandbox_id] = record
+            try:
+                self._check_disk(warm)  # the host's disk may have filled since the pool made it
+                async with self._lock(record.sandbox_id):
+                    self.store.save(record)
+                    self._agents[record.sandbox_id] = warm
+                    self._records[record.sandbox_id] = record
+            except BaseException:
+                await asyncio.shield(self.pool.discard(warm))
+                raise
             self._wake.set()
             return record
         return await self._create_cold(spec, record)

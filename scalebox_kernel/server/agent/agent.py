@@ -79,6 +79,10 @@ def base_environment(root: Path) -> dict[str, str]:
     return env
 
 
+#: Runtimes that size themselves (heap, threads) from the cgroup limits they find when they start.
+SIZED_AT_START = frozenset({"java", "nodejs", "typescript"})
+
+
 class SandboxAgent:
     """Everything that runs inside one sandbox: code contexts (kernels), processes, file watchers."""
 
@@ -175,11 +179,17 @@ class SandboxAgent:
 
     async def become(self, *, envs: dict[str, str], memory_mb: int, cpu_count: int) -> None:
         """Make a pooled sandbox the one a create asked for: its limits, and its env vars (the kernels started
-        before them start again with them, before any cell)."""
+        before them start again with them, before any cell). ValueError when it cannot be (it already uses more
+        memory than asked for)."""
+        usage = self.confinement.usage()
+        if usage is not None and usage.memory_bytes is not None and usage.memory_bytes > memory_mb * 1024 * 1024 * 0.8:
+            raise ValueError(f"it uses {usage.memory_bytes >> 20} MiB already, near the {memory_mb} MiB asked for")
+        changed = (memory_mb, cpu_count) != (self.confinement.memory_mb, self.confinement.cpu_count)
         self.confinement.set_limits(memory_mb=memory_mb, cpu_count=cpu_count)
-        if envs:
+        languages = [context.runtime.name for context in self.contexts.all()]
+        # A JVM and V8 size their heaps from the limits they find at start: they start again under the new ones.
+        if envs or (changed and SIZED_AT_START.intersection(languages)):
             self.envs = dict(envs)
-            languages = [context.runtime.name for context in self.contexts.all()]
             await self.contexts.shutdown("the sandbox was given its environment")
             for language in languages:
                 self.contexts.warm_default(language)

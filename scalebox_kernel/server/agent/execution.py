@@ -185,33 +185,27 @@ class Contexts:
         self.warm_default(language)
         await self._default(language).kernel.ready()
 
-    async def _adopt(self, language: str, cwd: str) -> CodeContext | None:
-        """A new context made of a spare default one of `language` (its kernel started ahead, never used), moved to
-        `cwd`; None when there is none (or it cannot move there)."""
+    def _adopt(self, language: str, cwd: str) -> CodeContext | None:
+        """A new context made of a spare default one of `language` (its kernel started ahead, never used), to work
+        in `cwd` (the kernel moves there before anything else runs in it); None when there is none, or it cannot
+        move there (then a new kernel is started as before)."""
+        if not self._isolation.active:  # unconfined kernels work in host paths: no moving them about
+            return None
         runtime = self.registry.resolve(language)
-        spare = next(
-            (self._contexts[i] for i in sorted(self._spares) if self._contexts[i].runtime.name == runtime.name), None
-        )
-        if spare is None:
+        spares = [self._contexts[i] for i in sorted(self._spares)]
+        spare = next((context for context in spares if context.runtime.name == runtime.name), None)
+        if spare is None or spare.kernel.notice:  # one that must tell of a restart stays the default, and tells
             return None
-        sandbox_cwd, _ = self._paths.cwd(cwd)
-        move = runtime.chdir_code(sandbox_cwd) if sandbox_cwd != spare.cwd else ""
-        if move is None:
-            return None
-        # From here on it is nobody's default: a concurrent cell of the default context gets a kernel of its own.
+        sandbox_cwd, host_cwd = self._paths.cwd(cwd)
+        if sandbox_cwd != spare.cwd:
+            move = runtime.chdir_code(sandbox_cwd)
+            if move is None:
+                return None
+            spare.kernel.move_to(host_cwd, move)
         self._spares.discard(spare.id)
         del self._contexts[spare.id]
         if self._defaults.get(runtime.name) == spare.id:
-            del self._defaults[runtime.name]
-        try:
-            if move:
-                await spare.kernel.run_silently(move)
-            else:
-                await spare.kernel.ready()
-        except Exception:
-            log.info("a spare %s kernel could not be taken over; starting another", runtime.name, exc_info=True)
-            await spare.kernel.shutdown()
-            return None
+            del self._defaults[runtime.name]  # the default context, when used, gets a kernel of its own
         created = Timestamp()
         created.GetCurrentTime()
         context_id = _new_context_id(runtime.name)
@@ -219,6 +213,10 @@ class Contexts:
         self._contexts[context_id] = context
         self._created.add(context_id)
         return context
+
+    def listed(self) -> list[CodeContext]:
+        """The contexts a client may know of (the Jupyter endpoint's kernel list): not the spare ones."""
+        return [context for context in self._contexts.values() if context.id not in self._spares]
 
     def mark_state_lost(self, reason: str) -> None:
         self._lost_reason = reason
@@ -254,10 +252,9 @@ class Contexts:
     # ------------------------------------------------------------------ RPCs
 
     async def create_context(self, request: pb.CreateContextRequest) -> pb.Context:
-        if len(self._contexts) < MAX_CONTEXTS:
-            adopted = await self._adopt(request.language, request.cwd)
-            if adopted is not None:
-                return adopted.message()
+        adopted = self._adopt(request.language, request.cwd)
+        if adopted is not None:
+            return adopted.message()
         return self.create(request.language, request.cwd).message()
 
     async def destroy_context(self, request: pb.DestroyContextRequest) -> pb.DestroyContextResponse:

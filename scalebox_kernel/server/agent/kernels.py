@@ -121,6 +121,8 @@ class Kernel:
         self.runtime = runtime
         self._launch = launch
         self._cwd = cwd
+        self._move: str | None = None  # the chdir still to run (move_to)
+        self._started_in: Path | None = None  # the cwd its running process was started in
         self._runtime_dir = runtime_dir
         self._name = name
         self._start_timeout = start_timeout
@@ -160,11 +162,21 @@ class Kernel:
     async def ready(self) -> None:
         """Start the kernel if it is not running (a Jupyter endpoint client is about to use it)."""
         await self._ensure_started()
+        if self._move is not None:
+            async with self.lock:
+                await self._moved()
 
-    async def run_silently(self, code: str) -> None:
-        """Run helper code in the kernel (started if need be) between cells, showing nothing."""
-        async with self.lock:
-            await self._ensure_started()
+    def move_to(self, cwd: Path, code: str) -> None:
+        """Work in `cwd` from now on: a running (or starting) kernel runs `code` (its language's chdir) silently
+        before anything else reaches it, and a restart starts there."""
+        self._cwd = cwd
+        self._move = code
+
+    async def _moved(self) -> None:
+        """Run a pending move (under the lock, the kernel started), at most once; a kernel started since is
+        already there."""
+        code, self._move = self._move, None
+        if code is not None and self._kc is not None and self._started_in != self._cwd:
             await self._silent(code)
 
     async def _ensure_started(self) -> None:
@@ -241,12 +253,14 @@ class Kernel:
             connection_file=str(self._runtime_dir / f"kernel-{self._name}.json"),
         )
         await self._isolation.ensure_running()
-        km = self._isolation.kernel_manager(relay=not self.runtime.ipc_transport, cwd=self._cwd, **manager)
+        cwd = self._cwd  # move_to may change it while this starts: a pending move then still runs
+        km = self._isolation.kernel_manager(relay=not self.runtime.ipc_transport, cwd=cwd, **manager)
         self._log = KernelLog(self._runtime_dir / f"kernel-{self._name}.log")
         self._km = km
         try:
             writer = self._log.writer
-            await km.start_kernel(env=launch.env, cwd=str(self._cwd), stdout=writer, stderr=writer)
+            await km.start_kernel(env=launch.env, cwd=str(cwd), stdout=writer, stderr=writer)
+            self._started_in = cwd
             self._log.started()
             kc: AsyncKernelClient = km.client()
             self._kc = kc
@@ -358,6 +372,7 @@ class Kernel:
                 if cell.abandoned.is_set():
                     return  # the client left before its turn came
                 await self._ensure_started()
+                await self._moved()
                 if self.notice:
                     cell.put(stderr_event(self.notice))
                     self.notice = None

@@ -97,9 +97,16 @@ class SandboxCgroups:
         if limits.memory_mb is not None:
             limit = str(limits.memory_mb * 1024 * 1024)
             if "memory" in self.v1:
-                (self.v1["memory"] / "memory.limit_in_bytes").write_text(limit)
-                if self.layout.swap_limit:  # memory + swap, so the limit cannot be dodged by swapping
-                    (self.v1["memory"] / "memory.memsw.limit_in_bytes").write_text(limit)
+                memory = self.v1["memory"] / "memory.limit_in_bytes"
+                both = self.v1["memory"] / "memory.memsw.limit_in_bytes"
+                # memory + swap, so the limit cannot be dodged by swapping; memsw may never be below the memory
+                # limit, so a raised limit goes to memsw first, a lowered one to memory first.
+                current = _number(both) if self.layout.swap_limit else None
+                raising = current is not None and int(limit) > current
+                order = [both, memory] if raising else [memory, both]
+                for path in order:
+                    if path is memory or self.layout.swap_limit:
+                        path.write_text(limit)
             elif self._v2_has("memory") and self.v2 is not None:
                 (self.v2 / "memory.max").write_text(limit)
                 with contextlib.suppress(OSError):

@@ -127,6 +127,14 @@ class SandboxIsolation:
         return self.jail is not None
 
     @property
+    def memory_mb(self) -> int | None:
+        return self.jail.options.limits.memory_mb if self.jail is not None else None
+
+    @property
+    def cpu_count(self) -> float | None:
+        return self.jail.options.limits.cpu_count if self.jail is not None else None
+
+    @property
     def running(self) -> bool:
         """Whether its namespaces are alive (always, for an unconfined sandbox)."""
         return self.jail is None or self.jail.running

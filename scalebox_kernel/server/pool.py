@@ -113,19 +113,19 @@ class WarmPool:
                         continue
                     await agent.contexts.warm(language)
             except asyncio.CancelledError:  # the server is stopping: nothing half-made stays
-                await asyncio.shield(self._discard(sandbox_id, agent))
+                await asyncio.shield(self.discard(agent))
                 raise
             except Exception as exc:
                 self.problem = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("the warm pool could not start a sandbox: %s", self.problem)
-                await self._discard(sandbox_id, agent)
+                await self.discard(agent)
                 self._failures += 1
                 await asyncio.sleep(min(RETRY_AFTER * 2 ** (self._failures - 1), RETRY_MAX))
                 continue
             finally:
                 self._starting -= 1
             if self._closed:
-                await self._discard(sandbox_id, agent)
+                await self.discard(agent)
                 return
             self.problem = ""
             self._failures = 0
@@ -133,16 +133,13 @@ class WarmPool:
             self._ready.append(agent)
 
     async def discard(self, agent: SandboxAgent) -> None:
-        """Stop and remove a sandbox taken from the pool that its create could not use after all."""
-        await self._discard(agent.sandbox_id, agent)
-
-    async def _discard(self, sandbox_id: str, agent: SandboxAgent) -> None:
+        """Stop and remove a pooled sandbox (one its create could not use after all, say)."""
         with contextlib.suppress(Exception):
-            await agent.shutdown(f"sandbox {sandbox_id} was not needed")
+            await agent.shutdown(f"sandbox {agent.sandbox_id} was not needed")
         try:
-            await self._remove(sandbox_id, agent)
+            await self._remove(agent.sandbox_id, agent)
         except Exception:
-            log.exception("could not remove the pooled sandbox %s", sandbox_id)
+            log.exception("could not remove the pooled sandbox %s", agent.sandbox_id)
 
     # ---- taking -------------------------------------------------------------------------------------------------
 
@@ -163,16 +160,16 @@ class WarmPool:
             agent = self._ready.pop(0)
             self.refill()
             if not agent.confinement.running:  # its jail died while it waited
-                await self._discard(agent.sandbox_id, agent)
+                await self.discard(agent)
                 continue
             try:
                 await agent.become(envs=request.envs, memory_mb=request.memory_mb, cpu_count=request.cpu_count)
             except asyncio.CancelledError:  # the create was given up: the sandbox is nobody's
-                await asyncio.shield(self._discard(agent.sandbox_id, agent))
+                await asyncio.shield(self.discard(agent))
                 raise
             except Exception as exc:  # a memory limit below what it uses already, say: made cold instead
                 log.info("a pooled sandbox could not be given what a create asked (%s); making one cold", exc)
-                await self._discard(agent.sandbox_id, agent)
+                await self.discard(agent)
                 return None
             self.taken += 1
             return agent
@@ -189,7 +186,7 @@ class WarmPool:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._filler
         ready, self._ready = self._ready, []
-        await asyncio.gather(*(self._discard(agent.sandbox_id, agent) for agent in ready))
+        await asyncio.gather(*(self.discard(agent) for agent in ready))
 
     def status(self) -> dict[str, Any]:
         """What the pool holds now (GET /v1/pool)."""

@@ -10,7 +10,7 @@ from typing import Any
 from traitlets import Bool, CaselessStrEnum, Float, Int, List, Unicode, default, validate
 from traitlets.config import Configurable
 
-from ..config import ScaleboxConfig
+from ..config import ScaleboxConfig, _number, _parsed
 
 
 class ServerSettings(Configurable):
@@ -88,13 +88,7 @@ class ServerSettings(Configurable):
 
     @default("pool_size")
     def _default_pool_size(self) -> int:
-        raw = os.environ.get("SCALEBOX_LOCAL_POOL_SIZE", "").strip()
-        if raw:
-            if not raw.isdigit():
-                problem = f"SCALEBOX_LOCAL_POOL_SIZE={raw[:40]!r} is not valid: it takes a whole number, 0 or more"
-                raise ValueError(problem)
-            return int(raw)
-        return 2
+        return _parsed("SCALEBOX_LOCAL_POOL_SIZE", _number(int, 0), 2, "a whole number, 0 or more")
 
     pool_languages = List(
         Unicode(),

@@ -121,9 +121,13 @@ def _after(server: LocalServer, victim: Victim, **checks: bool) -> None:
 
 
 def _kernel_names(server: LocalServer, sandbox: Sandbox) -> list[str]:
-    """`kernel-<context>` of each kernel of a sandbox, from the server's root-only copies of their connection files."""
+    """`kernel-<context>` of each kernel of a sandbox, from the server's root-only copies of their connection files.
+    A new sandbox starts its default kernel in the background: a first cell waits for it."""
     kernels = server.data_dir / "sandboxes" / sandbox.sandbox_id / "kernels"
-    return sorted(p.name[: -len(".json")] for p in kernels.glob("kernel-*.json"))
+    sandbox.run_code("1", timeout=120)
+    names = sorted(p.name[: -len(".json")] for p in kernels.glob("kernel-*.json"))
+    assert names, f"no kernel connection file in {kernels} after a first cell"
+    return names
 
 
 # ------------------------------------------------------------------------------------------------ 1. /run/scalebox

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -86,6 +87,22 @@ class LocalServer:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def pool(self) -> dict[str, Any]:
+        """The warm pool's status (GET /v1/pool)."""
+        with self.client() as http:
+            found: dict[str, Any] = http.get("/v1/pool").raise_for_status().json()["data"]
+            return found
+
+    def wait_pool(self, ready: int, timeout: float = 90.0) -> dict[str, Any]:
+        """The pool's status once it holds `ready` sandboxes (bounded)."""
+        deadline = time.monotonic() + timeout
+        status = self.pool()
+        while status["ready"] != ready and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = self.pool()
+        assert status["ready"] == ready, status
+        return status
 
 
 def start_local_server(

@@ -6,7 +6,7 @@ Screenshots of every step land in the artifacts folder printed at the start of t
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -175,3 +175,96 @@ def test_prompt_numbers_match_tracebacks(notebook: Notebook) -> None:
         error = failing.locator.locator("[data-mime-type='application/vnd.jupyter.stderr']")
         expect(error).to_contain_text("ZeroDivisionError", timeout=SETTLE_MS)
         assert re.findall(r"Cell In\[(\d+)\]", failing.text()) == [str(prompt)], (prompt, failing.text())
+
+
+# ---- the first cell of a fresh notebook, timed ------------------------------------------------------------------
+
+ROUNDS = 3  # each kernel's first cell is timed this often, in alternation (a noisy machine shows in the spread)
+
+# Shift+Enter to "ready" rendered, timed in the page: from the key's own event (a capturing listener sees it before
+# JupyterLab acts on it) to the mutation that puts the output's text in the cell.
+_TIME_FIRST_CELL_JS = """(index) => {
+    const timing = window.__firstCell = {start: null, end: null};
+    const cell = document.querySelectorAll(".jp-Notebook .jp-Cell")[index];
+    document.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" && event.shiftKey && timing.start === null) timing.start = performance.now();
+    }, {capture: true});
+    const observer = new MutationObserver(() => {
+        const output = cell.querySelector(".jp-OutputArea-output");
+        if (timing.start !== null && output && output.textContent.includes("ready")) {
+            timing.end = performance.now();
+            observer.disconnect();
+        }
+    });
+    observer.observe(cell, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+@pytest.fixture
+def pooled(
+    server_factory: Callable[..., LocalServer], tmp_path_factory: pytest.TempPathFactory, shots: Path
+) -> Iterator[tuple[LocalServer, JupyterLab]]:
+    """A JupyterLab of its own on a scalebox-local with a warm pool of two Python sandboxes (the default a user
+    gets), both stopped after the test."""
+    server = server_factory(extra=["--ServerSettings.pool_size=2"])
+    base = tmp_path_factory.mktemp("jupyterlab-pooled")
+    env = {"JUPYTER_PATH": str(install_kernelspecs(base / "kernelspecs")), **server.env()}
+    try:
+        with jupyterlab(base, env) as lab:
+            try:
+                yield server, lab
+            finally:
+                lab.shutdown_sessions()
+                (shots / "jupyterlab-pooled.log").write_text(lab.log_text())
+    finally:
+        server.stop()
+
+
+def _sandbox_ids(server: LocalServer) -> set[str]:
+    with server.client() as http:
+        return {s["sandbox_id"] for s in http.get("/v1/sandboxes").raise_for_status().json()["data"]["sandboxes"]}
+
+
+def test_the_first_cell_of_a_fresh_notebook_is_timed_beside_python3(
+    pooled: tuple[LocalServer, JupyterLab], browser: Browser, shots: Path, request: pytest.FixtureRequest
+) -> None:
+    server, lab = pooled
+    context = logged_in_context(browser, lab)
+    timings: dict[str, list[float]] = {kernel: [] for kernel in KERNELS}
+    try:
+        for round_ in range(ROUNDS):
+            for kernel in KERNELS:
+                server.wait_pool(2)  # the machine quiet again, and a warm sandbox waiting, before either kernel
+                label = f"first-cell-{kernel}-{round_}"
+                lab.create_notebook(f"{label}.ipynb", kernel)
+                before = _sandbox_ids(server)
+                nb = Notebook.open(context, lab, f"{label}.ipynb", shots, label)
+                try:
+                    with nb.step("timed"):
+                        cell = nb.type_in_new_cell("print('ready')")
+                        nb.page.evaluate(_TIME_FIRST_CELL_JS, cell.index)
+                        nb.page.keyboard.press("Shift+Enter")
+                        nb.page.wait_for_function("() => window.__firstCell.end !== null", timeout=60_000)
+                        elapsed = nb.page.evaluate("() => window.__firstCell.end - window.__firstCell.start")
+                        assert cell.wait_done() == 1
+                        assert cell.output_texts() == ["ready"]
+                    timings[kernel].append(float(elapsed))
+                    if kernel == KERNEL:  # the notebook's sandbox is the pool's, not a cold one
+                        (made,) = _sandbox_ids(server) - before
+                        with server.client() as http:
+                            assert http.get(f"/v1/sandboxes/{made}").raise_for_status().json()["data"]["warm"] is True
+                finally:
+                    nb.close()
+                    lab.shutdown_session(f"{label}.ipynb")
+    finally:
+        context.close()
+    plain, ours = (sorted(timings[kernel]) for kernel in KERNELS)
+    assert len(plain) == len(ours) == ROUNDS
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else nullcontext():  # in every CI log, passing or not
+        print(
+            "\nfirst cell of a fresh notebook in JupyterLab, Shift+Enter to output (ms): "
+            f"python3 {', '.join(f'{t:.0f}' for t in plain)}; "
+            f"{KERNEL} (warm pool) {', '.join(f'{t:.0f}' for t in ours)}; "
+            f"median ratio {ours[len(ours) // 2] / max(plain[len(plain) // 2], 1.0):.1f}x"
+        )

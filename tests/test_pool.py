@@ -24,23 +24,6 @@ CAPS = capabilities()
 pytestmark = pytest.mark.skipif(not CAPS.namespaces, reason="no isolation here: " + "; ".join(CAPS.problems))
 
 
-def pool_of(server: LocalServer) -> dict[str, Any]:
-    with server.client() as http:
-        found: dict[str, Any] = http.get("/v1/pool").json()["data"]
-        return found
-
-
-def wait_ready(server: LocalServer, ready: int, timeout: float = 90.0) -> dict[str, Any]:
-    """The pool's status once it holds `ready` sandboxes (bounded)."""
-    deadline = time.monotonic() + timeout
-    status = pool_of(server)
-    while status["ready"] != ready and time.monotonic() < deadline:
-        time.sleep(0.2)
-        status = pool_of(server)
-    assert status["ready"] == ready, status
-    return status
-
-
 def sandbox_dirs(server: LocalServer) -> set[str]:
     return set(os.listdir(server.data_dir / "sandboxes"))
 
@@ -85,7 +68,7 @@ def observed(sandbox: Sandbox) -> dict[str, Any]:
 
 
 def test_a_taken_sandbox_honours_every_option_as_a_cold_one_does(server: LocalServer) -> None:
-    wait_ready(server, 2)
+    server.wait_pool(2)
     warm = Sandbox.create(config=config_for(server), **OPTIONS)
     # No internet makes it cold: the pool's sandboxes all have internet access. Everything else is the same.
     cold = Sandbox.create(config=config_for(server), **OPTIONS, allow_internet_access=False)
@@ -104,8 +87,8 @@ def test_a_taken_sandbox_honours_every_option_as_a_cold_one_does(server: LocalSe
 
 
 def test_two_takes_share_nothing_and_the_pool_refills(server: LocalServer, http: httpx.Client) -> None:
-    wait_ready(server, 2)
-    made_before = pool_of(server)["made"]
+    server.wait_pool(2)
+    made_before = server.pool()["made"]
     first = Sandbox.create(config=config_for(server))
     second = Sandbox.create(config=config_for(server))
     try:
@@ -120,7 +103,7 @@ def test_two_takes_share_nothing_and_the_pool_refills(server: LocalServer, http:
         # Nothing of the pool shows in a list: only the two taken sandboxes are there.
         listed = {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
         assert listed == {first.sandbox_id, second.sandbox_id}
-        status = wait_ready(server, 2)
+        status = server.wait_pool(2)
         assert status["made"] >= made_before + 2 and status["taken"] >= 2
     finally:
         first.kill()
@@ -128,11 +111,11 @@ def test_two_takes_share_nothing_and_the_pool_refills(server: LocalServer, http:
 
 
 def test_a_killed_taken_sandbox_never_returns_to_the_pool(server: LocalServer) -> None:
-    wait_ready(server, 2)
+    server.wait_pool(2)
     taken = Sandbox.create(config=config_for(server))
     taken_id = taken.sandbox_id
     taken.kill()
-    wait_ready(server, 2)
+    server.wait_pool(2)
     again = [Sandbox.create(config=config_for(server)) for _ in range(2)]
     try:
         assert taken_id not in {s.sandbox_id for s in again}
@@ -145,21 +128,21 @@ def test_a_killed_taken_sandbox_never_returns_to_the_pool(server: LocalServer) -
 def test_the_pool_stays_within_its_memory_budget(
     server: LocalServer, server_factory: Callable[..., LocalServer]
 ) -> None:
-    one = wait_ready(server, 2)["memory_mb"] / 2  # what a pooled sandbox takes here
+    one = server.wait_pool(2)["memory_mb"] / 2  # what a pooled sandbox takes here
     budget = int(one * 2.5)
     tight = server_factory(extra=["--ServerSettings.pool_size=4", f"--ServerSettings.pool_memory_mb={budget}"])
     deadline = time.monotonic() + 90
-    status = pool_of(tight)
+    status = tight.pool()
     while (status["starting"] or status["ready"] == 0) and time.monotonic() < deadline:
         time.sleep(0.3)
-        status = pool_of(tight)
+        status = tight.pool()
     time.sleep(2)  # would it grow on?
-    status = pool_of(tight)
+    status = tight.pool()
     assert 1 <= status["ready"] < 4, status
     assert status["memory_mb"] <= budget, status
     none = server_factory(extra=["--ServerSettings.pool_size=2", "--ServerSettings.pool_memory_mb=0"])
     time.sleep(1)
-    assert pool_of(none)["ready"] == 0
+    assert none.pool()["ready"] == 0
     with Sandbox.create(config=config_for(none)) as sandbox:
         assert sandbox.get_info().raw["warm"] is False  # made cold
         sandbox.kill()
@@ -169,16 +152,16 @@ def test_a_restart_neither_leaks_nor_double_counts_pooled_sandboxes(
     server_factory: Callable[..., LocalServer],
 ) -> None:
     first = server_factory(extra=["--ServerSettings.pool_size=2"])
-    wait_ready(first, 2)
+    first.wait_pool(2)
     kept = Sandbox.create(config=config_for(first), timeout=600)
-    wait_ready(first, 2)
+    first.wait_pool(2)
     pooled_before = sandbox_dirs(first) - {kept.sandbox_id}
     assert len(pooled_before) == 2
     kept.close()
     first.process.send_signal(signal.SIGKILL)  # a crash: the pool's directories stay behind
     first.process.wait(15)
     second = server_factory(data_dir=first.data_dir, extra=["--ServerSettings.pool_size=2"])
-    wait_ready(second, 2)
+    second.wait_pool(2)
     after = sandbox_dirs(second)
     assert not pooled_before & after  # the crashed server's pool is gone, not taken over
     assert len(after - {kept.sandbox_id}) == 2  # only the new pool
@@ -196,7 +179,7 @@ def test_a_restart_neither_leaks_nor_double_counts_pooled_sandboxes(
 def test_the_first_context_takes_over_the_kernel_started_ahead_and_shares_nothing_with_the_default(
     server: LocalServer,
 ) -> None:
-    wait_ready(server, 2)
+    server.wait_pool(2)
     with Sandbox.create(config=config_for(server)) as sandbox:
         context = sandbox.create_code_context("python", cwd="/workspace")
         cwd = sandbox.run_code("import os\nos.getcwd()", context=context)

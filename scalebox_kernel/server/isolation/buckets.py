@@ -27,6 +27,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from secrets import token_hex
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,6 +47,8 @@ DISK_FREE_MB = 16
 LOG_BYTES = 1 << 20
 #: Seconds an unmounted s3fs has to exit before it is killed.
 EXIT_TIMEOUT = 10.0
+#: Seconds an s3fs whose first answer to the storage failed has to exit and leave its reasons in its log.
+PROBE_EXIT_TIMEOUT = 2.0
 SCHEMES = ("s3", "oss", "cos")
 #: The endpoint of each scheme's own cloud, for a region (used when no endpoint is given).
 CLOUD_ENDPOINTS = {
@@ -427,6 +430,19 @@ class BucketMount:
         except OSError:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(process.wait(), EXIT_TIMEOUT)
+            raise BucketError(errno.EIO, await self._why()) from None
+        # A failed check only asks s3fs's loop to end: a worker thread already waiting for a request may still
+        # answer that first stat, and s3fs then exits (with status 0). So s3fs is asked a question only the
+        # storage can answer, a name nobody made: "no such file" comes from a live s3fs whose keys work; an
+        # error, or no answer until s3fs has gone, is the failure its log explains.
+        probe = self.host_dir / f".scalebox-probe-{token_hex(8)}"
+        try:
+            await asyncio.to_thread(os.stat, probe)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), PROBE_EXIT_TIMEOUT)
             raise BucketError(errno.EIO, await self._why()) from None
         if process.returncode is not None:
             raise BucketError(errno.EIO, await self._why())

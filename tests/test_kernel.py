@@ -16,7 +16,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from client_support import config_for
 from conftest import LocalServer
@@ -110,24 +112,23 @@ CELL_ONLY_MODULES = (
 )
 
 
-def test_kernel_info_comes_before_anything_that_runs_cells_is_imported(tmp_path: Path) -> None:
-    """The kernel process, started with `-X importtime` (Python writes each import to stderr as it finishes),
-    answers kernel_info having imported none of the session, client, protocol or relay; its first cell then
-    imports them (which shows that the check reads this process's imports)."""
+@contextlib.contextmanager
+def importtime_kernel(tmp_path: Path, *options: str) -> Iterator[tuple[Any, Callable[[], set[str]]]]:
+    """A kernel process started with `-X importtime` (Python writes each import to stderr as it finishes): a
+    client on it, ready, and what of CELL_ONLY_MODULES it has imported so far."""
     from jupyter_client import BlockingKernelClient
     from jupyter_client.connect import write_connection_file
 
     connection, _ = write_connection_file(str(tmp_path / "kernel.json"), ip="127.0.0.1")
     log = tmp_path / "kernel.stderr"
 
-    def imported() -> set[str]:
+    def cell_only() -> set[str]:
         lines = log.read_text().splitlines()
-        return {m.group(1) for line in lines if (m := re.match(r"import time:\s+\d+ \|\s+\d+ \|\s*(\S+)", line))}
+        found = {m.group(1) for line in lines if (m := re.match(r"import time:\s+\d+ \|\s+\d+ \|\s*(\S+)", line))}
+        assert "scalebox_kernel.kernel.kernel" in found  # the log is this kernel's
+        return {name for name in found if name.startswith(CELL_ONLY_MODULES)}
 
-    def cell_only(modules: set[str]) -> set[str]:
-        return {name for name in modules if name.startswith(CELL_ONLY_MODULES)}
-
-    argv = [sys.executable, "-X", "importtime", "-m", "scalebox_kernel.kernel", "-f", connection]
+    argv = [sys.executable, "-X", "importtime", "-m", "scalebox_kernel.kernel", "-f", connection, *options]
     with open(log, "wb") as err:
         proc = subprocess.Popen([*argv, "--language", "python"], stdout=err, stderr=err)
     client = BlockingKernelClient()
@@ -135,19 +136,39 @@ def test_kernel_info_comes_before_anything_that_runs_cells_is_imported(tmp_path:
     try:
         client.start_channels()
         client.wait_for_ready(timeout=60)
-        at_start = imported()
-        assert "scalebox_kernel.kernel.kernel" in at_start
-        assert cell_only(at_start) == set(), "imported before the first cell"
-        reply = client.execute_interactive("1 + 1", output_hook=lambda msg: None, timeout=120)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        assert {"scalebox_kernel.session", "scalebox_kernel.client", "httpx"} <= cell_only(imported())
-        client.shutdown()  # kills the sandbox the cell opened
+        yield client, cell_only
+        client.shutdown()  # kills the sandbox a cell opened
         proc.wait(30)
     finally:
         client.stop_channels()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_kernel_info_comes_before_anything_that_runs_cells_is_imported(tmp_path: Path) -> None:
+    """Without the preload, the kernel answers kernel_info having imported none of the session, client, protocol
+    or relay; its first cell then imports them (which shows that the check reads this process's imports)."""
+    with importtime_kernel(tmp_path, "--ScaleboxKernel.preload=False") as (client, cell_only):
+        assert cell_only() == set(), "imported before the first cell"
+        reply = client.execute_interactive("1 + 1", output_hook=lambda msg: None, timeout=120)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert {"scalebox_kernel.session", "scalebox_kernel.client", "httpx"} <= cell_only()
+
+
+def test_what_runs_cells_is_imported_after_kernel_info_before_any_cell(tmp_path: Path, http: httpx.Client) -> None:
+    """By default, once kernel_info is answered, a thread imports what runs cells while the user types: no cell
+    and no sandbox needed (none is made). The first cell then runs as ever."""
+    before = {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
+    with importtime_kernel(tmp_path) as (client, cell_only):
+        wanted = {"scalebox_kernel.session", "scalebox_kernel.client", "scalebox_kernel.kernel.channel", "httpx"}
+        deadline = time.monotonic() + 30
+        while not wanted <= cell_only() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert wanted <= cell_only()
+        assert {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]} == before
+        reply = client.execute_interactive("6 * 7", output_hook=lambda msg: None, timeout=120)
+        assert reply["content"]["status"] == "ok", reply["content"]
 
 
 def test_output_is_relayed_in_order_with_the_kernels_count(kernel: KernelRun) -> None:

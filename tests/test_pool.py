@@ -19,6 +19,8 @@ from conftest import LocalServer
 
 from scalebox_kernel.client import Sandbox
 from scalebox_kernel.server.isolation import capabilities
+from scalebox_kernel.server.isolation.cgroups import CPU_SHARES, CPU_WEIGHT
+from scalebox_kernel.server.isolation.detect import GROUP_DIR
 
 CAPS = capabilities()
 pytestmark = pytest.mark.skipif(not CAPS.namespaces, reason="no isolation here: " + "; ".join(CAPS.problems))
@@ -108,6 +110,33 @@ def test_two_takes_share_nothing_and_the_pool_refills(server: LocalServer, http:
     finally:
         first.kill()
         second.kill()
+
+
+def cpu_weight(sandbox_id: str) -> tuple[int, dict[bool, int]]:
+    """A sandbox's CPU weight in its cgroup (v1 `cpu.shares`, else v2 `cpu.weight`), and the scale it is on."""
+    layout = CAPS.cgroups
+    if "cpu" in layout.v1:
+        return int((layout.v1["cpu"] / GROUP_DIR / sandbox_id / "cpu.shares").read_text()), CPU_SHARES
+    assert layout.v2 is not None
+    return int((layout.v2 / GROUP_DIR / sandbox_id / "cpu.weight").read_text()), CPU_WEIGHT
+
+
+@pytest.mark.skipif(not CAPS.cgroups.has("cpu"), reason="no CPU cgroup controller here")
+def test_the_pool_starts_on_spare_cpu_and_a_taken_sandbox_gets_the_full_weight(
+    server: LocalServer, http: httpx.Client
+) -> None:
+    server.wait_pool(2)
+    listed = {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
+    pooled = sandbox_dirs(server) - listed
+    assert len(pooled) == 2
+    for sandbox_id in pooled:
+        weight, scale = cpu_weight(sandbox_id)
+        assert weight == scale[True]  # the least: what sandboxes in use leave over
+    with Sandbox.create(config=config_for(server)) as taken:
+        assert taken.sandbox_id in pooled
+        weight, scale = cpu_weight(taken.sandbox_id)
+        assert weight == scale[False]
+        taken.kill()
 
 
 def test_a_killed_taken_sandbox_never_returns_to_the_pool(server: LocalServer) -> None:

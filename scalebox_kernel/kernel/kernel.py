@@ -7,7 +7,9 @@ connections belong to the main loop, so control handlers hand work over with `ca
 
 Start-up: `kernel_info` is answered from this module's light imports alone. What runs cells (the session layer,
 the client with httpx and protobuf, the `%scalebox` subcommands, the relay) is imported and built by the first
-request that needs it (`_cells`), not at start.
+request that needs it (`_cells`), not at start. Those imports (about a quarter of a second) are made on a thread of
+their own once the first `kernel_info` is answered, while the user types the first cell; a cell that comes sooner
+waits for that thread instead of importing beside it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +54,14 @@ DEFAULT = "default"
 EXIT_CELL = re.compile(r"(?:exit|quit)(?:\(\s*(?:keep_kernel\s*=\s*(?:True|False))?\s*\))?")
 
 
+def _import_cell_parts() -> None:
+    """Import what runs cells (`ScaleboxKernel._cells`), ahead of the first cell."""
+    try:
+        from . import channel, commands, sandbox  # noqa: F401
+    except Exception:  # the cell that needs them imports them again, and shows what fails
+        logging.getLogger("scalebox_kernel").debug("preloading the cell machinery failed", exc_info=True)
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -78,6 +90,16 @@ class ScaleboxKernel(Kernel):
     @default("progress_delay")
     def _default_progress_delay(self) -> float:
         return float(os.environ.get("SCALEBOX_PROGRESS_DELAY") or 1.0)
+
+    preload = Bool(
+        config=True,
+        help="Import what runs cells (the client, the session layer, the relay) on a thread of its own once the first "
+        "kernel_info is answered, so that the first cell does not wait for them. Env: SCALEBOX_PRELOAD.",
+    )
+
+    @default("preload")
+    def _default_preload(self) -> bool:
+        return _truthy(os.environ.get("SCALEBOX_PRELOAD", "1"))
 
     introspection_timeout = Float(2.0, config=True, help="Seconds completion and inspection may wait for the sandbox.")
     open_timeout = Float(90.0, config=True, help="Seconds opening a sandbox may take before the cell fails.")
@@ -109,6 +131,7 @@ class ScaleboxKernel(Kernel):
         self._lines_done = False
         self._count_locally = False
         self._widgets: bool | None = None
+        self._preload: threading.Thread | None = None
         self._serve_comms()
 
     # ------------------------------------------------------------------------------------------ what runs cells
@@ -122,6 +145,8 @@ class ScaleboxKernel(Kernel):
         """The notebook's sandbox, its named sessions, the relay and the background runner: imported and built on
         first use, so that the kernel process starts (and answers `kernel_info`) without them."""
         if self._parts is None:
+            if self._preload is not None:
+                self._preload.join()  # one thread imports a module at a time (two could deadlock on a cycle)
             from .channel import SandboxChannel
             from .commands import Background, NotebookSessions
             from .sandbox import NotebookSandbox
@@ -185,6 +210,12 @@ class ScaleboxKernel(Kernel):
                 ipywidgets.register_comm_target()
                 self._widgets = True
         return self._widgets
+
+    async def kernel_info_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        await super().kernel_info_request(stream, ident, parent)
+        if self.preload and self._preload is None and self._parts is None:  # after the reply, never before it
+            self._preload = threading.Thread(target=_import_cell_parts, name="scalebox-preload", daemon=True)
+            self._preload.start()
 
     @property
     def kernel_info(self) -> dict[str, Any]:

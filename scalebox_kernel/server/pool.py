@@ -3,7 +3,8 @@
 A pooled sandbox is a sandbox like any other, made with the server's defaults and no record: nobody can list it,
 reach it or know its id until a create takes it. The take gives it its record (a fresh token, the request's
 metadata, timeout, env vars and limits) and it is never returned to the pool; the pool makes another in the
-background. A create the pool cannot honour (a disk size, no internet, buckets) is made cold, as without a pool.
+background. Until it is taken a pooled sandbox has the least CPU weight: it starts on what sandboxes in use leave
+over. A create the pool cannot honour (a disk size, no internet, buckets) is made cold, as without a pool.
 
 What the pool holds counts against `ServerSettings.pool_memory_mb`, measured in its sandboxes' cgroups: the pool
 stops growing when one more sandbox (as big as the biggest it holds, or POOL_SANDBOX_ESTIMATE_MB before it has
@@ -104,6 +105,7 @@ class WarmPool:
             agent = self._new_agent(sandbox_id)
             try:
                 await agent.start()
+                agent.confinement.set_background(True)  # its kernels start on CPU no sandbox in use wants
                 for language in list(self._languages):
                     try:
                         agent.contexts.registry.resolve(language)
@@ -162,6 +164,7 @@ class WarmPool:
             if not agent.confinement.running:  # its jail died while it waited
                 await self.discard(agent)
                 continue
+            agent.confinement.set_background(False)
             try:
                 await agent.become(envs=request.envs, memory_mb=request.memory_mb, cpu_count=request.cpu_count)
             except asyncio.CancelledError:  # the create was given up: the sandbox is nobody's

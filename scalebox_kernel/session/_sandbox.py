@@ -27,7 +27,7 @@ from ..errors import (
 from ..language_names import canonical
 from ._packages import PYTHON_PROBE, R_PROBE, install_command, parse_probe, run_install
 from ._progress import ProgressCallback, Tracker
-from ._state import STATE_DIR, SessionState, content_hash, load_state, save_state
+from ._state import SessionState, content_hash, load_state, save_state
 
 #: Metadata key put on every sandbox a session creates, so that `Session.list()` finds them from any process.
 SESSION_METADATA_KEY = "scalebox_session"
@@ -170,8 +170,7 @@ class SandboxSession:
         await tracker.update(60, f"Created sandbox {sandbox.sandbox_id}", {"session_id": sandbox.sandbox_id})
         state = SessionState()
         try:
-            await sandbox.files.make_dir(STATE_DIR)
-            await save_state(sandbox, state)
+            await save_state(sandbox, state)  # an upload makes the folders above its file (PROTOCOL.md §4)
         except BaseException:
             await sandbox.kill()
             raise

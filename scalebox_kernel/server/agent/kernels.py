@@ -168,9 +168,16 @@ class Kernel:
 
     def move_to(self, cwd: Path, code: str) -> None:
         """Work in `cwd` from now on: a running (or starting) kernel runs `code` (its language's chdir) silently
-        before anything else reaches it, and a restart starts there."""
+        before anything else reaches it (started at once), and a restart starts there."""
         self._cwd = cwd
         self._move = code
+        self._spawn(self._move_now(), "move")  # while its client is still on the way
+
+    async def _move_now(self) -> None:
+        try:
+            await self.ready()
+        except Exception as exc:  # the first use tries again, and tells its client
+            log.debug("moving the %s kernel of %s ahead of use failed: %s", self.runtime.name, self._name, exc)
 
     async def _moved(self) -> None:
         """Run a pending move (under the lock, the kernel started), at most once; a kernel started since is

@@ -18,6 +18,10 @@ from pathlib import Path
 from .detect import GROUP_DIR, CgroupLayout, _enable_v2, _read
 
 CFS_PERIOD_US = 100_000
+#: CPU weight (v1 `cpu.shares`, v2 `cpu.weight`) of a sandbox in use, and of one waiting in the warm pool: the
+#: pool starts its sandboxes on the CPU that sandboxes in use leave over.
+CPU_SHARES = {False: 1024, True: 2}
+CPU_WEIGHT = {False: 100, True: 1}
 POLL = 0.01  # seconds between checks while freezing or emptying a cgroup
 
 
@@ -124,6 +128,14 @@ class SandboxCgroups:
             elif self._v2_has("cpu") and self.v2 is not None:
                 (self.v2 / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
         self.limits = limits
+
+    def set_background(self, background: bool) -> None:
+        """The least CPU weight (a sandbox of the warm pool, starting or waiting) or the normal one (in use)."""
+        with contextlib.suppress(OSError):  # a weight is a courtesy, not a limit: without it all stay equal
+            if "cpu" in self.v1:
+                (self.v1["cpu"] / "cpu.shares").write_text(str(CPU_SHARES[background]))
+            elif self._v2_has("cpu") and self.v2 is not None:
+                (self.v2 / "cpu.weight").write_text(str(CPU_WEIGHT[background]))
 
     def enforced(self) -> dict[str, int | float]:
         """The limits actually in force (a limit without its controller is not)."""

@@ -148,6 +148,11 @@ class SandboxIsolation:
         if self.jail.cgroups is not None:
             self.jail.cgroups.set_limits(limits)
 
+    def set_background(self, background: bool) -> None:
+        """CPU only when sandboxes in use leave some (while the sandbox waits in the warm pool), or as much as any."""
+        if self.jail is not None and self.jail.cgroups is not None:
+            self.jail.cgroups.set_background(background)
+
     async def start(self) -> None:
         self.kernel_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.kernel_dir, 0o700)

@@ -88,6 +88,12 @@ class LocalServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def sandbox_ids(self) -> set[str]:
+        """The ids `GET /v1/sandboxes` lists (what has a record: never a pooled sandbox)."""
+        with self.client() as http:
+            listed = http.get("/v1/sandboxes").raise_for_status().json()["data"]["sandboxes"]
+            return {s["sandbox_id"] for s in listed}
+
     def pool(self) -> dict[str, Any]:
         """The warm pool's status (GET /v1/pool)."""
         with self.client() as http:

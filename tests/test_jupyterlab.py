@@ -220,11 +220,6 @@ def pooled(
         server.stop()
 
 
-def _sandbox_ids(server: LocalServer) -> set[str]:
-    with server.client() as http:
-        return {s["sandbox_id"] for s in http.get("/v1/sandboxes").raise_for_status().json()["data"]["sandboxes"]}
-
-
 def test_the_first_cell_of_a_fresh_notebook_is_timed_beside_python3(
     pooled: tuple[LocalServer, JupyterLab], browser: Browser, shots: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -237,7 +232,7 @@ def test_the_first_cell_of_a_fresh_notebook_is_timed_beside_python3(
                 server.wait_pool(2)  # the machine quiet again, and a warm sandbox waiting, before either kernel
                 label = f"first-cell-{kernel}-{round_}"
                 lab.create_notebook(f"{label}.ipynb", kernel)
-                before = _sandbox_ids(server)
+                before = server.sandbox_ids()
                 nb = Notebook.open(context, lab, f"{label}.ipynb", shots, label)
                 try:
                     with nb.step("timed"):
@@ -250,7 +245,7 @@ def test_the_first_cell_of_a_fresh_notebook_is_timed_beside_python3(
                         assert cell.output_texts() == ["ready"]
                     timings[kernel].append(float(elapsed))
                     if kernel == KERNEL:  # the notebook's sandbox is the pool's, not a cold one
-                        (made,) = _sandbox_ids(server) - before
+                        (made,) = server.sandbox_ids() - before
                         with server.client() as http:
                             assert http.get(f"/v1/sandboxes/{made}").raise_for_status().json()["data"]["warm"] is True
                 finally:

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from client_support import config_for
 from conftest import LocalServer
@@ -156,17 +155,19 @@ def test_kernel_info_comes_before_anything_that_runs_cells_is_imported(tmp_path:
         assert {"scalebox_kernel.session", "scalebox_kernel.client", "httpx"} <= cell_only()
 
 
-def test_what_runs_cells_is_imported_after_kernel_info_before_any_cell(tmp_path: Path, http: httpx.Client) -> None:
+def test_what_runs_cells_is_imported_after_kernel_info_before_any_cell(
+    tmp_path: Path, local_server: LocalServer
+) -> None:
     """By default, once kernel_info is answered, a thread imports what runs cells while the user types: no cell
     and no sandbox needed (none is made). The first cell then runs as ever."""
-    before = {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
+    before = local_server.sandbox_ids()
     with importtime_kernel(tmp_path) as (client, cell_only):
         wanted = {"scalebox_kernel.session", "scalebox_kernel.client", "scalebox_kernel.kernel.channel", "httpx"}
         deadline = time.monotonic() + 30
         while not wanted <= cell_only() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert wanted <= cell_only()
-        assert {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]} == before
+        assert local_server.sandbox_ids() == before
         reply = client.execute_interactive("6 * 7", output_hook=lambda msg: None, timeout=120)
         assert reply["content"]["status"] == "ok", reply["content"]
 

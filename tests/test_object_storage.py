@@ -324,13 +324,13 @@ def test_a_mount_without_keys_anywhere_says_which_variable_to_set(
 def _refused(http: httpx.Client, server: LocalServer, entry: Any, *needles: str) -> str:
     """Create with `entry` as object_storage: a 400 whose message holds `needles`, and nothing left behind."""
     before_dirs, before_mounts = sandbox_dirs(server), fuse_mounts()
-    before_ids = {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
+    before_ids = server.sandbox_ids()
     response = http.post("/v1/sandboxes", json={"template": "base", "object_storage": entry})
     assert response.status_code == 400, response.text
     message = response.json()["message"]
     for needle in needles:
         assert needle in message, message
-    assert {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]} == before_ids
+    assert server.sandbox_ids() == before_ids
     assert sandbox_dirs(server) == before_dirs
     assert fuse_mounts() == before_mounts
     return str(message)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from client_support import config_for
 from conftest import LocalServer
@@ -33,13 +32,6 @@ def sandbox_dirs(server: LocalServer) -> set[str]:
 @pytest.fixture(scope="module")
 def server(server_factory: Callable[..., LocalServer]) -> LocalServer:
     return server_factory(extra=["--ServerSettings.pool_size=2"])
-
-
-@pytest.fixture(scope="module")
-def http(server: LocalServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        client.timeout = httpx.Timeout(120)
-        yield client
 
 
 OPTIONS: dict[str, Any] = {
@@ -88,7 +80,7 @@ def test_a_taken_sandbox_honours_every_option_as_a_cold_one_does(server: LocalSe
         cold.kill()
 
 
-def test_two_takes_share_nothing_and_the_pool_refills(server: LocalServer, http: httpx.Client) -> None:
+def test_two_takes_share_nothing_and_the_pool_refills(server: LocalServer) -> None:
     server.wait_pool(2)
     made_before = server.pool()["made"]
     first = Sandbox.create(config=config_for(server))
@@ -103,8 +95,7 @@ def test_two_takes_share_nothing_and_the_pool_refills(server: LocalServer, http:
         assert theirs.startswith("(None, False,") and mine.startswith("('mine', True,")
         assert theirs.split(",")[-1] != mine.split(",")[-1]  # each its own uid
         # Nothing of the pool shows in a list: only the two taken sandboxes are there.
-        listed = {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
-        assert listed == {first.sandbox_id, second.sandbox_id}
+        assert server.sandbox_ids() == {first.sandbox_id, second.sandbox_id}
         status = server.wait_pool(2)
         assert status["made"] >= made_before + 2 and status["taken"] >= 2
     finally:
@@ -122,12 +113,9 @@ def cpu_weight(sandbox_id: str) -> tuple[int, dict[bool, int]]:
 
 
 @pytest.mark.skipif(not CAPS.cgroups.has("cpu"), reason="no CPU cgroup controller here")
-def test_the_pool_starts_on_spare_cpu_and_a_taken_sandbox_gets_the_full_weight(
-    server: LocalServer, http: httpx.Client
-) -> None:
+def test_the_pool_starts_on_spare_cpu_and_a_taken_sandbox_gets_the_full_weight(server: LocalServer) -> None:
     server.wait_pool(2)
-    listed = {s["sandbox_id"] for s in http.get("/v1/sandboxes").json()["data"]["sandboxes"]}
-    pooled = sandbox_dirs(server) - listed
+    pooled = sandbox_dirs(server) - server.sandbox_ids()
     assert len(pooled) == 2
     for sandbox_id in pooled:
         weight, scale = cpu_weight(sandbox_id)

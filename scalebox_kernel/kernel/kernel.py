@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
@@ -52,14 +51,6 @@ VSCODE_PREFIX = "_VSCODE_"
 DEFAULT = "default"
 #: A cell that is only `exit` / `quit` (IPython's exiter), with or without `()` or `keep_kernel=True`.
 EXIT_CELL = re.compile(r"(?:exit|quit)(?:\(\s*(?:keep_kernel\s*=\s*(?:True|False))?\s*\))?")
-
-
-def _import_cell_parts() -> None:
-    """Import what runs cells (`ScaleboxKernel._cells`), ahead of the first cell."""
-    try:
-        from . import channel, commands, sandbox  # noqa: F401
-    except Exception:  # the cell that needs them imports them again, and shows what fails
-        logging.getLogger("scalebox_kernel").debug("preloading the cell machinery failed", exc_info=True)
 
 
 def _truthy(value: str | None) -> bool:
@@ -214,8 +205,15 @@ class ScaleboxKernel(Kernel):
     async def kernel_info_request(self, stream: Any, ident: Any, parent: Any) -> None:
         await super().kernel_info_request(stream, ident, parent)
         if self.preload and self._preload is None and self._parts is None:  # after the reply, never before it
-            self._preload = threading.Thread(target=_import_cell_parts, name="scalebox-preload", daemon=True)
+            self._preload = threading.Thread(target=self._import_cell_parts, name="scalebox-preload", daemon=True)
             self._preload.start()
+
+    def _import_cell_parts(self) -> None:
+        """Import what `_cells` builds from, ahead of the first cell (on the preload thread)."""
+        try:
+            from . import channel, commands, sandbox  # noqa: F401
+        except Exception:  # the cell that needs them imports them again, and shows what fails
+            self.log.debug("preloading what runs cells failed", exc_info=True)
 
     @property
     def kernel_info(self) -> dict[str, Any]:

@@ -176,7 +176,7 @@ class ClientSession:
         kernel never answered."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SUBSCRIBE_WAIT
-        wait = 0.005
+        wait = 0.005  # a subscribed kernel answers within milliseconds; doubling keeps the nudges few
         try:
             with self._side_socket() as socket:
                 while not self._iopub_seen.is_set() and loop.time() < deadline:

@@ -638,3 +638,40 @@ def test_a_failing_expiry_or_kill_backs_off_logs_once_and_shows_its_problem(
             assert not (server.data_dir / "sandboxes" / sid).exists()
         assert "done after" in server.log_text()
     server.stop()
+
+
+def test_a_server_near_its_open_file_limit_refuses_new_sandboxes_clearly(
+    server_factory: Callable[..., LocalServer],
+) -> None:
+    """Before it runs out of file descriptors (where a library would fail in its own words, half-way through a
+    sandbox), scalebox-local refuses a new sandbox with a 503 that says what to do, and its warm pool stops
+    refilling; what runs keeps running, and a kill makes room again."""
+    import resource
+
+    from scalebox_kernel.server.metrics import SANDBOX_FDS, SERVING_FDS
+
+    server = server_factory(extra=["--ServerSettings.pool_size=1"])
+    pid = server.process.pid
+    server.wait_pool(1)
+    with server.client() as http:
+        http.timeout = httpx.Timeout(60)
+        used = len(os.listdir(f"/proc/{pid}/fd"))
+        hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+        # Room for one more sandbox (one takes about 40), not for two.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (used + SANDBOX_FDS + SERVING_FDS + 10, hard))
+        first = create(http)  # the pooled one; the pool refills once, into the room left
+        assert first["warm"] is True
+        server.wait_pool(1)
+        second = create(http)  # the refill; now there is no room for another
+        assert second["warm"] is True
+        time.sleep(2)
+        assert server.pool()["ready"] == 0, "the pool filled past the open-file limit"
+        assert_error(http.post("/v1/sandboxes", json=PY_CREATE_BODY), 503, "file descriptors", "ulimit -n")
+        assert {status_of(http, first["sandbox_id"]), status_of(http, second["sandbox_id"])} == {"running"}
+        assert len(os.listdir(f"/proc/{pid}/fd")) < resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
+        for made in (first, second):
+            assert http.delete(f"/v1/sandboxes/{made['sandbox_id']}").status_code == 200
+        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= used, timeout=30)
+        third = create(http)
+        assert http.delete(f"/v1/sandboxes/{third['sandbox_id']}").status_code == 200
+    assert "Traceback" not in server.log_text()

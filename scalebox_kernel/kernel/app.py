@@ -1,61 +1,128 @@
-"""The kernel process: ipykernel's application running ScaleboxKernel, with `--language` to pick the language."""
+"""The kernel process: reads the connection file, binds the five channels, and serves ScaleboxKernel on them.
+
+`python -m scalebox_kernel.kernel -f {connection_file} --language python` is what the kernelspecs run. Without
+`-f`, the kernel picks its own ports and key and writes its connection file into Jupyter's runtime directory,
+as `ipykernel` does, so that `jupyter console --existing` can reach it.
+"""
 
 from __future__ import annotations
 
-import ipaddress
-import logging
+import json
+import os
+import secrets
+import signal
+from pathlib import Path
+from typing import Any
 
 import zmq
-from ipykernel.kernelapp import IPKernelApp, kernel_aliases
-from traitlets import DottedObjectName, Type
+from traitlets import Unicode
+from traitlets.config import Application
 
 from ..config import ScaleboxConfig
+from .base import KernelSockets
 from .kernel import ScaleboxKernel
+from .wire import Wire
+
+#: The channels of a connection file, and each one's socket type.
+CHANNELS = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER, "iopub": zmq.XPUB, "hb": zmq.ROUTER}
 
 
-class ScaleboxKernelApp(IPKernelApp):
+class ScaleboxKernelApp(Application):
     name = "scalebox-kernel"
     description = "A Jupyter kernel that runs every cell in a Scalebox sandbox."
-    kernel_class = Type(ScaleboxKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)  # type: ignore[assignment]
-    # The kernel's own stdout/stderr are not the user's output: leave them on the process's streams (the
-    # frontend's log) instead of publishing them into cells.
-    outstream_class = DottedObjectName(None, allow_none=True).tag(config=True)
-    classes = [*IPKernelApp.classes, ScaleboxKernel, ScaleboxConfig]
-    aliases = {**kernel_aliases, "language": "ScaleboxKernel.language"}
+    classes = [ScaleboxKernel, ScaleboxConfig]
+    aliases = {
+        "f": "ScaleboxKernelApp.connection_file",
+        "language": "ScaleboxKernel.language",
+        "ip": "ScaleboxKernelApp.ip",
+        "transport": "ScaleboxKernelApp.transport",
+    }
 
-    def init_sockets(self) -> None:
-        """ipykernel warns of plain TCP at every start; a frontend on this machine's loopback (where jupyter_client
-        puts a kernel) has nothing to eavesdrop on, so the warning is only noise in the frontend's log. It stays
-        for any other address."""
-        quiet = _LoopbackTcpNotice() if self.transport == "tcp" and _is_loopback(self.ip) else None
-        if quiet is not None:
-            self.log.addFilter(quiet)
-        try:
-            super().init_sockets()
-        finally:
-            if quiet is not None:
-                self.log.removeFilter(quiet)
+    connection_file = Unicode(
+        config=True, help="The connection file (ports, key) the frontend wrote; without one the kernel writes its own."
+    )
+    ip = Unicode("127.0.0.1", config=True, help="The address to bind when the kernel writes its connection file.")
+    transport = Unicode("tcp", config=True, help="tcp or ipc, when the kernel writes its connection file.")
 
-    def init_iopub(self, context: zmq.Context) -> None:
-        """iopub without a high-water mark: a frontend that falls behind a flood of output gets all of it later,
-        instead of ZMQ dropping what does not fit."""
-        context.sndhwm = 0
-        try:
-            super().init_iopub(context)
-        finally:
-            del context.sndhwm
+    def initialize(self, argv: Any = None) -> None:
+        super().initialize(argv)
+        # SIGINT is the interrupt the kernel itself installs once it serves; before that it must not kill it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        info = self._connection()
+        key = str(info.get("key", "")).encode()
+        session = Wire(key, str(info.get("signature_scheme") or "hmac-sha256"))
+        context: zmq.Context[Any] = zmq.Context()
+        sockets, ports = self._bind(context, info)
+        if not self.connection_file or not Path(self.connection_file).exists():
+            self._write_connection(info, ports)
+        self.kernel = ScaleboxKernel(
+            parent=self, session=session, sockets=KernelSockets(context, **sockets), ports=ports
+        )
+
+    @property
+    def abs_connection_file(self) -> str:
+        return os.path.abspath(self.connection_file) if self.connection_file else ""
+
+    def _connection(self) -> dict[str, Any]:
+        if self.connection_file and Path(self.connection_file).exists():
+            with open(self.connection_file, encoding="utf-8") as handle:
+                info = json.load(handle)
+            if not isinstance(info, dict):
+                raise SystemExit(f"{self.connection_file} is not a Jupyter connection file (a JSON object)")
+            return info
+        return {"ip": self.ip, "transport": self.transport, "key": secrets.token_hex(32)}
+
+    def _bind(self, context: zmq.Context[Any], info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+        transport = str(info.get("transport") or "tcp")
+        ip = str(info.get("ip") or "127.0.0.1")
+        sockets: dict[str, Any] = {}
+        ports: dict[str, int] = {}
+        for channel, kind in CHANNELS.items():
+            socket = context.socket(kind)
+            socket.linger = 1000
+            if channel == "iopub":
+                socket.sndhwm = 0  # a frontend that falls behind a flood gets all of it later, nothing dropped
+                socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber is welcomed, not only a topic's first
+            port = int(info.get(f"{channel}_port") or 0)
+            if transport == "ipc":
+                port = port or _free_ipc_port(ip)
+                socket.bind(f"ipc://{ip}-{port}")
+            elif port:
+                socket.bind(f"tcp://{ip}:{port}")
+            else:
+                port = socket.bind_to_random_port(f"tcp://{ip}")
+            sockets[channel] = socket
+            ports[channel] = port
+        return sockets, ports
+
+    def _write_connection(self, info: dict[str, Any], ports: dict[str, int]) -> None:
+        if not self.connection_file:
+            from jupyter_core.paths import jupyter_runtime_dir
+
+            runtime = Path(jupyter_runtime_dir())
+            runtime.mkdir(parents=True, exist_ok=True)
+            self.connection_file = str(runtime / f"kernel-scalebox-{os.getpid()}.json")
+        language = self.config.ScaleboxKernel.get("language", "python")
+        content = {
+            **info,
+            **{f"{channel}_port": port for channel, port in ports.items()},
+            "signature_scheme": info.get("signature_scheme") or "hmac-sha256",
+            "kernel_name": info.get("kernel_name") or f"scalebox-{language}",
+        }
+        fd = os.open(self.connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=1)
+        self.log.info("To connect a client: --existing %s", os.path.basename(self.connection_file))
+
+    def start(self) -> None:
+        self.kernel.serve()
 
 
-class _LoopbackTcpNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Kernel is running over TCP without encryption")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+def _free_ipc_port(ip: str) -> int:
+    port = 1
+    while os.path.exists(f"{ip}-{port}"):
+        port += 1
+    return port
 
 
 def main() -> None:

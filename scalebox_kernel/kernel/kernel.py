@@ -1,11 +1,12 @@
-"""ScaleboxKernel: a Jupyter kernel whose cells run in a Scalebox sandbox (a wrapper kernel on ipykernel's base).
+"""ScaleboxKernel: a Jupyter kernel whose cells run in a Scalebox sandbox (on the lean base of `base.py`).
 
-Threads: ipykernel 7 runs shell requests (execute, complete, ...) on the main thread's asyncio loop and control
-requests (interrupt, shutdown) on a separate control thread with its own loop. The sandbox session and its HTTP
-connections belong to the main loop, so control handlers hand work over with `call_soon_threadsafe` /
+Threads: shell requests (execute, complete, ...) are served on the main thread's asyncio loop and control
+requests (interrupt, shutdown) on a control thread with its own loop (`base.WireKernel`). The sandbox session and
+its HTTP connections belong to the main loop, so control handlers hand work over with `call_soon_threadsafe` /
 `run_coroutine_threadsafe`.
 
-Start-up: `kernel_info` is answered from this module's light imports alone. What runs cells (the session layer,
+Start-up: `kernel_info` is answered from this module's light imports alone (no IPython, ipykernel or
+jupyter_client in the process). What runs cells (the session layer,
 the client with httpx and protobuf, the `%scalebox` subcommands, the relay) is imported and built by the first
 request that needs it (`_cells`), not at start. Those imports (about a quarter of a second) are made on a thread of
 their own once the first `kernel_info` is answered, while the user types the first cell; a cell that comes sooner
@@ -24,19 +25,19 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ipykernel._version import kernel_protocol_version
-from ipykernel.kernelbase import Kernel
 from traitlets import Bool, Float, Unicode, default
 
 from .. import __version__
 from ..config import ScaleboxConfig
 from ..errors import InvalidArgument, ScaleboxError, redact
 from . import introspect
+from .base import WireKernel
 from .cell_syntax import misplaced, split_cell, split_magic
 from .history import LocalHistory
 from .languages import get_language
 from .notebooks import notebook_key
 from .relay import CellRelay, split_traceback
+from .wire import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
     from ..session import SandboxSession
@@ -57,7 +58,7 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-class ScaleboxKernel(Kernel):
+class ScaleboxKernel(WireKernel):
     """Forwards every cell to a context in a Scalebox sandbox and relays what comes back."""
 
     implementation = "scalebox_kernel"
@@ -123,7 +124,6 @@ class ScaleboxKernel(Kernel):
         self._count_locally = False
         self._widgets: bool | None = None
         self._preload: threading.Thread | None = None
-        self._serve_comms()
 
     # ------------------------------------------------------------------------------------------ what runs cells
 
@@ -181,18 +181,10 @@ class ScaleboxKernel(Kernel):
     def secrets(self) -> list[str]:
         return self.sessions.secrets() if self.cells_ready else self.scalebox_config.secrets()
 
-    def _serve_comms(self) -> None:
-        """Handle comm messages with ipykernel's comm manager, as the IPython kernel does (widgets need it)."""
-        import comm
-        import ipykernel.ipkernel  # noqa: F401  (makes ipykernel's comm manager the one `comm` hands out)
-
-        self.comm_manager = comm.get_comm_manager()
-        for msg_type in ("comm_open", "comm_msg", "comm_close"):
-            self.shell_handlers[msg_type] = getattr(self.comm_manager, msg_type)
-
     def widgets_ready(self) -> bool:
         """Whether ipywidgets (the status panel) can be shown: it is installed, and its comm targets registered."""
         if self._widgets is None:
+            self.comm_manager  # noqa: B018  (ipywidgets then registers its targets with this kernel's manager)
             try:
                 import ipywidgets
             except ImportError:
@@ -219,7 +211,7 @@ class ScaleboxKernel(Kernel):
     def kernel_info(self) -> dict[str, Any]:
         """Answered from local data at once (the sandbox is opened by the first cell, not by frontends' probes)."""
         return {
-            "protocol_version": kernel_protocol_version,
+            "protocol_version": PROTOCOL_VERSION,
             "implementation": self.implementation,
             "implementation_version": self.implementation_version,
             "language_info": self.language_info,
@@ -233,15 +225,10 @@ class ScaleboxKernel(Kernel):
     def start(self) -> None:
         super().start()
         # A frontend may still send SIGINT (signal-mode interrupt): treat it as the interrupt message.
-        self._loop = self.io_loop.asyncio_loop  # type: ignore[attr-defined]
+        self._loop = self.loop
+        assert self._loop is not None
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             self._loop.add_signal_handler(signal.SIGINT, self._interrupt_cell)
-
-    def pre_handler_hook(self) -> None:
-        """ipykernel makes SIGINT raise KeyboardInterrupt during handlers; ours cancels the remote run instead."""
-
-    def post_handler_hook(self) -> None:
-        pass
 
     async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
         """Runs on the control thread: on the main loop, cancel the in-flight cell (closing the Execute stream,
@@ -249,8 +236,7 @@ class ScaleboxKernel(Kernel):
         sandbox kernel the relay goes to; reply at once."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._interrupt_cell)
-        if self.session:
-            self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+        self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
 
     def _interrupt_cell(self, *, remote: bool = True) -> None:
         task = self._cell_task
@@ -262,24 +248,17 @@ class ScaleboxKernel(Kernel):
 
     # ------------------------------------------------------------------------------------------ the relay
 
-    async def dispatch_shell(self, msg: Any, /, subshell_id: str | None = None, *, concurrent: bool = False) -> None:
+    async def relay(self, idents: list[bytes], msg: dict[str, Any]) -> bool:
         """Relay a frontend request to the sandbox kernel when it is one the sandbox answers; anything else (and
-        everything on the ExecutionService path) is handled here, by ipykernel's dispatch."""
-        relayed = False
-        if self.session is not None and len(msg) > 1:
-            try:
-                relayed = await self._relay(msg, subshell_id)
-            except Exception:
-                self.log.exception("Relaying a message to the sandbox failed")
-                relayed = False
-        if not relayed:
-            await super().dispatch_shell(msg, subshell_id, concurrent=concurrent)
+        everything on the ExecutionService path) is handled here, by the base's handlers."""
+        try:
+            return await self._relay(idents, msg)
+        except Exception:
+            self.log.exception("Relaying a message to the sandbox failed")
+            return False
 
-    async def _relay(self, msg: Any, subshell_id: str | None) -> bool:
+    async def _relay(self, idents: list[bytes], parsed: dict[str, Any]) -> bool:
         """True if the request went to the sandbox kernel (or was answered on its behalf)."""
-        assert self.session is not None
-        idents, rest = self.session.feed_identities(msg, copy=False)
-        parsed = self.session.deserialize(rest, content=False, copy=False)  # checks the frontend's signature
         header = parsed["header"]
         msg_type = header.get("msg_type", "")
         if msg_type == "kernel_info_request" or (msg_type != "execute_request" and not self.cells_ready):
@@ -288,16 +267,13 @@ class ScaleboxKernel(Kernel):
             return False
         if self.config_error:  # nothing goes anywhere with a broken configuration: each cell says what is wrong
             return False
-        parts = [bytes(frame.bytes if hasattr(frame, "bytes") else frame) for frame in rest[1:5]]
-        buffers = list(rest[5:])
-        if self._supports_kernel_subshells:
-            stream = self.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(subshell_id)
-        else:
-            stream = self.shell_stream
+        parts: list[bytes] = list(parsed["parts"])
+        buffers = list(parsed["buffers"])
+        stream = self.shell_stream
         if msg_type == "execute_request":
             return await self._relay_cell(stream, list(idents), parsed, parts, buffers)
         if msg_type in ("comm_msg", "comm_close"):
-            comm_id = json.loads(parts[3]).get("comm_id")
+            comm_id = parsed["content"].get("comm_id")
             if comm_id in self.comm_manager.comms:  # one of ours (the status panel)
                 return False
         if not self.channel.open or self.sessions.entry().paused:
@@ -309,7 +285,9 @@ class ScaleboxKernel(Kernel):
         self, stream: Any, idents: list[bytes], parsed: dict[str, Any], parts: list[bytes], buffers: list[Any]
     ) -> bool:
         content = json.loads(parts[3])
-        code = str(content.get("code", ""))
+        code = content.get("code")
+        if not isinstance(code, str):
+            return False  # answered here, as a request of the wrong shape: no sandbox is opened for it
         silent = bool(content.get("silent"))
         store_history = bool(content.get("store_history", not silent))
         lines, rest = split_cell(code)
@@ -336,7 +314,7 @@ class ScaleboxKernel(Kernel):
                 raise
             self._publish_status("busy", "shell")
             reply = self._cell_failure(exc, relay)
-            self.session.send(stream, "execute_reply", reply, parent=parsed, ident=idents)  # type: ignore[union-attr]
+            self.session.send(stream, "execute_reply", reply, parent=parsed, ident=idents)
             self._publish_status("idle", "shell")
             return True
         finally:
@@ -366,13 +344,15 @@ class ScaleboxKernel(Kernel):
                 await asyncio.wait_for(self._close(False), 20)
             except Exception as exc:
                 self.log.warning("Scalebox kernel exit: %s", redact(str(exc), self.secrets()))
-            loop = getattr(self, "io_loop", None)
-            if loop is not None:
-                loop.call_later(0.1, loop.stop)
+            asyncio.get_running_loop().call_later(0.1, self.stop)
 
         task = asyncio.ensure_future(leave())
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
+
+    def orphaned(self) -> None:
+        """The process that started this kernel is gone: let go of the sandbox as at shutdown, then end."""
+        self.exit_soon()
 
     def _paused_for_idle(self) -> None:
         self.sessions.entry(DEFAULT).paused = True  # completion and the like are answered here meanwhile

@@ -10,9 +10,8 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from ipykernel.kernelbase import Kernel
-
     from ..client import ExecutionError, OutputMessage, Result
+    from .base import WireKernel as Kernel
 
 T = TypeVar("T")
 

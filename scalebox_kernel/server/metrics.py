@@ -1,10 +1,12 @@
-"""Measured resource use of one sandbox: its processes (read from /proc) and the size of its file tree."""
+"""Measured resource use of one sandbox (its processes, read from /proc, and the size of its file tree), and of the
+server's own process (its open file descriptors)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -17,6 +19,26 @@ from .store import SandboxRecord, iso
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: File descriptors one sandbox may hold in the server: its namespaces, root and pipes, and its kernels' sockets
+#: (about 40 with one kernel), with room for more kernels.
+SANDBOX_FDS = 96
+#: Descriptors kept for serving requests (connections, files) whatever the sandboxes hold.
+SERVING_FDS = 256
+
+
+def descriptors() -> tuple[int, int]:
+    """The server process's open file descriptors and its (soft) limit on them."""
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        used = 0
+    return used, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def descriptors_left_for_one() -> bool:
+    """Whether another sandbox fits under the server's open-file limit, the serving reserve kept."""
+    used, limit = descriptors()
+    return limit == resource.RLIM_INFINITY or used + SANDBOX_FDS + SERVING_FDS <= limit
 
 
 def _proc_stat(pid: str) -> tuple[int, int, int] | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..protocol.connect import ConnectError
+from . import metrics
 from .agent import SandboxAgent
 from .settings import ServerSettings
 
@@ -95,8 +96,10 @@ class WarmPool:
         return total
 
     def _fits(self) -> bool:
+        """Whether one more pooled sandbox fits the pool's memory budget and the server's open-file limit."""
         one = self._measured_mb or POOL_SANDBOX_ESTIMATE_MB
-        return self.memory_mb() + one * (self._starting + 1) <= self.settings.pool_memory_mb
+        fits_memory = self.memory_mb() + one * (self._starting + 1) <= self.settings.pool_memory_mb
+        return fits_memory and metrics.descriptors_left_for_one()
 
     async def _fill(self) -> None:
         while not self._closed and len(self._ready) + self._starting < self.size and self._fits():

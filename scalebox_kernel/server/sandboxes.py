@@ -61,6 +61,26 @@ class BadRequest(SandboxError):
     pass
 
 
+class TooManyOpenFiles(SandboxError):
+    """The server's process is too near its open-file limit to hold another sandbox."""
+
+    status = 503
+    code: str | int = 503
+    connect_code = "resource_exhausted"
+
+
+def check_descriptors() -> None:
+    """Refuse a new sandbox, clearly, before the server runs out of file descriptors (running out halfway would
+    fail somewhere in a library, with its own words)."""
+    if not metrics.descriptors_left_for_one():
+        used, limit = metrics.descriptors()
+        raise TooManyOpenFiles(
+            f"scalebox-local has {used} of its {limit} file descriptors open, too few for another sandbox (one "
+            f"takes up to {metrics.SANDBOX_FDS}): kill sandboxes that are no longer needed, or start the server "
+            "with a higher limit (ulimit -n)"
+        )
+
+
 class StartFailed(SandboxError):
     status = 500
     code: str | int = 500
@@ -349,6 +369,7 @@ class SandboxManager:
 
     async def _create_cold(self, spec: CreateSpec, record: SandboxRecord) -> SandboxRecord:
         """Make a sandbox from nothing (what the pool could not give)."""
+        check_descriptors()  # a pooled one holds its descriptors already
         agent = self._new_agent(record, [credentials for _, credentials in spec.object_storage])
         if not spec.allow_internet_access and "network" in agent.isolation().get("missing", []):
             raise BadRequest(

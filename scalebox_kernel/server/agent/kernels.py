@@ -275,7 +275,9 @@ class Kernel:
             # not taken yet. Others drop at their SNDHWM once our side stops taking, so ours takes everything.
             kc.context.setsockopt(zmq.RCVHWM, IOPUB_RCVHWM if self.runtime.ipykernel_based else 0)
             kc.context.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
-            kc.start_channels()
+            # Only the channels the server uses: no heartbeat thread (the kernel's process is watched instead), and
+            # input and interrupts go over the endpoint's sockets and the manager's own control socket.
+            kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
             await kc.wait_for_ready(timeout=self._start_timeout)
             self._iopub = IopubReader(kc.iopub_channel.socket, kc.session.auth, self._name)
             self._iopub.start()

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -222,6 +223,43 @@ def test_a_failed_cell_aborts_the_cells_queued_behind_it_unless_told_not_to(loca
         assert reply["content"]["status"] == "ok"
     finally:
         run.shutdown()
+
+
+def test_a_cell_that_cannot_reach_a_sandbox_aborts_the_cells_queued_behind_it() -> None:
+    """With "Run All" and no server, the first cell says why; the ones queued behind it do not each wait to
+    fail the same way: they are aborted, as after any failed cell."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the socket closes
+    run = KernelRun(env={"SCALEBOX_API_URL": f"http://127.0.0.1:{port}", "SCALEBOX_API_KEY": "sk-none"})
+    try:
+        first = run.kc.execute("1 + 1")
+        queued = [run.kc.execute(f"print({i})") for i in range(3)]
+        assert run.reply(first, timeout=120)["content"]["ename"] == "ServerUnavailable"
+        assert [run.reply(msg_id)["content"]["status"] for msg_id in queued] == ["aborted"] * 3
+    finally:
+        run.shutdown()
+
+
+def test_a_shutdown_on_the_shell_channel_ends_this_kernel_not_the_sandboxes(local_server: LocalServer) -> None:
+    """Old frontends send shutdown_request on shell. With the sandbox's kernel answering the other requests,
+    this one is still about the local process: it ends, and the sandbox is let go of as at any shutdown."""
+    run = KernelRun()
+    try:
+        reply, _ = run.execute("import os; os.getpid()")
+        assert reply["content"]["status"] == "ok"
+        sandbox_id = run.sandbox_id()
+        assert sandbox_id in local_server.sandbox_ids()
+        msg = run.kc.session.msg("shutdown_request", {"restart": False})
+        run.kc.shell_channel.send(msg)
+        assert run.reply(msg["header"]["msg_id"])["content"] == {"status": "ok", "restart": False}
+        deadline = time.monotonic() + 30
+        while run.km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not run.km.is_alive(), "the kernel process did not end"
+        assert sandbox_id not in local_server.sandbox_ids(), "its sandbox was not let go of"
+    finally:
+        run.shutdown(now=True)
 
 
 def test_a_kernel_whose_parent_is_gone_ends(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ as `ipykernel` does, so that `jupyter console --existing` can reach it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -44,6 +45,8 @@ class ScaleboxKernelApp(Application):
     ip = Unicode("127.0.0.1", config=True, help="The address to bind when the kernel writes its connection file.")
     transport = Unicode("tcp", config=True, help="tcp or ipc, when the kernel writes its connection file.")
 
+    _wrote_connection = False
+
     def initialize(self, argv: Any = None) -> None:
         super().initialize(argv)
         # SIGINT is the interrupt the kernel itself installs once it serves; before that it must not kill it.
@@ -52,11 +55,17 @@ class ScaleboxKernelApp(Application):
         key = str(info.get("key", "")).encode()
         session = Wire(key, str(info.get("signature_scheme") or "hmac-sha256"))
         context: zmq.Context[Any] = zmq.Context()
-        sockets, ports = self._bind(context, info)
-        if not self.connection_file or not Path(self.connection_file).exists():
-            self._write_connection(info, ports)
+        hb_context: zmq.Context[Any] = zmq.Context()
+        sockets, ports = self._bind({channel: hb_context if channel == "hb" else context for channel in CHANNELS}, info)
+        exists = bool(self.connection_file) and Path(self.connection_file).exists()
+        if not exists or any(not info.get(f"{channel}_port") for channel in CHANNELS):
+            self._write_connection(info, ports)  # a port left to the kernel is written back, as ipykernel does
+            self._wrote_connection = not exists
         self.kernel = ScaleboxKernel(
-            parent=self, session=session, sockets=KernelSockets(context, **sockets), ports=ports
+            parent=self,
+            session=session,
+            sockets=KernelSockets(context=context, hb_context=hb_context, **sockets),
+            ports=ports,
         )
 
     @property
@@ -72,13 +81,15 @@ class ScaleboxKernelApp(Application):
             return info
         return {"ip": self.ip, "transport": self.transport, "key": secrets.token_hex(32)}
 
-    def _bind(self, context: zmq.Context[Any], info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    def _bind(
+        self, contexts: dict[str, zmq.Context[Any]], info: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, int]]:
         transport = str(info.get("transport") or "tcp")
         ip = str(info.get("ip") or "127.0.0.1")
         sockets: dict[str, Any] = {}
         ports: dict[str, int] = {}
         for channel, kind in CHANNELS.items():
-            socket = context.socket(kind)
+            socket = contexts[channel].socket(kind)
             socket.linger = 1000
             if channel == "iopub":
                 socket.sndhwm = 0  # a frontend that falls behind a flood gets all of it later, nothing dropped
@@ -100,7 +111,7 @@ class ScaleboxKernelApp(Application):
             from jupyter_core.paths import jupyter_runtime_dir
 
             runtime = Path(jupyter_runtime_dir())
-            runtime.mkdir(parents=True, exist_ok=True)
+            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.connection_file = str(runtime / f"kernel-scalebox-{os.getpid()}.json")
         language = self.config.ScaleboxKernel.get("language", "python")
         content = {
@@ -115,7 +126,12 @@ class ScaleboxKernelApp(Application):
         self.log.info("To connect a client: --existing %s", os.path.basename(self.connection_file))
 
     def start(self) -> None:
-        self.kernel.serve()
+        try:
+            self.kernel.serve()
+        finally:
+            if self._wrote_connection:  # the kernel's own file goes with it, as ipykernel's does
+                with contextlib.suppress(OSError):
+                    os.remove(self.connection_file)
 
 
 def _free_ipc_port(ip: str) -> int:

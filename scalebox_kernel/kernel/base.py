@@ -27,6 +27,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,16 +56,18 @@ COMM_MESSAGES = ("comm_open", "comm_msg", "comm_close")
 PARENT_POLL = 1.0
 
 
+@dataclass
 class KernelSockets:
-    """The kernel's bound sockets (made by the application from the connection file)."""
+    """The kernel's bound sockets (made by the application from the connection file). The heartbeat has a
+    context of its own: ZMQ's proxy echoes on it until that context is terminated at exit."""
 
-    def __init__(self, context: zmq.Context[Any], shell: Any, control: Any, stdin: Any, iopub: Any, hb: Any) -> None:
-        self.context = context
-        self.shell = shell
-        self.control = control
-        self.stdin = stdin
-        self.iopub = iopub
-        self.hb = hb
+    context: zmq.Context[Any]
+    hb_context: zmq.Context[Any]
+    shell: zmq.Socket[Any]
+    control: zmq.Socket[Any]
+    stdin: zmq.Socket[Any]
+    iopub: zmq.Socket[Any]
+    hb: zmq.Socket[Any]
 
 
 class IOPub:
@@ -84,6 +87,8 @@ class IOPub:
         self._pull.rcvhwm = 0
         self._pull.bind(self._endpoint)
         self._local = threading.local()
+        self._pushes: list[zmq.Socket[Any]] = []  # every thread's, closed at the end
+        self._pushes_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="scalebox-iopub", daemon=True)
 
     def start(self) -> None:
@@ -97,31 +102,50 @@ class IOPub:
             push.linger = 1000
             push.connect(self._endpoint)
             self._local.push = push
+            with self._pushes_lock:
+                self._pushes.append(push)
         push.send_multipart(frames, copy=copy)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Publish what was sent before this, then stop (the socket lingers for what is still queued)."""
+        """Publish what was sent before this (by any thread), then stop; the XPUB socket lingers for what is
+        still on its way to subscribers. Called once the other threads have stopped sending."""
         if self._thread.is_alive():
             self.send_multipart([b""])  # a message has at least six frames: one empty frame is the end
             self._thread.join(timeout)
+        with self._pushes_lock:
+            pushes, self._pushes = self._pushes, []
+        for push in pushes:  # all they sent was taken: their threads have stopped
+            push.close(linger=0)
 
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
         poller.register(self._socket, zmq.POLLIN)
         try:
-            while True:
-                for socket, _event in poller.poll():
-                    if socket is self._socket:
-                        self._greet(self._socket.recv_multipart())
-                    elif not self._forward(self._pull.recv_multipart(copy=False)):
-                        while self._forward_queued():
-                            pass
-                        return
-        except zmq.ZMQError as exc:  # the context was terminated at exit
-            logging.getLogger(__name__).debug("iopub stopped: %s", exc)
+            while self._step(poller):
+                pass
         finally:
+            self._pull.close(linger=0)
             self._socket.close(linger=1000)
+
+    def _step(self, poller: zmq.Poller) -> bool:
+        """One round of the iopub thread; False at the end. A failure is logged and costs at most a message:
+        the thread never stops before its end, or the output of every later cell would be lost."""
+        try:
+            for socket, _event in poller.poll():
+                if socket is self._socket:
+                    self._greet(self._socket.recv_multipart())
+                elif not self._forward(self._pull.recv_multipart(copy=False)):
+                    while self._forward_queued():
+                        pass
+                    return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.ETERM:
+                return False
+            logging.getLogger(__name__).warning("iopub could not publish a message: %s", exc)
+        except Exception:
+            logging.getLogger(__name__).exception("iopub could not publish a message")
+        return True
 
     def _forward(self, frames: list[Any]) -> bool:
         if len(frames) == 1 and not frames[0].bytes:
@@ -171,6 +195,8 @@ class WireKernel(LoggingConfigurable):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shell_stream: zmq.asyncio.Socket | None = None
         self._control_loop: asyncio.AbstractEventLoop | None = None
+        self._control_ready = threading.Event()
+        self._abort_queue = False  # set by a cell that failed: the execute requests waiting are aborted next
         self._parents: dict[str, dict[str, Any]] = {"shell": {}, "control": {}}
         self._idents: dict[str, list[bytes]] = {"shell": [], "control": []}
         self._aborting = False
@@ -194,20 +220,34 @@ class WireKernel(LoggingConfigurable):
         control.start()
         self.shell_stream = zmq.asyncio.Socket.from_socket(self.sockets.shell)
         self.start()
-        shell = loop.create_task(self._serve(self.shell_stream, "shell"))
-        poller = loop.create_task(self._watch_parent())
+        self._serving = {
+            loop.create_task(self._serve(self.shell_stream, "shell")),
+            loop.create_task(self._watch_parent()),
+        }
         try:
             loop.run_forever()
         finally:
-            for task in (shell, poller):
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(shell, poller, return_exceptions=True))
-            self._stop_control()
-            control.join(5)
-            self.iopub_socket.close()  # what was published (the shutdown reply) still goes out
-            for socket in (self.sockets.shell, self.sockets.stdin):
-                socket.close(linger=1000)
-            loop.close()
+            self._finish(loop, control)
+
+    def _finish(self, loop: asyncio.AbstractEventLoop, control: threading.Thread) -> None:
+        """After the main loop stopped: end every task and thread, then close the sockets and terminate the
+        contexts, which waits (a second at most per socket) for what is still queued, such as the shutdown
+        reply; a context that still will not end is left to the process's exit."""
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=5))
+        self._stop_control()
+        control.join(5)
+        self.iopub_socket.close()
+        for socket in (self.sockets.shell, self.sockets.stdin):
+            socket.close(linger=1000)
+        loop.close()
+        for context in (self.sockets.context, self.sockets.hb_context):
+            ender = threading.Thread(target=context.term, name="scalebox-exit", daemon=True)
+            ender.start()
+            ender.join(5)
 
     def start(self) -> None:
         """Called on the main loop's thread before it serves (a subclass adds its signal handlers here)."""
@@ -221,10 +261,13 @@ class WireKernel(LoggingConfigurable):
             loop.call_soon_threadsafe(loop.stop)
 
     def _echo_heartbeats(self) -> None:
+        """Echo heartbeats in ZMQ's own loop until the heartbeat's context is terminated at exit."""
         try:
             zmq.proxy(self.sockets.hb, self.sockets.hb)
-        except zmq.ZMQError as exc:  # the context was terminated at exit
+        except zmq.ZMQError as exc:
             self.log.debug("heartbeat stopped: %s", exc)
+        finally:
+            self.sockets.hb.close(linger=0)
 
     def _run_control(self) -> None:
         loop = asyncio.new_event_loop()
@@ -232,6 +275,7 @@ class WireKernel(LoggingConfigurable):
         self._control_loop = loop
         socket = zmq.asyncio.Socket.from_socket(self.sockets.control)
         task = loop.create_task(self._serve(socket, "control"))
+        self._control_ready.set()
         try:
             loop.run_until_complete(task)
         except asyncio.CancelledError:
@@ -241,6 +285,7 @@ class WireKernel(LoggingConfigurable):
             loop.close()
 
     def _stop_control(self) -> None:
+        self._control_ready.wait(5)
         loop = self._control_loop
         if loop is None or loop.is_closed():
             return
@@ -254,20 +299,26 @@ class WireKernel(LoggingConfigurable):
 
     async def _serve(self, socket: zmq.asyncio.Socket, channel: str) -> None:
         while True:
-            frames = await socket.recv_multipart()
-            try:
-                parsed = self._parse(frames, channel)
-                if parsed is None:
-                    continue
-                idents, msg = parsed
-                if channel == "control":
-                    await self._handle(socket, idents, msg, "control", self.control_handlers)
-                elif not await self.relay(idents, msg):
-                    await self._handle(socket, idents, msg, "shell", self.shell_handlers)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.log.exception("The kernel failed to answer a %s request", channel)
+            await self._serve_one(socket, await socket.recv_multipart(), channel)
+            if self._abort_queue and channel == "shell":
+                await self._abort_queued(socket)
+
+    async def _serve_one(self, socket: zmq.asyncio.Socket, frames: list[Any], channel: str) -> None:
+        try:
+            parsed = self._parse(frames, channel)
+            if parsed is None:
+                return
+            idents, msg = parsed
+            if channel == "control":
+                await self._handle(socket, idents, msg, "control", self.control_handlers)
+            elif (self._aborting and msg["header"].get("msg_type") == "execute_request") or not await self.relay(
+                idents, msg
+            ):
+                await self._handle(socket, idents, msg, "shell", self.shell_handlers)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("The kernel failed to answer a %s request", channel)
 
     async def _watch_parent(self) -> None:
         """As ipykernel: a kernel whose parent (the process that started it, `JPY_PARENT_PID`) is gone ends."""
@@ -323,6 +374,9 @@ class WireKernel(LoggingConfigurable):
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a request whose content is not as specified
             self.log.warning("A %s the kernel could not read: %r", msg_type, exc)
             self._refuse(stream, idents, msg, "BadRequest", f"{msg_type} content is not as the protocol says: {exc!r}")
+        except Exception as exc:  # a failure of the kernel's own: said in the log, and in a reply nobody waits for
+            self.log.exception("The kernel failed to answer a %s", msg_type)
+            self._refuse(stream, idents, msg, type(exc).__name__, f"the kernel failed to answer {msg_type}: {exc}")
         finally:
             self._publish_status("idle", channel)
 
@@ -404,12 +458,12 @@ class WireKernel(LoggingConfigurable):
         metadata = {"started": started, "dependencies_met": True, "engine": self.ident, "status": reply.get("status")}
         self.session.send(stream, "execute_reply", reply, parent, ident=ident, metadata=metadata)
         if not silent and reply.get("status") == "error" and stop_on_error:
-            await self._abort_queued(stream)
+            self._abort_queue = True
 
-    async def _abort_queued(self, stream: Any) -> None:
-        """After a failed cell, the execute requests already waiting behind it are answered `aborted`."""
-        if not isinstance(stream, zmq.asyncio.Socket):
-            return
+    async def _abort_queued(self, stream: zmq.asyncio.Socket) -> None:
+        """After a failed cell (its reply and idle are out), the execute requests already waiting behind it are
+        answered `aborted`, as ipykernel does; the other requests among them are served as ever."""
+        self._abort_queue = False
         self._aborting = True
         try:
             while True:
@@ -417,9 +471,7 @@ class WireKernel(LoggingConfigurable):
                     frames = await stream.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                parsed = self._parse(frames, "shell")
-                if parsed is not None:  # handled here, never relayed: a cell among them is aborted
-                    await self._handle(stream, *parsed, "shell", self.shell_handlers)
+                await self._serve_one(stream, frames, "shell")
         finally:
             self._aborting = False
 

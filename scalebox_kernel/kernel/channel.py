@@ -23,6 +23,7 @@ import zmq
 from ..client.jupyter import ChannelGone, JupyterEndpoint, KernelChannel
 from ..errors import NotFound, SandboxNotFound, ScaleboxError, redact
 from ..protocol.jupyter_ws import WireMessage
+from .wire import InvalidMessage
 
 if TYPE_CHECKING:
     from ..session import SandboxSession
@@ -346,9 +347,13 @@ class SandboxChannel:
                     frames = socket.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                _idents, rest = session.feed_identities(frames)
-                if len(rest) >= 5:
-                    self.send_stdin([part if isinstance(part, bytes) else part.bytes for part in rest[1:5]])
+                try:
+                    _idents, rest = session.feed_identities(frames)
+                    reply = session.deserialize(rest)  # signed with the connection's key, like any request
+                except InvalidMessage as exc:
+                    log.warning("refused a stdin message: %s", exc)
+                    continue
+                self.send_stdin(list(reply["parts"]))
             await asyncio.sleep(STDIN_POLL)
 
     # ------------------------------------------------------------------------------------------ failures

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from .commands import Background, NotebookSessions
     from .sandbox import NotebookSandbox
 
+#: Requests about this kernel process, answered by it even when a sandbox's kernel answers the rest.
+LOCAL_REQUESTS = frozenset({"kernel_info_request", "shutdown_request", "connect_request"})
 #: VS Code runs hidden helper code (interpreter probe, Variables view) whose names start with this.
 VSCODE_PREFIX = "_VSCODE_"
 #: The notebook's own session (`subcommands.DEFAULT`, restated so that start-up does not import the subcommands).
@@ -261,8 +263,8 @@ class ScaleboxKernel(WireKernel):
         """True if the request went to the sandbox kernel (or was answered on its behalf)."""
         header = parsed["header"]
         msg_type = header.get("msg_type", "")
-        if msg_type == "kernel_info_request" or (msg_type != "execute_request" and not self.cells_ready):
-            return False  # nothing goes to a sandbox before a cell opened one
+        if msg_type in LOCAL_REQUESTS or (msg_type != "execute_request" and not self.cells_ready):
+            return False  # about this kernel process itself; nothing goes to a sandbox before a cell opened one
         if not (self.channel.wanted or msg_type == "execute_request"):
             return False
         if self.config_error:  # nothing goes anywhere with a broken configuration: each cell says what is wrong
@@ -316,6 +318,8 @@ class ScaleboxKernel(WireKernel):
             reply = self._cell_failure(exc, relay)
             self.session.send(stream, "execute_reply", reply, parent=parsed, ident=idents)
             self._publish_status("idle", "shell")
+            if not silent and content.get("stop_on_error", True):
+                self._abort_queue = True  # the cells queued behind it would fail the same way
             return True
         finally:
             self._cell_task = None

@@ -171,7 +171,7 @@ class Wire:
             parent = json.loads(frames[2])
             metadata = json.loads(frames[3])
             body = json.loads(frames[4]) if content else frames[4]
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidMessage(f"a message part that is not JSON: {exc}") from None
         if not isinstance(header, dict) or not isinstance(parent, dict) or not isinstance(metadata, dict):
             raise InvalidMessage("a message whose header, parent or metadata is not an object")

@@ -26,19 +26,23 @@ SANDBOX_FDS = 96
 SERVING_FDS = 256
 
 
-def descriptors() -> tuple[int, int]:
-    """The server process's open file descriptors and its (soft) limit on them."""
+def descriptors() -> tuple[int, int] | None:
+    """The server process's open file descriptors and its (soft) limit on them (None where /proc cannot say)."""
     try:
         used = len(os.listdir("/proc/self/fd"))
     except OSError:
-        used = 0
+        return None
     return used, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def descriptors_left_for_one() -> bool:
-    """Whether another sandbox fits under the server's open-file limit, the serving reserve kept."""
-    used, limit = descriptors()
-    return limit == resource.RLIM_INFINITY or used + SANDBOX_FDS + SERVING_FDS <= limit
+def descriptors_left_for(sandboxes: int) -> bool:
+    """Whether `sandboxes` more (those starting now included) fit under the server's open-file limit, with the
+    serving reserve kept."""
+    found = descriptors()
+    if found is None or found[1] == resource.RLIM_INFINITY:
+        return True
+    used, limit = found
+    return used + sandboxes * SANDBOX_FDS + SERVING_FDS <= limit
 
 
 def _proc_stat(pid: str) -> tuple[int, int, int] | None:

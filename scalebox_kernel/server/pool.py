@@ -96,10 +96,12 @@ class WarmPool:
         return total
 
     def _fits(self) -> bool:
-        """Whether one more pooled sandbox fits the pool's memory budget and the server's open-file limit."""
+        """Whether one more pooled sandbox fits the pool's memory budget and the server's open-file limit; the
+        pool leaves room for one more sandbox beside it, so that a create it cannot serve is never refused
+        for descriptors the pool holds."""
         one = self._measured_mb or POOL_SANDBOX_ESTIMATE_MB
         fits_memory = self.memory_mb() + one * (self._starting + 1) <= self.settings.pool_memory_mb
-        return fits_memory and metrics.descriptors_left_for_one()
+        return fits_memory and metrics.descriptors_left_for(self._starting + 2)
 
     async def _fill(self) -> None:
         while not self._closed and len(self._ready) + self._starting < self.size and self._fits():

@@ -69,11 +69,11 @@ class TooManyOpenFiles(SandboxError):
     connect_code = "resource_exhausted"
 
 
-def check_descriptors() -> None:
+def check_descriptors(starting: int) -> None:
     """Refuse a new sandbox, clearly, before the server runs out of file descriptors (running out halfway would
-    fail somewhere in a library, with its own words)."""
-    if not metrics.descriptors_left_for_one():
-        used, limit = metrics.descriptors()
+    fail somewhere in a library, with its own words); `starting`: the other sandboxes being made right now."""
+    if not metrics.descriptors_left_for(starting + 1):
+        used, limit = metrics.descriptors() or (0, 0)
         raise TooManyOpenFiles(
             f"scalebox-local has {used} of its {limit} file descriptors open, too few for another sandbox (one "
             f"takes up to {metrics.SANDBOX_FDS}): kill sandboxes that are no longer needed, or start the server "
@@ -186,6 +186,7 @@ class SandboxManager:
         self._lost: dict[str, str] = {}  # sandbox id -> why its kernels' state is gone (told on next Execute)
         self._locks: dict[str, asyncio.Lock] = {}
         self._wake = asyncio.Event()
+        self._cold_starts = 0  # sandboxes being made from nothing right now (their descriptors are not open yet)
         self._reaper: asyncio.Task[None] | None = None
         self._ending: dict[str, str] = {}  # sandbox id -> "expired"/"killed", from the start of its termination
         self._retries: dict[str, _Retry] = {}  # sandbox id -> its failed expiry, kill or stop, to try again
@@ -369,7 +370,14 @@ class SandboxManager:
 
     async def _create_cold(self, spec: CreateSpec, record: SandboxRecord) -> SandboxRecord:
         """Make a sandbox from nothing (what the pool could not give)."""
-        check_descriptors()  # a pooled one holds its descriptors already
+        check_descriptors(self._cold_starts)  # a pooled one holds its descriptors already
+        self._cold_starts += 1
+        try:
+            return await self._start_cold(spec, record)
+        finally:
+            self._cold_starts -= 1
+
+    async def _start_cold(self, spec: CreateSpec, record: SandboxRecord) -> SandboxRecord:
         agent = self._new_agent(record, [credentials for _, credentials in spec.object_storage])
         if not spec.allow_internet_access and "network" in agent.isolation().get("missing", []):
             raise BadRequest(

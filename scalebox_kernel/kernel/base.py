@@ -455,7 +455,7 @@ class WireKernel(LoggingConfigurable):
             cell_meta=cell_meta,
             cell_id=cell_meta.get("cellId") if isinstance(cell_meta, dict) else None,
         )
-        metadata = {"started": started, "dependencies_met": True, "engine": self.ident, "status": reply.get("status")}
+        metadata = self._reply_metadata(started, reply.get("status"))
         self.session.send(stream, "execute_reply", reply, parent, ident=ident, metadata=metadata)
         if not silent and reply.get("status") == "error" and stop_on_error:
             self._abort_queue = True
@@ -475,10 +475,14 @@ class WireKernel(LoggingConfigurable):
         finally:
             self._aborting = False
 
+    def _reply_metadata(self, started: datetime, status: Any) -> dict[str, Any]:
+        """An execute_reply's metadata, as ipykernel's (`started` is ipyparallel's)."""
+        return {"started": started, "dependencies_met": True, "engine": self.ident, "status": status}
+
     def _send_abort_reply(self, stream: Any, msg: dict[str, Any], ident: list[bytes]) -> None:
         self.log.info("Aborting %s", msg["header"].get("msg_id"))
         status = {"status": "aborted"}
-        metadata = {"started": datetime.now(UTC), "dependencies_met": True, "engine": self.ident, **status}
+        metadata = self._reply_metadata(datetime.now(UTC), "aborted")
         self.session.send(stream, "execute_reply", status, msg, ident=ident, metadata=metadata)
 
     async def do_execute(

@@ -286,7 +286,7 @@ class ScaleboxKernel(WireKernel):
     async def _relay_cell(
         self, stream: Any, idents: list[bytes], parsed: dict[str, Any], parts: list[bytes], buffers: list[Any]
     ) -> bool:
-        content = json.loads(parts[3])
+        content = dict(parsed["content"])  # parsed once, by the base; a copy, as the lines may be taken out below
         code = content.get("code")
         if not isinstance(code, str):
             return False  # answered here, as a request of the wrong shape: no sandbox is opened for it

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from jupyter_client.manager import start_new_kernel
 
+from scalebox_kernel.kernel import zygote
 from scalebox_kernel.kernel.install import write_kernelspec
 from scalebox_kernel.kernel.languages import LANGUAGES
 from scalebox_kernel.local import LocalServerInfo, spawn_local_server
@@ -43,6 +44,25 @@ def scalebox_kernelspecs(language: str = "python") -> Iterator[str]:
         lang = LANGUAGES[language]
         write_kernelspec(lang, Path(specs) / "kernels" / lang.kernel_name)
         yield specs
+
+
+@contextmanager
+def own_zygote() -> Iterator[Path]:
+    """A zygote directory of the bench's own (SCALEBOX_ZYGOTE_DIR; the user's zygote is not used), the zygote it
+    gets stopped afterwards. `wait_for_zygote` once the first Scalebox kernel has started it."""
+    with tempfile.TemporaryDirectory(prefix="scalebox-bench-zygote-") as tmp, env_set({"SCALEBOX_ZYGOTE_DIR": tmp}):
+        try:
+            yield Path(tmp)
+        finally:
+            zygote.stop(Path(tmp))
+
+
+def wait_for_zygote(directory: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not zygote.running(directory):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no zygote started in {directory}")
+        time.sleep(0.05)
 
 
 def server_env(info: LocalServerInfo) -> dict[str, str]:

@@ -1,7 +1,9 @@
 """Issue 15: kernel start + first result, Scalebox vs a plain ipykernel. Each kernel process is started as its
-kernelspec starts it, in turn (ipykernel, Scalebox, ipykernel, ...) in one run: the time from the process's start
-to its `kernel_info_reply`, and to the `execute_result` of a first `1+1` (for the Scalebox kernel that cell opens
-a sandbox on its own scalebox-local). Prints medians and ratios; asserts nothing.
+kernelspec starts it, in turn (ipykernel, Scalebox forked by the zygote, Scalebox as a process of its own with
+SCALEBOX_ZYGOTE=0, ipykernel, ...) in one run: the time from the process's start to its `kernel_info_reply`, and to
+the `execute_result` of a first `1+1` (for the Scalebox kernel that cell opens a sandbox on its own
+scalebox-local's warm pool). The zygote is the bench's own (a temporary SCALEBOX_ZYGOTE_DIR), started by the
+warm-up and stopped at the end. Prints medians and ratios; asserts nothing.
 
 Run with `python -m bench.bench_kernel_start` from the repository root (BENCH_RUNS sets the starts of each).
 """
@@ -22,7 +24,7 @@ import zmq
 from jupyter_client.connect import write_connection_file
 from jupyter_client.session import Session
 
-from bench._common import env_set, local_server, server_env
+from bench._common import env_set, local_server, own_zygote, server_env, wait_for_zygote
 from scalebox_kernel.kernel.install import kernel_json
 from scalebox_kernel.kernel.languages import LANGUAGES
 
@@ -37,7 +39,8 @@ class KernelStart:
     """One kernel process, started from `argv` (`{connection_file}` filled in), and a client already connected
     to its ports before it starts, so that nothing of the client's own set-up is counted."""
 
-    def __init__(self, argv: list[str], workdir: Path) -> None:
+    def __init__(self, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, **(env or {})}
         connection_file = str(workdir / f"kernel-{uuid.uuid4().hex}.json")
         _, info = write_connection_file(connection_file, ip="127.0.0.1", key=uuid.uuid4().hex.encode())
         self.argv = [arg.replace("{connection_file}", connection_file) for arg in argv]
@@ -64,7 +67,7 @@ class KernelStart:
     def run(self, code: str | None) -> tuple[float, float | None]:
         """Seconds from the process's start to its kernel_info_reply, and to the result of `code`."""
         start = time.perf_counter()
-        process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
         try:
             self.session.send(self.shell, "kernel_info_request", {})
             deadline = time.monotonic() + 60
@@ -103,24 +106,36 @@ def median_ms(samples: list[float]) -> float:
 def main() -> None:
     plain = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     scalebox = kernel_json(LANGUAGES["python"])["argv"]
-    times: dict[str, list[tuple[float, float | None]]] = {"plain": [], "scalebox": []}
+    kinds = {
+        "plain": (plain, {}),
+        "forked": (scalebox, {}),
+        "alone": (scalebox, {"SCALEBOX_ZYGOTE": "0"}),
+    }
+    times: dict[str, list[tuple[float, float | None]]] = {kind: [] for kind in kinds}
     with tempfile.TemporaryDirectory(prefix="scalebox-bench-start-") as tmp, local_server() as info:
         workdir = Path(tmp)
         # The notebook store (which sandbox a notebook had) goes to a throwaway data dir, not the user's.
-        with env_set({**server_env(info), "JUPYTER_DATA_DIR": str(workdir / "data")}):
-            for argv in (plain, scalebox):  # warm-up: the file system cache, scalebox-local's first sandbox
-                KernelStart(argv, workdir).run(CODE)
+        with env_set({**server_env(info), "JUPYTER_DATA_DIR": str(workdir / "data")}), own_zygote() as zygotes:
+            for argv, extra in kinds.values():  # warm-up: the file system cache, the first sandbox, the zygote
+                KernelStart(argv, workdir, extra).run(CODE)
+            wait_for_zygote(zygotes)
             for _ in range(RUNS):
-                times["plain"].append(KernelStart(plain, workdir).run(CODE))
-                times["scalebox"].append(KernelStart(scalebox, workdir).run(CODE))
+                for kind, (argv, extra) in kinds.items():
+                    times[kind].append(KernelStart(argv, workdir, extra).run(CODE))
     print(f"\nkernel start + first result, Scalebox vs a plain ipykernel ({RUNS} starts each, medians)")
+    labels = {
+        "plain": "ipykernel_launcher (baseline)",
+        "forked": "Scalebox kernel, forked by the zygote",
+        "alone": "Scalebox kernel, own process (ZYGOTE=0)",
+    }
     for what, index in (("start -> kernel_info_reply", 0), (f"start -> first result of `{CODE}`", 1)):
         base = [float(run[index] or 0) for run in times["plain"]]
-        ours = [float(run[index] or 0) for run in times["scalebox"]]
-        ratio = statistics.median(b / a for a, b in zip(base, ours, strict=True))  # pair by pair: the load drifts
         print(f"  {what}")
-        print(f"    {'ipykernel_launcher (baseline)':<44} {median_ms(base):9.1f} ms")
-        print(f"    {'Scalebox kernel -> scalebox-local':<44} {median_ms(ours):9.1f} ms   ratio {ratio:6.2f}x")
+        print(f"    {labels['plain']:<44} {median_ms(base):9.1f} ms")
+        for kind in ("forked", "alone"):
+            ours = [float(run[index] or 0) for run in times[kind]]
+            ratio = statistics.median(b / a for a, b in zip(base, ours, strict=True))  # pair by pair: load drifts
+            print(f"    {labels[kind]:<44} {median_ms(ours):9.1f} ms   ratio {ratio:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import httpx
 from jupyter_client.manager import start_new_kernel
 
-from bench._common import env_set, local_server, scalebox_kernelspecs, server_env
+from bench._common import env_set, local_server, own_zygote, scalebox_kernelspecs, server_env, wait_for_zygote
 from scalebox_kernel.client import Sandbox
 from scalebox_kernel.config import ScaleboxConfig
 from scalebox_kernel.local import LocalServerInfo
@@ -85,12 +85,17 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def turns(rows: dict[str, Callable[[], float]], before: dict[str, Callable[[], None]]) -> dict[str, float]:
+def turns(
+    rows: dict[str, Callable[[], float]],
+    before: dict[str, Callable[[], None]],
+    after_warm_up: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
     """Each row RUNS times, taking turns (the machine's load then weighs on all alike); medians in ms."""
     samples: dict[str, list[float]] = {name: [] for name in rows}
     for name in rows:  # one warm-up each, not counted
         before.get(name, lambda: None)()
         rows[name]()
+    after_warm_up()
     for _ in range(RUNS):
         for name, row in rows.items():
             before.get(name, lambda: None)()
@@ -118,7 +123,7 @@ def main() -> None:
             "Sandbox.create() + the first run_code result", results, "cold: Sandbox.create() + first result (baseline)"
         )
 
-        with scalebox_kernelspecs() as specs:
+        with scalebox_kernelspecs() as specs, own_zygote() as zygotes:
             kernels = {
                 "plain ipykernel: start + first result (baseline)": lambda: kernel_start_and_first_result("python3"),
             }
@@ -129,7 +134,11 @@ def main() -> None:
                         return kernel_start_and_first_result("scalebox-python")
 
                 kernels[f"Scalebox kernel, {name}: start + first result"] = run
-            results = turns(kernels, {"Scalebox kernel, warm pool: start + first result": lambda: wait_pool(pooled)})
+            results = turns(
+                kernels,
+                {"Scalebox kernel, warm pool: start + first result": lambda: wait_pool(pooled)},
+                after_warm_up=lambda: wait_for_zygote(zygotes),  # the first start spawned it; later ones fork
+            )
             show(
                 "kernel start + first result (jupyter_client)",
                 results,

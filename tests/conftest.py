@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from scalebox_kernel.kernel import zygote
 from scalebox_kernel.local import spawn_local_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +43,10 @@ def isolated_jupyter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     os.environ["SCALEBOX_LOCAL_AUTOSTART"] = "0"  # tests start their servers explicitly
     os.environ["SCALEBOX_LOCAL_POOL_SIZE"] = "0"  # the pool only where a test asks for it (test_pool.py)
     os.environ.setdefault("MPLBACKEND", "agg")
+    # The kernels' zygote (kernel/zygote.py) of this session: its own, stopped at the end.
+    os.environ["SCALEBOX_ZYGOTE_DIR"] = str(root / "zygote")
     yield root
+    zygote.stop(root / "zygote")
     os.environ.clear()
     os.environ.update(saved)
 

@@ -321,11 +321,13 @@ class WireKernel(LoggingConfigurable):
             self.log.exception("The kernel failed to answer a %s request", channel)
 
     async def _watch_parent(self) -> None:
-        """As ipykernel: a kernel whose parent (the process that started it, `JPY_PARENT_PID`) is gone ends."""
+        """As ipykernel: a kernel whose parent (the process that started it, `JPY_PARENT_PID`) is gone ends. A kernel
+        forked by the zygote watches its launcher's parent instead (`SCALEBOX_LAUNCHER_PID`)."""
         parent = int(os.environ.get("JPY_PARENT_PID") or 0)
-        if parent <= 1 or os.getppid() != parent:
+        launcher = int(os.environ.get("SCALEBOX_LAUNCHER_PID") or 0)
+        if parent <= 1 or _parent_of(launcher or os.getpid()) != parent:
             return
-        while os.getppid() == parent:
+        while _parent_of(launcher or os.getpid()) == parent:
             await asyncio.sleep(PARENT_POLL)
         self.log.warning("The process that started this kernel is gone: shutting down.")
         self.orphaned()
@@ -604,3 +606,15 @@ class WireKernel(LoggingConfigurable):
 
     def _comm_message(self, stream: Any, ident: list[bytes], msg: dict[str, Any]) -> None:
         getattr(self.comm_manager, str(msg["header"]["msg_type"]))(stream, ident, msg)
+
+
+def _parent_of(pid: int) -> int:
+    """The parent pid of `pid` (0 once it is gone)."""
+    if pid == os.getpid():
+        return os.getppid()
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])  # after the name, which may hold spaces: state, ppid

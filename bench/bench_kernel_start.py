@@ -1,9 +1,10 @@
 """Issue 15: kernel start + first result, Scalebox vs a plain ipykernel. Each kernel process is started as its
 kernelspec starts it, in turn (ipykernel, Scalebox forked by the zygote, Scalebox as a process of its own with
-SCALEBOX_ZYGOTE=0, ipykernel, ...) in one run: the time from the process's start to its `kernel_info_reply`, and to
-the `execute_result` of a first `1+1` (for the Scalebox kernel that cell opens a sandbox on its own
-scalebox-local's warm pool). The zygote is the bench's own (a temporary SCALEBOX_ZYGOTE_DIR), started by the
-warm-up and stopped at the end. Prints medians and ratios; asserts nothing.
+SCALEBOX_ZYGOTE=0, Scalebox on a server without a warm pool, ipykernel, ...) in one run: the time from the process's
+start to its `kernel_info_reply`, and to the `execute_result` of a first `1+1` (for the Scalebox kernel that cell
+opens a sandbox on a scalebox-local of the bench's own: from its warm pool, or cold). The zygote is the bench's own
+too (a temporary SCALEBOX_ZYGOTE_DIR), started by the warm-up and stopped at the end. Prints medians and ratios;
+asserts nothing.
 
 Run with `python -m bench.bench_kernel_start` from the repository root (BENCH_RUNS sets the starts of each).
 """
@@ -106,16 +107,27 @@ def median_ms(samples: list[float]) -> float:
 def main() -> None:
     plain = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     scalebox = kernel_json(LANGUAGES["python"])["argv"]
-    kinds = {
-        "plain": (plain, {}),
-        "forked": (scalebox, {}),
-        "alone": (scalebox, {"SCALEBOX_ZYGOTE": "0"}),
+    labels = {
+        "plain": "ipykernel_launcher (baseline)",
+        "forked": "Scalebox, forked by the zygote, warm pool",
+        "alone": "Scalebox, own process (ZYGOTE=0), warm pool",
+        "cold": "Scalebox, forked by the zygote, cold",
     }
-    times: dict[str, list[tuple[float, float | None]]] = {kind: [] for kind in kinds}
-    with tempfile.TemporaryDirectory(prefix="scalebox-bench-start-") as tmp, local_server() as info:
+    times: dict[str, list[tuple[float, float | None]]] = {kind: [] for kind in labels}
+    with (
+        tempfile.TemporaryDirectory(prefix="scalebox-bench-start-") as tmp,
+        local_server() as pooled,
+        local_server(extra_args=["--ServerSettings.pool_size=0"]) as cold,
+    ):
         workdir = Path(tmp)
+        kinds = {
+            "plain": (plain, {}),
+            "forked": (scalebox, server_env(pooled)),
+            "alone": (scalebox, {**server_env(pooled), "SCALEBOX_ZYGOTE": "0"}),
+            "cold": (scalebox, server_env(cold)),
+        }
         # The notebook store (which sandbox a notebook had) goes to a throwaway data dir, not the user's.
-        with env_set({**server_env(info), "JUPYTER_DATA_DIR": str(workdir / "data")}), own_zygote() as zygotes:
+        with env_set({"JUPYTER_DATA_DIR": str(workdir / "data")}), own_zygote() as zygotes:
             for argv, extra in kinds.values():  # warm-up: the file system cache, the first sandbox, the zygote
                 KernelStart(argv, workdir, extra).run(CODE)
             wait_for_zygote(zygotes)
@@ -123,19 +135,14 @@ def main() -> None:
                 for kind, (argv, extra) in kinds.items():
                     times[kind].append(KernelStart(argv, workdir, extra).run(CODE))
     print(f"\nkernel start + first result, Scalebox vs a plain ipykernel ({RUNS} starts each, medians)")
-    labels = {
-        "plain": "ipykernel_launcher (baseline)",
-        "forked": "Scalebox kernel, forked by the zygote",
-        "alone": "Scalebox kernel, own process (ZYGOTE=0)",
-    }
     for what, index in (("start -> kernel_info_reply", 0), (f"start -> first result of `{CODE}`", 1)):
         base = [float(run[index] or 0) for run in times["plain"]]
         print(f"  {what}")
-        print(f"    {labels['plain']:<44} {median_ms(base):9.1f} ms")
-        for kind in ("forked", "alone"):
+        print(f"    {labels['plain']:<46} {median_ms(base):9.1f} ms")
+        for kind in ("forked", "alone", "cold"):
             ours = [float(run[index] or 0) for run in times[kind]]
             ratio = statistics.median(b / a for a, b in zip(base, ours, strict=True))  # pair by pair: load drifts
-            print(f"    {labels[kind]:<44} {median_ms(ours):9.1f} ms   ratio {ratio:6.2f}x")
+            print(f"    {labels[kind]:<46} {median_ms(ours):9.1f} ms   ratio {ratio:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,20 @@ def environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def frontend_script(connection: str, pid_file: Path, zygote: bool = True) -> str:
+    """`python -c` code of a stand-in frontend: it starts a Scalebox kernel on `connection` as its parent
+    (JPY_PARENT_PID), writes the pid it started to `pid_file`, and waits (a test then kills it)."""
+    zygote_env = "" if zygote else ", 'SCALEBOX_ZYGOTE': '0'"
+    return (
+        "import os, subprocess, sys\n"
+        f"env = {{**os.environ, 'JPY_PARENT_PID': str(os.getpid()){zygote_env}}}\n"
+        f"argv = [sys.executable, '-m', 'scalebox_kernel.kernel', '-f', {connection!r}]\n"
+        "proc = subprocess.Popen(argv, env=env, start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(proc.pid))\n"
+        "proc.wait()\n"
+    )
+
+
 class KernelRun:
     """A Scalebox kernel started through jupyter_client, and a blocking client for it."""
 

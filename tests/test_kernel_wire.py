@@ -25,7 +25,7 @@ import pytest
 import zmq
 from conftest import LocalServer
 from jupyter_client.connect import write_connection_file
-from kernel_support import KernelRun, environ, install_kernelspecs
+from kernel_support import KernelRun, environ, frontend_script, install_kernelspecs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -263,18 +263,11 @@ def test_a_shutdown_on_the_shell_channel_ends_this_kernel_not_the_sandboxes(loca
 
 
 def test_a_kernel_whose_parent_is_gone_ends(tmp_path: Path) -> None:
-    """As ipykernel: the process that started the kernel (JPY_PARENT_PID) dies, and the kernel ends too."""
+    """As ipykernel: the process that started the kernel (JPY_PARENT_PID) dies, and the kernel (in its own process
+    here; test_zygote.py has a forked one) ends too."""
     connection, _ = write_connection_file(str(tmp_path / "kernel.json"), ip="127.0.0.1")
     pid_file = tmp_path / "kernel.pid"
-    starter = (
-        "import os, subprocess, sys\n"
-        "env = {**os.environ, 'JPY_PARENT_PID': str(os.getpid())}\n"
-        f"argv = [sys.executable, '-m', 'scalebox_kernel.kernel', '-f', {connection!r}]\n"
-        "proc = subprocess.Popen(argv, env=env, start_new_session=True)\n"
-        f"open({str(pid_file)!r}, 'w').write(str(proc.pid))\n"
-        "proc.wait()\n"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", starter])
+    parent = subprocess.Popen([sys.executable, "-c", frontend_script(connection, pid_file, zygote=False)])
     deadline = time.monotonic() + 30
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

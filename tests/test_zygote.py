@@ -20,7 +20,7 @@ import pytest
 from conftest import LocalServer
 from jupyter_client.connect import write_connection_file
 from jupyter_client.manager import KernelManager
-from kernel_support import KERNEL, environ, install_kernelspecs
+from kernel_support import KERNEL, environ, frontend_script, install_kernelspecs
 
 from scalebox_kernel.kernel import zygote
 
@@ -65,6 +65,12 @@ def alive(pid: int) -> bool:
 def environ_of(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.decode().partition("=")[::2] for item in raw.split(b"\0") if b"=" in item)
+
+
+def zygote_up(directory: Path) -> int:
+    """Start (and stop) a first kernel, which spawns the zygote; the zygote's pid once it serves."""
+    Kernel().stop()
+    return zygote_pid(directory)
 
 
 def zygote_pid(directory: Path) -> int:
@@ -116,6 +122,16 @@ def forked_kernel(parent: int, before: set[int] | None = None, timeout: float = 
     wait_for(look, timeout, f"a kernel forked by zygote {parent}")
     assert len(new) == 1, new
     return new.pop()
+
+
+def assert_forks_and_runs(parent: int, code: str, result: str) -> None:
+    """A kernel started now is forked by `parent` and gives `result` for `code`."""
+    kernel = Kernel()
+    try:
+        forked_kernel(parent)
+        assert kernel.run(code) == result
+    finally:
+        kernel.stop()
 
 
 class Kernel:
@@ -187,8 +203,7 @@ def test_kernels_after_the_first_are_forked_hold_their_own_environment_and_run_c
 
 
 def test_a_killed_launcher_takes_its_kernel_along_and_a_restart_gets_the_same_ports(zygote_dir: Path) -> None:
-    Kernel().stop()  # starts the zygote
-    parent = zygote_pid(zygote_dir)
+    parent = zygote_up(zygote_dir)
     kernel = Kernel()
     try:
         old = forked_kernel(parent)
@@ -204,8 +219,7 @@ def test_a_killed_launcher_takes_its_kernel_along_and_a_restart_gets_the_same_po
 
 
 def test_signals_reach_the_kernel_and_the_launcher_ends_as_it_did(zygote_dir: Path) -> None:
-    Kernel().stop()
-    parent = zygote_pid(zygote_dir)
+    parent = zygote_up(zygote_dir)
     kernel = Kernel()
     try:
         pid = forked_kernel(parent)
@@ -219,19 +233,10 @@ def test_signals_reach_the_kernel_and_the_launcher_ends_as_it_did(zygote_dir: Pa
 def test_an_orphaned_forked_kernel_ends(zygote_dir: Path, tmp_path: Path) -> None:
     """As ipykernel: the process that started the kernel (JPY_PARENT_PID) dies, and the forked kernel ends too,
     though its own parent is the zygote."""
-    Kernel().stop()
-    parent = zygote_pid(zygote_dir)
+    parent = zygote_up(zygote_dir)
     connection, _ = write_connection_file(str(tmp_path / "kernel.json"), ip="127.0.0.1")
     pid_file = tmp_path / "launcher.pid"
-    starter = (
-        "import os, subprocess, sys\n"
-        "env = {**os.environ, 'JPY_PARENT_PID': str(os.getpid())}\n"
-        f"argv = [sys.executable, '-m', 'scalebox_kernel.kernel', '-f', {connection!r}]\n"
-        "proc = subprocess.Popen(argv, env=env, start_new_session=True)\n"
-        f"open({str(pid_file)!r}, 'w').write(str(proc.pid))\n"
-        "proc.wait()\n"
-    )
-    frontend = subprocess.Popen([sys.executable, "-c", starter])
+    frontend = subprocess.Popen([sys.executable, "-c", frontend_script(connection, pid_file)])
     try:
         wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the launcher's start")
     except AssertionError:
@@ -262,8 +267,7 @@ def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 def test_a_forked_kernel_that_cannot_start_says_why_as_a_process_of_its_own_does(zygote_dir: Path) -> None:
     alone = launch("--language", "cobol", env={"SCALEBOX_ZYGOTE": "0"})
-    Kernel().stop()
-    parent = zygote_pid(zygote_dir)
+    parent = zygote_up(zygote_dir)
     forked = launch("--language", "cobol")
     assert forked.returncode == alone.returncode != 0
     assert "cobol" in alone.stderr and "cobol" in forked.stderr
@@ -271,8 +275,7 @@ def test_a_forked_kernel_that_cannot_start_says_why_as_a_process_of_its_own_does
 
 
 def test_the_zygote_keeps_serving_after_bad_requests(zygote_dir: Path) -> None:
-    Kernel().stop()
-    parent = zygote_pid(zygote_dir)
+    parent = zygote_up(zygote_dir)
     (path,) = zygote_dir.glob("*.sock")
     bad = [
         b"",
@@ -294,17 +297,11 @@ def test_the_zygote_keeps_serving_after_bad_requests(zygote_dir: Path) -> None:
                 reply += chunk
             assert not reply.startswith(b"P "), f"{frames[:20]!r} made a kernel"
     assert alive(parent)
-    kernel = Kernel()
-    try:
-        forked_kernel(parent)
-        assert kernel.run("3 + 4") == "7"
-    finally:
-        kernel.stop()
+    assert_forks_and_runs(parent, "3 + 4", "7")
 
 
 def test_a_zygote_whose_code_changed_declines_and_a_fresh_one_takes_over(zygote_dir: Path) -> None:
-    Kernel().stop()
-    old = zygote_pid(zygote_dir)
+    old = zygote_up(zygote_dir)
     source = PACKAGE_FILE
     stat = source.stat()
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
@@ -317,12 +314,7 @@ def test_a_zygote_whose_code_changed_declines_and_a_fresh_one_takes_over(zygote_
         wait_for(lambda: not alive(old), 30, "the stale zygote ending")
         wait_for(lambda: zygote_pid(zygote_dir) != old, 30, "a fresh zygote")
         assert alive(zygote_pid(zygote_dir))
-        kernel = Kernel()
-        try:
-            forked_kernel(zygote_pid(zygote_dir))
-            assert kernel.run("1+2") == "3"
-        finally:
-            kernel.stop()
+        assert_forks_and_runs(zygote_pid(zygote_dir), "1+2", "3")
     finally:
         os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
@@ -342,8 +334,7 @@ def test_a_socket_directory_others_can_enter_is_not_used(tmp_path: Path) -> None
 
 
 def test_kernels_outlive_a_killed_zygote(zygote_dir: Path) -> None:
-    Kernel().stop()
-    parent = zygote_pid(zygote_dir)
+    parent = zygote_up(zygote_dir)
     kernel = Kernel()
     try:
         pid = forked_kernel(parent)
@@ -356,3 +347,95 @@ def test_kernels_outlive_a_killed_zygote(zygote_dir: Path) -> None:
         kernel.stop()
     assert process.wait(30) == 0
     assert not alive(pid)
+
+
+def test_a_stuck_zygote_holds_neither_a_start_nor_its_streams(zygote_dir: Path) -> None:
+    """A zygote that does not answer (stopped here) costs a start at most the handshake's wait: the kernel runs
+    in its own process, and the launcher's output pipes close when it ends (the zygote never had them)."""
+    parent = zygote_up(zygote_dir)
+    os.kill(parent, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        done = launch("--language", "cobol")  # ends at once in its own process: the pipes must close with it
+        assert done.returncode != 0 and "cobol" in done.stderr
+        assert time.monotonic() - started < 30
+    finally:
+        os.kill(parent, signal.SIGCONT)
+    assert_forks_and_runs(parent, "2 ** 10", "1024")
+
+
+def test_a_restart_works_after_the_zygote_was_killed(zygote_dir: Path) -> None:
+    """Without its zygote, a kernel still ends the moment its launcher is killed: a restart on the same ports
+    then starts a kernel of its own that answers."""
+    parent = zygote_up(zygote_dir)
+    kernel = Kernel()
+    try:
+        old = forked_kernel(parent)
+        os.kill(parent, signal.SIGKILL)
+        wait_for(lambda: not alive(parent), 10, "the zygote ending")
+        kernel.km.restart_kernel(now=True)
+        kernel.process = kernel.km.provisioner.process  # type: ignore[union-attr, attr-defined]
+        wait_for(lambda: not alive(old), 10, "the old kernel ending with its launcher")
+        kernel.kc.wait_for_ready(timeout=60)
+        assert kernel.run("5 * 5") == "25"
+    finally:
+        kernel.stop()
+
+
+def test_a_launcher_without_stderr_still_takes_its_kernel_along(zygote_dir: Path, tmp_path: Path) -> None:
+    parent = zygote_up(zygote_dir)
+    connection, _ = write_connection_file(str(tmp_path / "kernel.json"), ip="127.0.0.1")
+    argv = " ".join([*KERNEL_ARGV, "-f", connection])
+    launcher = subprocess.Popen(["sh", "-c", f"exec 2>&-; exec {argv}"], stdout=subprocess.DEVNULL)
+    try:
+        kernel = forked_kernel(parent)
+        fd2 = Path(f"/proc/{kernel}/fd/2")
+        assert not fd2.exists() or not os.readlink(fd2).startswith("socket:"), "the kernel holds the zygote's socket"
+        launcher.kill()
+        launcher.wait()
+        wait_for(lambda: not alive(kernel), 10, "the kernel of a killed launcher ending")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_a_kernel_killed_by_a_signal_ends_its_launcher_so(zygote_dir: Path) -> None:
+    parent = zygote_up(zygote_dir)
+    kernel = Kernel()
+    try:
+        os.kill(forked_kernel(parent), signal.SIGKILL)
+        assert kernel.process.wait(30) == -signal.SIGKILL
+    finally:
+        kernel.stop()
+
+
+def test_forked_kernels_have_default_signal_dispositions(zygote_dir: Path) -> None:
+    """The first start (which spawns the zygote) comes from a process that ignores SIGUSR1 and SIGQUIT; a kernel
+    forked later does not inherit that."""
+    saved = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGUSR1, signal.SIGQUIT)}
+    try:
+        Kernel().stop()
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+    parent = zygote_pid(zygote_dir)
+    kernel = Kernel()
+    try:
+        pid = forked_kernel(parent)
+        status = Path(f"/proc/{pid}/status").read_text()
+        ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+        for number in (signal.SIGUSR1, signal.SIGQUIT):
+            assert not ignored & (1 << (number - 1)), f"the kernel ignores {signal.Signals(number).name}"
+        blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+        assert blocked == 0
+    finally:
+        kernel.stop()
+
+
+def test_interpreter_options_a_fork_would_lose_run_the_kernel_in_its_own_process(zygote_dir: Path) -> None:
+    parent = zygote_up(zygote_dir)
+    argv = [sys.executable, "-X", "importtime", "-m", "scalebox_kernel.kernel", "--language", "cobol"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert "import time:" in done.stderr and "scalebox_kernel.kernel.app" in done.stderr, "it was forked"
+    assert done.returncode != 0 and "cobol" in done.stderr
+    assert zygote.running(zygote_dir) == [parent], "a zygote that declined is not replaced"

@@ -464,15 +464,18 @@ class WireKernel(LoggingConfigurable):
 
     async def _abort_queued(self, stream: zmq.asyncio.Socket) -> None:
         """After a failed cell (its reply and idle are out), the execute requests already waiting behind it are
-        answered `aborted`, as ipykernel does; the other requests among them are served as ever."""
+        answered `aborted`, as ipykernel does; the other requests among them are served as ever. What waits is
+        taken before any of it is answered: a request sent once the client saw those answers is served."""
         self._abort_queue = False
+        waiting = []
+        while True:
+            try:
+                waiting.append(await stream.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
         self._aborting = True
         try:
-            while True:
-                try:
-                    frames = await stream.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for frames in waiting:
                 await self._serve_one(stream, frames, "shell")
         finally:
             self._aborting = False

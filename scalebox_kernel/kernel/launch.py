@@ -9,11 +9,16 @@ kernel instead, and stands in for it: jupyter_client, VS Code or papermill see t
 - it ends when the kernel ends, with its exit status (or of its signal), and the kernel is killed at once when
   this process dies (SIGKILL from a frontend's restart: the ports are then free for the next kernel).
 
-Without a zygote (the first start, SCALEBOX_ZYGOTE=0, interpreter options such as `-X importtime` that a fork
-would not have, a socket that cannot be used), `launch` returns and the kernel runs in this process, as it always
-did. The first start also spawns the zygote, in a session of its own and with an environment stripped of
-everything but what locates Python's modules, so it holds no credential; a kernel's environment reaches only
-that kernel.
+Without a zygote that can serve this process (the first start, SCALEBOX_ZYGOTE=0, interpreter options such as
+`-X importtime` the zygote was not started with, another copy of the package, a zygote that does not answer
+within HANDSHAKE seconds), `launch` returns and the kernel runs in this process, as it always did. The first
+start also spawns the zygote, in a session of its own, with default signal dispositions, no inherited descriptor
+and an environment stripped of everything but what locates Python's modules, so it holds no credential; a
+kernel's environment reaches only that kernel.
+
+The exchange: the zygote says `R` once it took the connection (only then do this process's streams go to it, so
+a zygote that is stuck never holds them); the request (`_request`) goes with the streams; the zygote answers
+`P <pid>` after the fork, or `E <why>` when it declines; `X <code>` when the kernel has ended.
 
 Only modules that are built in, or that `site` imported already, are imported before the zygote has answered.
 """
@@ -24,27 +29,34 @@ import contextlib  # already imported by `site`
 import os
 import sys
 
-#: Environment variables that decide which modules the zygote imports: they are part of its socket's name, and
-#: the only ones it is given.
-PYTHON_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONNOUSERSITE", "PYTHONPLATLIBDIR", "HOME")
-PASSED_ENV = (*PYTHON_ENV, "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "USER", "LOGNAME")
+#: Environment variables that decide which modules the zygote imports and how its interpreter runs: every
+#: PYTHON* variable, and these. They are part of its socket's name, and the only ones it is given.
+KEY_ENV = ("HOME", "LANG", "LC_ALL", "LC_CTYPE")
+PASSED_ENV = (*KEY_ENV, "PATH", "TMPDIR", "USER", "LOGNAME")
 FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 SCM_RIGHTS = 1
 SOL_SOCKET = 1
 MAX_LINE = 64
 #: Longest Unix socket path (sun_path holds 108 bytes, the zygote's log and lock add to the name).
 MAX_SOCKET_PATH = 100
+#: Seconds the zygote has to take the connection, and then to fork, before the kernel runs in this process.
+HANDSHAKE = 2.0
+FORK_WAIT = 10.0
 
 
 def _off(value: str | None) -> bool:
     return (value or "").strip().lower() in ("0", "false", "no", "off")
 
 
-def _plain_interpreter() -> bool:
-    """Whether this interpreter runs as the zygote's does: no -X, -W, -O, -B… of its own, which a fork would lose."""
-    flags = sys.flags
-    changed = flags.optimize or flags.dev_mode or flags.isolated or flags.no_site or flags.verbose or flags.inspect
-    return not (changed or sys.warnoptions or getattr(sys, "_xoptions", None))
+def interpreter() -> str:
+    """What a fork would keep of this interpreter's options (-X, -W, -O, -B, -E, …): the zygote serves only
+    launchers whose interpreter runs as its own does (`-u` alone is not told apart)."""
+    flags = [getattr(sys.flags, name) for name in dir(sys.flags) if name[0] != "_" and name not in SKIPPED_FLAGS]
+    return repr((flags, sorted(getattr(sys, "_xoptions", {}).items()), sys.warnoptions))
+
+
+#: sys.flags that differ between the launcher and the zygote by design (`-P`), or are no option (counts).
+SKIPPED_FLAGS = ("safe_path", "count", "index", "n_fields", "n_sequence_fields", "n_unnamed_fields")
 
 
 def zygote_dir() -> str | None:
@@ -70,36 +82,39 @@ def zygote_dir() -> str | None:
     return chosen
 
 
+def key_env() -> list[str]:
+    return sorted(f"{n}={v}" for n, v in os.environ.items() if n.startswith("PYTHON") or n in KEY_ENV)
+
+
 def zygote_name() -> str:
-    """The socket's file name: one zygote per interpreter, package and module search path."""
+    """The socket's file name: one zygote per interpreter, package, module search path and locale."""
     import binascii  # a small C module
 
-    key = "\0".join([sys.executable, __file__, *(f"{n}={os.environ.get(n, '')}" for n in PYTHON_ENV)])
+    key = "\0".join([sys.executable, __file__, *key_env()])
     return f"zygote-{binascii.crc32(key.encode()):08x}.sock"
 
 
 def spawn_zygote(path: str) -> None:
     """Start a zygote for `path` in the background (it locks, so that racing launchers start one between them)."""
-    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+    env = {n: v for n, v in os.environ.items() if n.startswith("PYTHON") or n in PASSED_ENV}
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
         (os.POSIX_SPAWN_DUP2, 1, 2),
     ]
-    try:
-        argv = [sys.executable, "-P", "-m", "scalebox_kernel.kernel.zygote", path]  # -P: not the cwd's modules
-        os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
-    except OSError:
-        pass
+    for entry in os.listdir("/proc/self/fd"):  # what this process's parent let it inherit stays here
+        fd = int(entry)
+        with contextlib.suppress(OSError):
+            if fd > 2 and os.get_inheritable(fd):
+                actions.append((os.POSIX_SPAWN_CLOSE, fd))
+    defaults = [s for s in _signal.valid_signals() if s not in (_signal.SIGKILL, _signal.SIGSTOP)]
+    argv = [sys.executable, "-P", "-m", "scalebox_kernel.kernel.zygote", path]  # -P: not the cwd's modules
+    with contextlib.suppress(OSError):
+        os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True, setsigdef=defaults, setsigmask=())
 
 
-def _request(args: list[str]) -> tuple[bytes, list[int]]:
-    """What the zygote needs to make the kernel this process would be: argv, working directory, umask, environment
-    (NUL-separated), and the standard streams that are open."""
-    umask = os.umask(0o077)
-    os.umask(umask)
-    env = [b"%s=%s" % item for item in os.environb.items()]
-    env.append(b"SCALEBOX_LAUNCHER_PID=%d" % os.getpid())
+def open_streams() -> list[int]:
+    """Which of the standard streams are open (looked at before any socket could take a free number)."""
     streams = []
     for fd in (0, 1, 2):
         try:
@@ -107,16 +122,28 @@ def _request(args: list[str]) -> tuple[bytes, list[int]]:
         except OSError:
             continue
         streams.append(fd)
+    return streams
+
+
+def _request(args: list[str], streams: list[int]) -> bytes:
+    """What the zygote needs to make the kernel this process would be: argv, working directory, umask, the
+    streams passed with it, which package and interpreter ask, and the environment (NUL-separated)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    env = [b"%s=%s" % item for item in os.environb.items()]
+    env.append(b"SCALEBOX_LAUNCHER_PID=%d" % os.getpid())
     fields = [
         b"%d" % len(args),
         *(os.fsencode(a) for a in args),
         os.fsencode(os.getcwd()),
         b"%o" % umask,
         b",".join(b"%d" % fd for fd in streams),
+        os.fsencode(os.path.realpath(__file__)),
+        interpreter().encode(),
         *env,
     ]
     body = b"\0".join(fields)
-    return len(body).to_bytes(8, "big") + body, streams
+    return len(body).to_bytes(8, "big") + body
 
 
 class Zygote:
@@ -151,7 +178,7 @@ class Zygote:
 
     def _outlive_zygote(self) -> int:
         """The zygote went away before its kernel (it was killed): wait for the kernel itself, whose status
-        nobody can read any more (it ends by itself once this process is gone, as an orphan)."""
+        nobody can read any more (it ends by itself at once if this process dies: it watches it)."""
         import select
 
         os.write(2, b"scalebox: the zygote that forked this kernel is gone; the kernel goes on\n")
@@ -167,7 +194,7 @@ class Zygote:
         return 0
 
 
-def _read_line(sock: "_socket.socket") -> bytes:
+def _read_line(sock: _socket.socket) -> bytes:
     line = b""
     while not line.endswith(b"\n") and len(line) < MAX_LINE:
         chunk = sock.recv(1)
@@ -177,42 +204,38 @@ def _read_line(sock: "_socket.socket") -> bytes:
     return line.strip()
 
 
-def _connect(path: str) -> "_socket.socket | None":
+def _forked(path: str, args: list[str], streams: list[int]) -> tuple[_socket.socket | None, bytes]:
+    """Ask the zygote at `path`: its connection and `P <pid>` when it forked the kernel, else (None, what it
+    said: `E <why>`, or b"" when there is no zygote or it did not answer in time)."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
+        sock.settimeout(HANDSHAKE)  # a zygote that is stuck (a full backlog) does not hold the start up
         sock.connect(path)
-    except OSError:
-        sock.close()
-        return None
-    return sock
-
-
-def _forked(sock: "_socket.socket", args: list[str]) -> int | None:
-    """The pid of the kernel the zygote forked for this request, or None if it would not."""
-    body, streams = _request(args)
-    fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in streams)
-    sock.settimeout(10.0)
-    try:
+        if _read_line(sock) != b"R":
+            raise OSError("no handshake")
+        body = _request(args, streams)
+        fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in streams)
+        sock.settimeout(FORK_WAIT)
         sent = sock.sendmsg([body], [(SOL_SOCKET, SCM_RIGHTS, fds)])
         if sent < len(body):
             sock.sendall(body[sent:])
         reply = _read_line(sock)
+        if reply.startswith(b"P "):
+            sock.settimeout(None)
+            return sock, reply
     except OSError:
-        return None
-    if not reply.startswith(b"P "):
-        return None
-    sock.settimeout(None)
-    return int(reply[2:])
+        reply = b""
+    sock.close()
+    return None, reply
 
 
 def exit_like(code: int) -> None:
     """End as the kernel ended: with its exit code, or killed by its signal."""
     if code < 0:
-        try:
-            _signal.signal(-code, _signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):
+            _signal.signal(-code, _signal.SIG_DFL)  # refused for SIGKILL, whose default cannot change
+        with contextlib.suppress(OSError):
             os.kill(os.getpid(), -code)
-        except (OSError, ValueError):
-            pass
         os._exit(128 - code)
     os._exit(code)
 
@@ -220,23 +243,24 @@ def exit_like(code: int) -> None:
 def launch() -> None:
     """Have the zygote fork the kernel, and end as it ends (never returns then); return when the kernel is to run
     in this process."""
-    args = sys.argv[1:]
-    if _off(os.environ.get("SCALEBOX_ZYGOTE")) or not _plain_interpreter():
+    if _off(os.environ.get("SCALEBOX_ZYGOTE")):
         return
-    directory = zygote_dir()
-    if directory is None:
+    try:
+        directory = zygote_dir()
+        if directory is None:
+            return
+        path = os.path.join(directory, zygote_name())
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            return
+        streams = open_streams()
+        sock, reply = _forked(path, sys.argv[1:], streams)
+    except Exception:  # whatever stops the zygote's way (a deleted working directory…), the kernel runs here
         return
-    path = os.path.join(directory, zygote_name())
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+    if sock is None:
+        if reply in (b"", b"E stale"):
+            spawn_zygote(path)  # none, or one retiring: for the next start (this one runs in this process)
         return
-    sock = _connect(path)
-    pid = _forked(sock, args) if sock is not None else None
-    if sock is None or pid is None:
-        if sock is not None:
-            sock.close()
-        spawn_zygote(path)  # for the next start: this one runs in this process
-        return
-    zygote = Zygote(sock, pid)
+    zygote = Zygote(sock, int(reply[2:]))
     for name in FORWARDED:
         _signal.signal(getattr(_signal, name), zygote.forward)
     exit_like(zygote.wait())

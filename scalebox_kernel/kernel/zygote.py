@@ -32,10 +32,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .launch import interpreter
+
+#: The launcher this zygote serves (the same copy of the package).
+LAUNCHER = os.path.realpath(Path(__file__).with_name("launch.py"))
+
 #: Seconds without a kernel after which the zygote ends.
 IDLE = 900.0
 #: Seconds a launcher has to send its request once connected.
-REQUEST_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 2.0
 #: Largest request (argv, environment) taken.
 MAX_REQUEST = 4 * 1024 * 1024
 #: Most standard streams passed with a request.
@@ -85,14 +90,17 @@ class Request:
     cwd: str
     umask: int
     streams: list[int]  # the standard stream numbers the fds stand for
+    origin: str  # the launcher's launch.py: the zygote serves launchers of its own copy of the package only
+    interpreter: str  # the launcher's interpreter options (launch.interpreter)
     env: dict[bytes, bytes]
     fds: list[int] = field(default_factory=list)
+    launcher: int = 0  # its pid (SO_PEERCRED)
 
 
 def parse_request(body: bytes, fds: list[int]) -> Request:
     fields = body.split(b"\0")
     count = int(fields[0])
-    if not 0 <= count < len(fields) - 3:
+    if not 0 <= count < len(fields) - 5:
         raise ValueError("argv count out of range")
     argv = [os.fsdecode(f) for f in fields[1 : 1 + count]]
     cwd = os.fsdecode(fields[1 + count])
@@ -100,17 +108,18 @@ def parse_request(body: bytes, fds: list[int]) -> Request:
     streams = [int(n) for n in fields[3 + count].split(b",") if n]
     if len(streams) != len(fds) or any(n not in (0, 1, 2) for n in streams):
         raise ValueError("the streams named do not match the descriptors passed")
+    origin = os.fsdecode(fields[4 + count])
+    interpreter = fields[5 + count].decode("utf-8", "replace")
     env: dict[bytes, bytes] = {}
-    for item in fields[4 + count :]:
+    for item in fields[6 + count :]:
         name, sep, value = item.partition(b"=")
         if sep and name:
             env[name] = value
-    return Request(argv, cwd, umask, streams, env, fds)
+    return Request(argv, cwd, umask, streams, origin, interpreter, env, fds)
 
 
 def _receive(conn: socket.socket) -> Request:
     """Read one launcher's request (with its standard streams) from `conn`."""
-    conn.settimeout(REQUEST_TIMEOUT)
     data, fds, _flags, _addr = socket.recv_fds(conn, 65536, MAX_FDS)
     try:
         if len(data) < 8:
@@ -131,6 +140,38 @@ def _receive(conn: socket.socket) -> Request:
         raise
 
 
+def _default_signals() -> None:
+    """Signal dispositions as a fresh interpreter has them: SIGINT raises KeyboardInterrupt, SIGPIPE and SIGXFSZ
+    are ignored, every other one has its default, and none is blocked."""
+    for number in signal.valid_signals():
+        if number in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        handler = signal.SIG_IGN if number in (signal.SIGPIPE, signal.SIGXFSZ) else signal.SIG_DFL
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(number, signal.default_int_handler if number == signal.SIGINT else handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _end_with(launcher: int) -> None:
+    """The kernel ends at once when its launcher does, as it would have died with it (a frontend that kills the
+    launcher for a restart finds the ports free), even when the zygote is not there any more to see to it."""
+    import select
+
+    try:
+        handle = os.pidfd_open(launcher)
+    except OSError:
+        os._exit(1)  # gone already
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(handle, select.POLLIN)
+        while not poller.poll():
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="scalebox-launcher-watch", daemon=True).start()
+
+
 def _become_kernel(request: Request) -> None:
     """In the forked child: take the launcher's streams, environment and place, run the kernel, and end as an
     interpreter does (atexit handlers, then the exit code); never returns."""
@@ -139,14 +180,13 @@ def _become_kernel(request: Request) -> None:
         for number, fd in zip(request.streams, request.fds, strict=True):
             os.dup2(fd, number)
         signal.set_wakeup_fd(-1)
-        for name in ("SIGCHLD", "SIGTERM", "SIGHUP"):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # SIGPIPE stays ignored, as Python sets it
+        _default_signals()
         for entry in os.listdir("/proc/self/fd"):
             fd = int(entry)
             if fd > 2:  # the zygote's sockets, and the launcher's streams now that they are 0, 1 and 2
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        _end_with(request.launcher)
         os.setpgid(0, 0)
         os.umask(request.umask)
         os.chdir(request.cwd)
@@ -189,6 +229,7 @@ class Zygote:
         self.launchers: dict[socket.socket, int] = {}
         self.watched: list[str] = []
         self.stamps: list[int] = []
+        self.interpreter = interpreter()
         self.retired = False
         self.stop_asked = False
         self.quiet_since: float | None = time.monotonic()  # since when no kernel runs
@@ -270,11 +311,14 @@ class Zygote:
             conn.close()
             return
         try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            conn.sendall(b"R\n")  # the launcher sends its streams only now: a stuck zygote never holds them
             request = _receive(conn)
-        except (OSError, ValueError) as exc:
-            self.log(f"a bad request from pid {pid}: {exc}")
+        except (OSError, ValueError) as exc:  # its type only: what a launcher sent may hold its environment
+            self.log(f"a bad request from pid {pid}: {type(exc).__name__}")
             conn.close()
             return
+        request.launcher = pid
         try:
             self._fork(conn, request)
         finally:
@@ -295,6 +339,12 @@ class Zygote:
         if threading.active_count() > 1:
             self.retire("a thread is running")
             self._decline(conn, "threads")
+            return
+        if request.origin != LAUNCHER:
+            self._decline(conn, "another copy of the package")
+            return
+        if request.interpreter != self.interpreter:
+            self._decline(conn, "other interpreter options")
             return
         pid = os.fork()
         if pid == 0:
@@ -386,9 +436,14 @@ def main(path: str) -> None:
     os.write(lock_fd, b"%d\n" % os.getpid())  # who serves the socket (for `kill`, and the test suite)
     os.chdir("/")
     zygote = Zygote(path, lock_fd)
+    first = watched()
+    before = stamps(first)
     preload()
     zygote.watched = watched()
     zygote.stamps = stamps(zygote.watched)
+    if stamps(first) != before:  # an install or a checkout while it imported: it may hold old and new code
+        zygote.log("files changed while it imported them: not serving")
+        return
     if threading.active_count() > 1:
         zygote.log("an import started a thread: not serving (a fork would inherit its locks)")
         return

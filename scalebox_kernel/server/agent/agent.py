@@ -149,6 +149,8 @@ class SandboxAgent:
         await self.confinement.start()
         await self.tree.run(self._set_up_home)
         self.contexts.warm_default("python")
+        # Jedi reads its cache at the first completion, not at the kernel's start: copied while the kernel starts.
+        await self.tree.run(self._seed_completion_cache)
 
     def _set_up_home(self) -> None:
         """The sandbox's own directories and login profile, made as the sandbox (on the tree's threads): a link
@@ -158,24 +160,27 @@ class SandboxAgent:
                 self.tree.makedirs(directory)
             profile = _PROFILE.format(bin_dir=os.pathsep.join(sandbox_bin_dirs())).encode()
             self.tree.write_new(f"{HOME}/.profile", profile)
-            self._seed_completion_cache()
         except OSError as exc:  # the sandbox filled its disk or broke its home: it starts anyway, without them
             log.warning("sandbox %s: could not set up its home: %s", self.sandbox_id, exc.strerror)
 
     def _seed_completion_cache(self) -> None:
         """A copy of the runtime's jedi cache (runtimes_install), so the first Tab in the sandbox is quick. The
-        source is the server's own directory; what is written goes through the tree, as the sandbox."""
+        source is the server's own directory; what is written goes through the tree, as the sandbox (a file the
+        sandbox made first at a name is left as it is)."""
         source = RuntimeStore().completion_cache
         if not source.is_dir():
             return
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source).as_posix()
             target = f"{HOME}/.cache/jedi/{relative}"
-            if path.is_dir() and not path.is_symlink():
-                self.tree.makedirs(target)
-            elif path.is_file() and not path.is_symlink():
-                self.tree.makedirs(target.rpartition("/")[0])
-                self.tree.write_new(target, path.read_bytes())
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    self.tree.makedirs(target)
+                elif path.is_file() and not path.is_symlink():
+                    self.tree.makedirs(target.rpartition("/")[0])
+                    self.tree.write_new(target, path.read_bytes())
+            except OSError as exc:  # a full disk, or jedi (or the sandbox) was there first
+                log.debug("sandbox %s: completion cache %s not seeded: %s", self.sandbox_id, relative, exc.strerror)
 
     async def become(self, *, envs: dict[str, str], memory_mb: int, cpu_count: int) -> None:
         """Make a pooled sandbox the one a create asked for: its limits, and its env vars (the kernels started

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import signal
 from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
@@ -51,6 +52,8 @@ IDLE_WAIT = 1.0  # seconds of quiet iopub after the reply before a barrier stand
 BARRIER_WAIT = 2.0  # seconds a barrier may take (it also collects output a kernel sends after idle)
 BARRIER_TRIES = 3  # barriers sent for a missing idle before the cell ends without one
 LOSS_WAIT = 0.5  # seconds a numbered message may trail its successors before it counts as lost
+READY_RETRY = 1.0  # seconds a starting kernel has to answer a kernel_info before it is asked again
+IOPUB_WAIT = 0.2  # seconds for an iopub message once kernel_info is answered (else iopub is not subscribed yet)
 #: Messages of a kernel started through IOPUB_LAUNCHER that wait for the iopub reader in the server's memory.
 IOPUB_RCVHWM = 16
 #: Messages of other kernels a Jupyter endpoint client's iopub socket holds in the server's memory before the
@@ -278,7 +281,7 @@ class Kernel:
             # Only the channels the server uses: no heartbeat thread (the kernel's process is watched instead), and
             # input and interrupts go over the endpoint's sockets and the manager's own control socket.
             kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
-            await kc.wait_for_ready(timeout=self._start_timeout)
+            await self._until_ready(km, kc)
             self._iopub = IopubReader(kc.iopub_channel.socket, kc.session.auth, self._name)
             self._iopub.start()
             startup = self.runtime.startup_code()
@@ -299,6 +302,28 @@ class Kernel:
         if self._paused:
             self.signal_group(signal.SIGSTOP)
         self.clients.reconnect()
+
+    async def _until_ready(self, km: AsyncKernelManager, kc: AsyncKernelClient) -> None:
+        """The kernel answered kernel_info and its iopub reaches us: jupyter_client's `wait_for_ready` without the
+        0.2 s of iopub silence it then waits for (the iopub reader started next routes messages by the request
+        they answer, so those of the start are nobody's anyway)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._start_timeout
+        answered = False
+        while loop.time() < deadline:
+            if not answered:
+                kc.kernel_info()  # again after a second without a reply (a kernel may miss one while it starts)
+                with contextlib.suppress(queue.Empty):
+                    reply = await kc.get_shell_msg(timeout=min(READY_RETRY, max(0.0, deadline - loop.time())))
+                    answered = reply["msg_type"] == "kernel_info_reply"
+            if answered:
+                with contextlib.suppress(queue.Empty):  # some iopub message (its status, the welcome) arrived
+                    await kc.get_iopub_msg(timeout=IOPUB_WAIT)
+                    return
+                answered = False  # iopub was not subscribed yet when it answered: ask again
+            if not await km.is_alive():
+                raise RuntimeError("the kernel process ended before it answered kernel_info")
+        raise RuntimeError(f"the kernel did not answer kernel_info within {self._start_timeout:g} s")
 
     async def _stop(self) -> None:
         km, kc, iopub, self._km, self._kc, self._iopub = self._km, self._kc, self._iopub, None, None, None

@@ -86,6 +86,14 @@ def _numbered_send(self, stream, msg_or_type, content=None, parent=None, ident=N
 Session.send = _numbered_send
 
 if sys.argv[1] == "ipykernel_launcher":
+    # No debugger (no frontend of a sandbox can reach it): ipykernel's would import debugpy, about 90 ms of the
+    # kernel's start. ipykernel then says so in kernel_info; a cell can still import debugpy itself.
+    sys.modules["debugpy"] = None
+    try:
+        import ipykernel.debugger
+    finally:
+        del sys.modules["debugpy"]
+
     # A history_reply names the current session 0 for a range and by its number for a tail; clients (and
     # jupyter_kernel_test) ask for a range by the number a tail gave them and expect it back.
     from ipykernel.ipkernel import IPythonKernel

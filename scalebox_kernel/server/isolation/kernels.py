@@ -131,7 +131,7 @@ class JailedKernelManager(AsyncKernelManager):
             while pending:
                 pending = {name for name in pending if not link_socket(run_fd, host_fd, name, identity.uid)}
                 if not pending or loop.time() > deadline:
-                    return  # wait_for_ready reports a kernel that never listened
+                    return  # the kernel_info wait reports a kernel that never listened
                 if self.provisioner is not None and await self.provisioner.poll() is not None:
                     return  # it died: the caller sees it and reports its log
                 await asyncio.sleep(SOCKET_POLL)

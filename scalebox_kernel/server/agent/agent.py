@@ -168,9 +168,12 @@ class SandboxAgent:
         source is the server's own directory; what is written goes through the tree, as the sandbox (a file the
         sandbox made first at a name is left as it is)."""
         source = RuntimeStore().completion_cache
-        if not source.is_dir():
+        try:
+            paths = sorted(source.rglob("*")) if source.is_dir() else []
+        except OSError as exc:  # a runtimes directory this server may not read: no cache, completion still works
+            log.debug("sandbox %s: no completion cache to seed: %s", self.sandbox_id, exc.strerror)
             return
-        for path in sorted(source.rglob("*")):
+        for path in paths:
             relative = path.relative_to(source).as_posix()
             target = f"{HOME}/.cache/jedi/{relative}"
             try:

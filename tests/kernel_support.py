@@ -47,6 +47,16 @@ def environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+@contextmanager
+def scalebox_kernels(server: Any, tmp_path_factory: Any, *more_paths: Path, **more_env: str) -> Iterator[None]:
+    """The Scalebox kernelspecs installed in a temporary prefix, first on JUPYTER_PATH (then `more_paths`), and
+    `server` in the environment, with `more_env`: what a module's kernels start with."""
+    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
+    paths = os.pathsep.join([str(jupyter_path), *map(str, more_paths)])
+    with environ({"JUPYTER_PATH": paths, **more_env, **server.env()}):
+        yield
+
+
 def frontend_script(connection: str, pid_file: Path, zygote: bool = True) -> str:
     """`python -c` code of a stand-in frontend: it starts a Scalebox kernel on `connection` as its parent
     (JPY_PARENT_PID), writes the pid it started to `pid_file`, and waits (a test then kills it)."""

@@ -17,7 +17,7 @@ import pytest
 from agent_support import EXECUTE, Box
 from client_support import config_for
 from conftest import LocalServer
-from kernel_support import KernelRun, environ, install_kernelspecs, of_type
+from kernel_support import KernelRun, of_type, scalebox_kernels
 from test_official_sdk import sdk_env, sdk_venv_python
 
 from scalebox_kernel.client import Execution, Result, Sandbox
@@ -376,8 +376,7 @@ def test_the_official_python_sdk_parses_a_chart(local_server: LocalServer, tmp_p
 
 @pytest.fixture(scope="module")
 def kernel(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelRun]:
-    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
-    with environ({"JUPYTER_PATH": str(jupyter_path), **local_server.env()}):
+    with scalebox_kernels(local_server, tmp_path_factory):
         run = KernelRun()
         yield run
         run.shutdown()

@@ -22,7 +22,7 @@ from client_support import config_for
 from conftest import LocalServer
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from kernel_support import KernelRun, environ, install_kernelspecs, text_of
+from kernel_support import KernelRun, environ, scalebox_kernels, text_of
 
 from scalebox_kernel.client import Sandbox
 from scalebox_kernel.protocol import pb
@@ -221,8 +221,7 @@ def stalled(read: Callable[[], str], quiet: float = 2.0, timeout: float = 60.0) 
 
 @pytest.fixture(scope="module")
 def kernel(server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelRun]:
-    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
-    with environ({"JUPYTER_PATH": str(jupyter_path), **server.env()}):
+    with scalebox_kernels(server, tmp_path_factory):
         run = KernelRun()
         yield run
         run.shutdown()

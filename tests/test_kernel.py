@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from client_support import config_for
 from conftest import LocalServer
-from kernel_support import KernelRun, environ, install_kernelspecs, of_type, text_of
+from kernel_support import KernelRun, of_type, scalebox_kernels, text_of
 from test_magics import click, panel_parts, wait_for
 from test_session import tiny_npm_package
 
@@ -31,8 +31,7 @@ from scalebox_kernel.session import Session
 
 @pytest.fixture(scope="module", autouse=True)
 def scalebox_env(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
-    with environ({"JUPYTER_PATH": str(jupyter_path), **local_server.env()}):
+    with scalebox_kernels(local_server, tmp_path_factory):
         yield
 
 

@@ -9,12 +9,11 @@ inspection, the pager (`zip?`), `clear_output`, history (tail, range and search)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import jupyter_kernel_test
 import pytest
 from conftest import LocalServer
-from kernel_support import KERNEL, environ, install_kernelspecs
+from kernel_support import KERNEL, scalebox_kernels
 
 pytestmark = pytest.mark.timeout(300)  # the welcome test waits for the first iopub message without a limit
 
@@ -22,8 +21,7 @@ pytestmark = pytest.mark.timeout(300)  # the welcome test waits for the first io
 @pytest.fixture(scope="module", autouse=True)
 def scalebox_env(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Kernelspecs on JUPYTER_PATH and the test server in the environment, before the suite's setUpClass."""
-    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
-    with environ({"JUPYTER_PATH": str(jupyter_path), **local_server.env()}):
+    with scalebox_kernels(local_server, tmp_path_factory):
         yield
 
 

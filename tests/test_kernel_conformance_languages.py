@@ -11,7 +11,6 @@ pytest with `-s` to see them), with the first error line of each failure.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from conformance_support import (
     write_native_kernelspec,
 )
 from conftest import LocalServer
-from kernel_support import environ, install_kernelspecs
+from kernel_support import scalebox_kernels
 from language_support import OTHER_LANGUAGES, skip_reason
 
 pytestmark = pytest.mark.timeout(400)  # two kernels per language; a first run may install the runtimes
@@ -43,8 +42,7 @@ def scalebox_env(
     local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory, native_path: Path
 ) -> Iterator[None]:
     """Both kinds of kernelspec on JUPYTER_PATH and the test server in the environment, before any kernel starts."""
-    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
-    with environ({"JUPYTER_PATH": os.pathsep.join([str(jupyter_path), str(native_path)]), **local_server.env()}):
+    with scalebox_kernels(local_server, tmp_path_factory, native_path):
         yield
 
 

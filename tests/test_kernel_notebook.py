@@ -12,7 +12,7 @@ import nbformat
 import pytest
 from client_support import config_for
 from conftest import REPO, LocalServer
-from kernel_support import KERNEL, environ, install_kernelspecs
+from kernel_support import KERNEL, scalebox_kernels
 from nbclient import NotebookClient
 
 from scalebox_kernel.client import Sandbox
@@ -22,8 +22,7 @@ NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 
 @pytest.fixture(scope="module", autouse=True)
 def scalebox_env(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
-    with environ({"JUPYTER_PATH": str(jupyter_path), **local_server.env()}):
+    with scalebox_kernels(local_server, tmp_path_factory):
         yield
 
 

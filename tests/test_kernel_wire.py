@@ -25,15 +25,14 @@ import pytest
 import zmq
 from conftest import LocalServer
 from jupyter_client.connect import write_connection_file
-from kernel_support import KernelRun, environ, frontend_script, install_kernelspecs
+from kernel_support import KernelRun, frontend_script, scalebox_kernels
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def scalebox_env(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
-    with environ({"JUPYTER_PATH": str(jupyter_path), **local_server.env()}):
+    with scalebox_kernels(local_server, tmp_path_factory):
         yield
 
 

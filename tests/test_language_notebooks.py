@@ -15,7 +15,7 @@ from typing import Any
 import nbformat
 import pytest
 from conftest import REPO, LocalServer
-from kernel_support import environ, install_kernelspecs
+from kernel_support import scalebox_kernels
 from language_support import OTHER_LANGUAGES, skip_reason
 from nbclient import NotebookClient
 
@@ -24,8 +24,7 @@ pytestmark = pytest.mark.timeout(300)  # a first run may install the runtimes (a
 
 @pytest.fixture(scope="module", autouse=True)
 def scalebox_env(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
-    with environ({"JUPYTER_PATH": str(jupyter_path), "MPLBACKEND": "agg", **local_server.env()}):
+    with scalebox_kernels(local_server, tmp_path_factory, MPLBACKEND="agg"):
         yield
 
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import LocalServer
 from jupyter_client.connect import write_connection_file
 from jupyter_client.manager import KernelManager
-from kernel_support import KERNEL, environ, frontend_script, install_kernelspecs
+from kernel_support import KERNEL, environ, frontend_script, scalebox_kernels
 
 from scalebox_kernel.kernel import zygote
 
@@ -33,8 +33,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module", autouse=True)
 def scalebox_env(local_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    jupyter_path = install_kernelspecs(Path(tmp_path_factory.mktemp("kernelspecs")))
-    with environ({"JUPYTER_PATH": str(jupyter_path), **local_server.env()}):
+    with scalebox_kernels(local_server, tmp_path_factory):
         yield
 
 

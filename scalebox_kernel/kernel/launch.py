@@ -179,19 +179,24 @@ class Zygote:
     def _outlive_zygote(self) -> int:
         """The zygote went away before its kernel (it was killed): wait for the kernel itself, whose status
         nobody can read any more (it ends by itself at once if this process dies: it watches it)."""
-        import select
-
         os.write(2, b"scalebox: the zygote that forked this kernel is gone; the kernel goes on\n")
         try:
             handle = os.pidfd_open(self.pid)
         except OSError:
             return 0  # already gone
-        poller = select.poll()
-        poller.register(handle, select.POLLIN)
-        while not poller.poll():
-            pass
-        os.close(handle)
+        wait_for_exit(handle)
         return 0
+
+
+def wait_for_exit(pidfd: int) -> None:
+    """Block until the process of `pidfd` has ended (its pidfd turns readable), then close it."""
+    import select
+
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    while not poller.poll():
+        pass
+    os.close(pidfd)
 
 
 def _read_line(sock: _socket.socket) -> bytes:

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .launch import interpreter
+from .launch import interpreter, wait_for_exit
 
 #: The launcher this zygote serves (the same copy of the package).
 LAUNCHER = os.path.realpath(Path(__file__).with_name("launch.py"))
@@ -155,18 +155,13 @@ def _default_signals() -> None:
 def _end_with(launcher: int) -> None:
     """The kernel ends at once when its launcher does, as it would have died with it (a frontend that kills the
     launcher for a restart finds the ports free), even when the zygote is not there any more to see to it."""
-    import select
-
     try:
         handle = os.pidfd_open(launcher)
     except OSError:
         os._exit(1)  # gone already
 
     def watch() -> None:
-        poller = select.poll()
-        poller.register(handle, select.POLLIN)
-        while not poller.poll():
-            pass
+        wait_for_exit(handle)
         os._exit(1)
 
     threading.Thread(target=watch, name="scalebox-launcher-watch", daemon=True).start()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 from jupyter_client.manager import start_new_kernel
 
 from scalebox_kernel.kernel import zygote
@@ -63,6 +64,18 @@ def wait_for_zygote(directory: Path, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"no zygote started in {directory}")
         time.sleep(0.05)
+
+
+def wait_pool(info: LocalServerInfo, timeout: float = 120.0) -> None:
+    """Until the pool is full again (a bench run should find what a user finds: a pool that had time)."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=info.url, headers={"X-API-KEY": info.api_key}, verify=info.certfile or True) as http:
+        while time.monotonic() < deadline:
+            status = http.get("/v1/pool").json()["data"]
+            if status["ready"] >= status["size"]:
+                return
+            time.sleep(0.05)
+    raise RuntimeError(f"the pool did not fill within {timeout:.0f} s: {status}")
 
 
 def server_env(info: LocalServerInfo) -> dict[str, str]:

@@ -3,8 +3,9 @@ kernelspec starts it, in turn (ipykernel, Scalebox forked by the zygote, Scalebo
 SCALEBOX_ZYGOTE=0, Scalebox on a server without a warm pool, ipykernel, ...) in one run: the time from the process's
 start to its `kernel_info_reply`, and to the `execute_result` of a first `1+1` (for the Scalebox kernel that cell
 opens a sandbox on a scalebox-local of the bench's own: from its warm pool, or cold). The zygote is the bench's own
-too (a temporary SCALEBOX_ZYGOTE_DIR), started by the warm-up and stopped at the end. Prints medians and ratios;
-asserts nothing.
+too (a temporary SCALEBOX_ZYGOTE_DIR), started by the warm-up and stopped at the end. Before each start the pooled
+server's pool is full again (its refill after a take would otherwise run beside the next start, whichever it is).
+Prints medians and ratios; asserts nothing.
 
 Run with `python -m bench.bench_kernel_start` from the repository root (BENCH_RUNS sets the starts of each).
 """
@@ -25,7 +26,7 @@ import zmq
 from jupyter_client.connect import write_connection_file
 from jupyter_client.session import Session
 
-from bench._common import env_set, local_server, own_zygote, server_env, wait_for_zygote
+from bench._common import env_set, local_server, own_zygote, server_env, wait_for_zygote, wait_pool
 from scalebox_kernel.kernel.install import kernel_json
 from scalebox_kernel.kernel.languages import LANGUAGES
 
@@ -133,6 +134,7 @@ def main() -> None:
             wait_for_zygote(zygotes)
             for _ in range(RUNS):
                 for kind, (argv, extra) in kinds.items():
+                    wait_pool(pooled)  # each start finds what a user's finds: a full pool, its refill done
                     times[kind].append(KernelStart(argv, workdir, extra).run(CODE))
     print(f"\nkernel start + first result, Scalebox vs a plain ipykernel ({RUNS} starts each, medians)")
     for what, index in (("start -> kernel_info_reply", 0), (f"start -> first result of `{CODE}`", 1)):

@@ -19,10 +19,17 @@ import statistics
 import time
 from collections.abc import Callable
 
-import httpx
 from jupyter_client.manager import start_new_kernel
 
-from bench._common import env_set, local_server, own_zygote, scalebox_kernelspecs, server_env, wait_for_zygote
+from bench._common import (
+    env_set,
+    local_server,
+    own_zygote,
+    scalebox_kernelspecs,
+    server_env,
+    wait_for_zygote,
+    wait_pool,
+)
 from scalebox_kernel.client import Sandbox
 from scalebox_kernel.config import ScaleboxConfig
 from scalebox_kernel.local import LocalServerInfo
@@ -35,18 +42,6 @@ FIRST_CELLS = {"bash": "echo 2", "nodejs": "1+1", "r": "cat(2)"}
 
 def config(info: LocalServerInfo) -> ScaleboxConfig:
     return ScaleboxConfig(api_key=info.api_key, api_url=info.url, ca_file=info.certfile)
-
-
-def wait_pool(info: LocalServerInfo, timeout: float = 120.0) -> None:
-    """Until the pool is full again (a bench run should find what a user finds: a pool that had time)."""
-    deadline = time.monotonic() + timeout
-    with httpx.Client(base_url=info.url, headers={"X-API-KEY": info.api_key}, verify=False) as http:
-        while time.monotonic() < deadline:
-            status = http.get("/v1/pool").json()["data"]
-            if status["ready"] >= status["size"]:
-                return
-            time.sleep(0.2)
-    raise RuntimeError(f"the pool did not fill within {timeout:.0f} s: {status}")
 
 
 def create_and_first_result(info: LocalServerInfo, language: str = "python", code: str = "1+1") -> float:

@@ -53,6 +53,19 @@ def test_state_is_kept_across_cells_and_sandbox_envs_apply(box: Box) -> None:
     assert results_of(box.execute("os.getcwd().endswith('/home/user')"))[0].text == "True"
 
 
+def test_the_kernel_collects_garbage_once_it_serves(box: Box) -> None:
+    """The collector is off only while the kernel starts: cells run with it on, and what the start made is frozen
+    (so never scanned again), while cycles a cell makes are still collected."""
+    code = (
+        "import gc, weakref\n"
+        "class Node: pass\n"
+        "a, b = Node(), Node(); a.b, b.a = b, a; probe = weakref.ref(a); del a, b\n"
+        "gc.collect()\n"
+        "(gc.isenabled(), gc.get_freeze_count() > 10000, probe() is None)"
+    )
+    assert results_of(box.execute(code))[0].text == "(True, True, True)"
+
+
 def test_matplotlib_plot_is_a_png_display(box: Box) -> None:
     code = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()"
     reply = box.execute(code)

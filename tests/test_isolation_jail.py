@@ -18,7 +18,8 @@ from jupyter_client.connect import write_connection_file
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from traitlets import Instance
 
-from scalebox_kernel.server.isolation import SANDBOX_RELAY, Jail, JailError, JailOptions, Limits, capabilities
+from scalebox_kernel.server.isolation import SANDBOX_RELAY, Jail, JailError, JailOptions, Limits, capabilities, network
+from scalebox_kernel.server.isolation.disk import can_limit_disk
 from scalebox_kernel.server.isolation.kernels import CHANNELS, JailedKernelManager, link_socket
 
 CAPS = capabilities()
@@ -43,7 +44,7 @@ async def make_jail(tmp_path: Path) -> AsyncIterator[MakeJail]:
     """Start jails below tmp_path (each with its own tree, as scalebox-local lays them out); stop them after."""
     jails: list[Jail] = []
 
-    async def make(name: str = "sbx-a", **options: object) -> Jail:
+    async def make(name: str = "sbx-a", with_network: bool = True, **options: object) -> Jail:
         # These jails run kernels on the test's own interpreter, so they are given its prefix as a runtime.
         options.setdefault("runtime", (sys.prefix, sys.base_prefix))
         private = tmp_path / "sandboxes" / name
@@ -51,7 +52,7 @@ async def make_jail(tmp_path: Path) -> AsyncIterator[MakeJail]:
             (private / "root" / directory).mkdir(parents=True, exist_ok=True)
         jail = Jail(CAPS, sandbox_id=name, root=private / "root", private_dir=private, options=JailOptions(**options))  # type: ignore[arg-type]
         jails.append(jail)
-        await jail.start()
+        await jail.start(with_network=with_network)
         return jail
 
     yield make
@@ -203,6 +204,109 @@ print(sorted(name for _, name in socket.if_nameindex()))
     assert jail.info()["network"] == "private"
 
 
+@pytest.mark.skipif(not CAPS.private_network, reason="slirp4netns is not installed")
+async def test_a_network_left_for_later_comes_up_blocked_as_at_any_start(
+    make_jail: MakeJail, host_listener: socket.socket
+) -> None:
+    """The agent starts a sandbox's network while its first kernel starts (`with_network=False`, then
+    `start_network`): until then the sandbox has only its loopback, after it the same network and the same blocked
+    routes as a sandbox started in one go; a second `start_network` changes nothing."""
+    jail = await make_jail(internet=True, with_network=False)
+    interfaces = "import socket; print(sorted(name for _, name in socket.if_nameindex()))"
+    code, out, err = await run(jail, f'python3 -c "{interfaces}"')
+    assert code == 0, err
+    assert out.strip() == "['lo']" and jail.info()["network"] == "private"
+    await jail.start_network()
+    await jail.start_network()
+    port = host_listener.getsockname()[1]
+    script = f"""
+import socket
+for host in ("127.0.0.1", "10.0.2.2"):
+    try:
+        socket.create_connection((host, {port}), timeout=2).close(); print(host, "reached")
+    except OSError:
+        print(host, "refused")
+print(sorted(name for _, name in socket.if_nameindex()))
+"""
+    code, out, err = await run(jail, f"python3 -c '{script}'")
+    assert code == 0, err
+    assert out.count("refused") == 2 and out.strip().endswith("['lo', 'tap0']")
+    _, routes, _ = await run(jail, "cat /proc/net/route | wc -l; ip route show type unreachable | wc -l || true")
+    assert int(routes.split()[0]) > 1  # a default route through slirp
+    slirps = [p for p in Path("/proc").glob("[0-9]*") if _comm(p) == "slirp4netns"]
+    assert sum(_cmdline(p).endswith(f" {jail._holder_pid} tap0") for p in slirps) == 1  # one slirp, not two
+
+
+@pytest.mark.skipif(not CAPS.private_network, reason="slirp4netns is not installed")
+async def test_code_that_runs_while_the_network_starts_never_reaches_the_host(make_jail: MakeJail) -> None:
+    """Sandbox code may already run while `start_network` works (a kernel's startup file in a restored sandbox):
+    the host's routes are fenced before slirp is attached, so not one of its attempts reaches the host."""
+    addresses, _ = network.host_networks()
+    host = next((a.split("/")[0] for a in addresses if not a.startswith("127.")), None)
+    if host is None:
+        pytest.skip("the host has no address but loopback")
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+    listener.setblocking(False)
+    try:
+        jail = await make_jail(internet=True, with_network=False)
+        script = f"""
+import socket, time
+end, seen = time.time() + 3, set()
+while time.time() < end:
+    s = socket.socket(); s.settimeout(0.2)
+    try:
+        s.connect(("{host}", {listener.getsockname()[1]})); seen.add("reached"); break
+    except OSError as exc:
+        seen.add(type(exc).__name__)
+    finally:
+        s.close()
+print(sorted(seen))
+"""
+        attempt = await start(jail, f"python3 -c '{script}'")
+        await asyncio.sleep(0.3)  # it tries, with only its loopback, while the network comes up
+        await jail.start_network()
+        out, err = await asyncio.wait_for(attempt.communicate(), 30)
+        assert b"reached" not in out and out.strip(), (out, err)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+def _comm(proc: Path) -> str:
+    try:
+        return (proc / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+async def test_no_process_of_a_new_uid_runs_outside_its_sandbox_once_started(make_jail: MakeJail) -> None:
+    """The keyrings of a newly claimed uid are emptied by a process of that uid on the host, while the holder
+    starts: by the time `start` returns it has ended, and every process of the uid is inside the sandbox."""
+    jail = await make_jail("sbx-keys")
+    assert jail.identity is not None
+    inside = os.stat(f"/proc/{jail._holder_pid}/ns/pid").st_ino
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            status = (proc / "status").read_text()
+            namespace = os.stat(proc / "ns" / "pid").st_ino
+        except OSError:
+            continue  # it ended meanwhile
+        uid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:"))
+        if uid == jail.identity.uid:
+            assert namespace == inside, f"{_comm(proc)} ({proc.name}) of the sandbox's uid runs on the host"
+    assert jail._clearing is None
+
+
 async def test_sigint_reaches_the_program_not_the_wrappers(make_jail: MakeJail) -> None:
     jail = await make_jail()
     script = "import time\ntry:\n    print('ready', flush=True); time.sleep(30)\n"
@@ -253,6 +357,25 @@ async def test_cpu_quota_and_cpu_time(make_jail: MakeJail) -> None:
     wall = time.monotonic() - started
     used = jail.usage().cpu_seconds - before  # type: ignore[union-attr,operator]
     assert 0.1 * wall < used < 0.65 * wall, (used, wall)  # capped at half a CPU (less on a busy machine)
+
+
+@pytest.mark.skipif(not CAPS.cgroups.has("cpu"), reason="no writable cpu cgroup")
+async def test_a_background_weight_set_before_the_start_is_there_from_its_first_process(tmp_path: Path) -> None:
+    """The warm pool gives a sandbox the least CPU weight before it starts: its cgroups are made with it, so its
+    holder, the clearing of its uid's keyrings and its first kernel already start on CPU nothing else wants."""
+    root = tmp_path / "sbx-bg" / "root"
+    jail = Jail(CAPS, sandbox_id="sbx-bg", root=root, private_dir=root.parent, options=JailOptions(internet=False))
+    assert jail.cgroups is not None
+    jail.cgroups.set_background(True)  # before any of its cgroups exists
+    try:
+        await jail.start()
+        v1 = jail.cgroups.v1.get("cpu")
+        weight = (v1 / "cpu.shares") if v1 is not None else (jail.cgroups.v2 / "cpu.weight")  # type: ignore[operator]
+        assert weight.read_text().strip() == ("2" if v1 is not None else "1")
+        jail.cgroups.set_background(False)
+        assert weight.read_text().strip() == ("1024" if v1 is not None else "100")
+    finally:
+        await jail.stop()
 
 
 @needs_cgroups
@@ -385,3 +508,45 @@ async def test_a_stopped_jail_never_starts_again(make_jail: MakeJail) -> None:
         await jail.start()
     assert not jail.running
     assert mounted not in Path("/proc/mounts").read_text()
+
+
+@pytest.mark.skipif(can_limit_disk() is not None, reason=f"no disk limits here: {can_limit_disk()}")
+async def test_a_disk_image_formatted_ahead_goes_to_one_sandbox_and_the_next_is_made(tmp_path: Path) -> None:
+    """The next sandbox's disk is formatted ahead (disk.SpareImage): a start moves it into place, so two sandboxes
+    never get the same image, each gets an empty file system of its size, and another spare follows."""
+    spares = tmp_path / "spares"
+    spare = spares / "spare-64.img"
+    options = JailOptions(disk_mb=64, spare_disks=spares, internet=False)
+    jails = [
+        Jail(CAPS, sandbox_id=name, root=tmp_path / name / "root", private_dir=tmp_path / name, options=options)
+        for name in ("sbx-d1", "sbx-d2")
+    ]
+    first, second = jails
+    try:
+        await first.start()
+        assert first.disk is not None and first.disk_problem is None
+        await _until(spare.exists)
+        made_ahead = os.stat(spare).st_ino
+        await second.start()
+        assert second.disk is not None and second.disk_problem is None
+        assert os.stat(second.disk.image).st_ino == made_ahead != os.stat(first.disk.image).st_ino
+        for jail in jails:
+            script = f"echo {jail.sandbox_id} > /tmp/mine; ls -A / | grep -c lost+found; df -m /"
+            code, out, err = await run(jail, script)
+            assert code == 0, err
+            assert out.splitlines()[0] == "0"  # an empty file system: nothing of mkfs's, nothing of another sandbox
+            assert 48 <= int(out.splitlines()[-1].split()[1]) <= 64, out
+            assert (jail.root / "tmp/mine").read_text() == f"{jail.sandbox_id}\n"
+        await _until(lambda: spare.exists() and spare.stat().st_ino != made_ahead)
+        assert sorted(path.name for path in spares.iterdir()) == ["spare-64.img"]
+        assert spares.stat().st_mode & 0o777 == 0o700
+    finally:
+        for jail in jails:
+            await jail.stop()
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        await asyncio.sleep(0.05)

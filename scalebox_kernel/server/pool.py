@@ -35,6 +35,9 @@ POOL_SANDBOX_ESTIMATE_MB = 64
 #: Seconds before the pool tries again after a sandbox failed to start, doubling up to RETRY_MAX.
 RETRY_AFTER = 5.0
 RETRY_MAX = 300.0
+#: Seconds after a take before the pool starts a sandbox in its place: the create that took one, and its first
+#: cell, run on a machine the next one's start does not share yet.
+REFILL_AFTER_TAKE = 0.5
 
 
 @dataclass
@@ -78,11 +81,12 @@ class WarmPool:
 
     # ---- filling ------------------------------------------------------------------------------------------------
 
-    def refill(self) -> None:
-        """Fill the pool up to its size in the background (one filler at a time)."""
+    def refill(self, after: float = 0.0) -> None:
+        """Fill the pool up to its size in the background (one filler at a time), starting `after` seconds from
+        now."""
         if self._closed or self.size == 0 or (self._filler is not None and not self._filler.done()):
             return
-        self._filler = asyncio.create_task(self._fill(), name="scalebox-pool")
+        self._filler = asyncio.create_task(self._fill(after), name="scalebox-pool")
 
     def memory_mb(self) -> float:
         """What the pooled sandboxes use now, in MiB (their cgroups' count)."""
@@ -103,14 +107,16 @@ class WarmPool:
         fits_memory = self.memory_mb() + one * (self._starting + 1) <= self.settings.pool_memory_mb
         return fits_memory and metrics.descriptors_left_for(self._starting + 2)
 
-    async def _fill(self) -> None:
+    async def _fill(self, after: float = 0.0) -> None:
+        if after:
+            await asyncio.sleep(after)
         while not self._closed and len(self._ready) + self._starting < self.size and self._fits():
             self._starting += 1
             sandbox_id = "sbx-" + secrets.token_hex(8)
             agent = self._new_agent(sandbox_id)
+            agent.confinement.set_background(True)  # it starts, and waits, on CPU no sandbox in use wants
             try:
                 await agent.start()
-                agent.confinement.set_background(True)  # its kernels start on CPU no sandbox in use wants
                 for language in list(self._languages):
                     try:
                         agent.contexts.registry.resolve(language)
@@ -165,7 +171,7 @@ class WarmPool:
             return None
         while self._ready:
             agent = self._ready.pop(0)
-            self.refill()
+            self.refill(after=REFILL_AFTER_TAKE)
             if not agent.confinement.running:  # its jail died while it waited
                 await self.discard(agent)
                 continue

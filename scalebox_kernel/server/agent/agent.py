@@ -143,12 +143,14 @@ class SandboxAgent:
 
     async def start(self) -> None:
         """Make the sandbox's tree (its jail, when confined) and home, and start the default Python kernel in the
-        background."""
+        background. The network starts while that kernel does (a kernel's start needs none), and is up before
+        this returns, so before anything the create's caller runs."""
         if not self.confinement.active:
             self.root.mkdir(parents=True, exist_ok=True)
-        await self.confinement.start()
+        await self.confinement.start(with_network=False)
         await self.tree.run(self._set_up_home)
         self.contexts.warm_default("python")
+        await self.confinement.start_network()
         # Jedi reads its cache at the first completion, not at the kernel's start: copied while the kernel starts.
         await self.tree.run(self._seed_completion_cache)
 

@@ -68,6 +68,7 @@ class SandboxCgroups:
         self.v1 = {controller: base / GROUP_DIR / name for controller, base in layout.v1.items()}
         self.v2 = layout.v2 / GROUP_DIR / name if layout.v2 is not None else None
         self.limits = Limits()
+        self.background = False  # the warm pool's CPU weight (set_background)
 
     @property
     def directories(self) -> list[Path]:
@@ -85,7 +86,8 @@ class SandboxCgroups:
     # ------------------------------------------------------------------ lifetime
 
     async def create(self, limits: Limits) -> None:
-        """Make the cgroups (emptying leftovers of an earlier run of the same sandbox) and apply the limits."""
+        """Make the cgroups (emptying leftovers of an earlier run of the same sandbox) and apply the limits and
+        the CPU weight (`set_background`, which may be called before)."""
         if any(directory.exists() for directory in self.directories):
             await self.kill_all()
             await self.remove(keep_parent=True)
@@ -95,6 +97,8 @@ class SandboxCgroups:
                 _enable_v2(self.layout.v2)
             directory.mkdir()
         self.set_limits(limits)
+        if self.background:
+            self.set_background(True)
 
     def set_limits(self, limits: Limits) -> None:
         """Write the limits to whichever hierarchy has the controller (v1 first)."""
@@ -131,6 +135,7 @@ class SandboxCgroups:
 
     def set_background(self, background: bool) -> None:
         """The least CPU weight (a sandbox of the warm pool, starting or waiting) or the normal one (in use)."""
+        self.background = background
         with contextlib.suppress(OSError):  # a weight is a courtesy, not a limit: without it all stay equal
             if "cpu" in self.v1:
                 (self.v1["cpu"] / "cpu.shares").write_text(str(CPU_SHARES[background]))

@@ -48,7 +48,7 @@ from .buckets import (
 )
 from .cgroups import Limits, SandboxCgroups, Usage
 from .detect import Capabilities
-from .disk import DiskImage, can_limit_disk
+from .disk import DiskImage, can_limit_disk, spare_image
 from .layout import HOME, HOST_ONLY, SANDBOX_RELAY, SANDBOX_RUN, own_tree, prepare_root, runtime_paths, write_etc
 from .tools import SYSTEM_ENV, SYSTEM_PATH
 from .tree import SandboxTree
@@ -98,6 +98,8 @@ class JailOptions:
     seeds: tuple[tuple[str, str], ...] = ()
     #: Object storage mounts (buckets.py): mounted on the host at start, bound at their mount points.
     buckets: tuple[Bucket, ...] = ()
+    #: Where a disk image is formatted ahead for the next sandbox (disk.SpareImage); None: each is made on its start.
+    spare_disks: Path | None = None
 
 
 class Jail:
@@ -130,7 +132,8 @@ class Jail:
         # Without slirp4netns a sandbox gets no network at all: sharing the host's would put the host in reach.
         self.network = "private" if options.internet and caps.private_network else "none"
         self.disk_problem = can_limit_disk() if options.disk_mb else "no disk limit was asked for"
-        self.disk = DiskImage(self.private_dir, self.root, options.disk_mb) if options.disk_mb else None
+        spares = spare_image(options.spare_disks) if options.spare_disks is not None else None
+        self.disk = DiskImage(self.private_dir, self.root, options.disk_mb, spares) if options.disk_mb else None
         self._holder: asyncio.subprocess.Process | None = None
         self._holder_pid = 0  # host pid of the namespaces' init (bwrap's pid 1)
         self._namespaces: dict[str, int] = {}
@@ -138,9 +141,13 @@ class Jail:
         self._net_sockets: netns.NamespaceSockets | None = None  # made on the first tcp_socket()
         self._slirp: asyncio.subprocess.Process | None = None
         self._slirp_exit_fd: int | None = None
+        self._network_pending = False  # the holder runs, and its network is still to start (start_network)
         self._lock = asyncio.Lock()
         self._stopped = False  # stop() ran: this jail never starts again (a new one does, for a new agent)
-        self._fresh_uid = False  # the uid was just claimed: what an earlier holder left in its keyrings goes
+        #: The uid was newly claimed and what its last sandbox left in its keyrings is not gone yet (a start that
+        #: failed before they were emptied leaves this set for the next one).
+        self._keyrings_to_clear = False
+        self._clearing: asyncio.subprocess.Process | None = None  # the process that empties them
         self.buckets = [BucketMount(bucket, n, self.private_dir) for n, bucket in enumerate(options.buckets)]
         #: The keys of the buckets, given only when the sandbox is created: written to their private files at the
         #: first start, which fails if a bucket cannot be mounted (later starts go on without it, and say so).
@@ -148,9 +155,10 @@ class Jail:
 
     # ------------------------------------------------------------------ lifetime
 
-    async def start(self) -> None:
-        """Claim the uid, mount the disk, prepare the tree and cgroups, start the holder (and its network);
-        idempotent."""
+    async def start(self, *, with_network: bool = True) -> None:
+        """Claim the uid, mount the disk, prepare the tree and cgroups, start the holder and its network;
+        idempotent. `with_network=False` leaves the network to `start_network` (a start overlaps it with a
+        kernel's)."""
         async with self._lock:
             if self._stopped:  # a start that raced the sandbox's end (a kernel, a command, a port) must not revive it
                 raise JailError(f"sandbox {self.sandbox_id} has stopped")
@@ -162,6 +170,10 @@ class Jail:
             )
             self.identity = identity
             self.tree.set_identity(identity.uid, identity.gid)
+            self._keyrings_to_clear = self._keyrings_to_clear or new
+            if self.cgroups is not None:
+                await self.cgroups.create(self.options.limits)
+            await self._clear_keyrings()
             creating = bool(self._credentials)
             await self._mount_disk()
             runtime = runtime_paths(self.options.runtime)
@@ -170,14 +182,12 @@ class Jail:
                 await asyncio.to_thread(own_tree, self.root, identity)
             await self._mount_buckets(identity, creating)
             await self._bucket_points(mounts, identity, creating)
-            self._fresh_uid = new
             self._link_host_dir()
             nameserver = network.SLIRP_NAMESERVER if self.network == "private" else None
             etc = write_etc(self.private_dir / "etc", identity, self.sandbox_id, nameserver=nameserver)
-            if self.cgroups is not None:
-                await self.cgroups.create(self.options.limits)
             await self._start_holder(mounts, etc)
-            if self.network == "private":
+            self._network_pending = self.network == "private"
+            if with_network and self._network_pending:
                 await self._start_network()
             await self._copy_seeds()
 
@@ -263,11 +273,40 @@ class Jail:
         argv += ["--ro-bind", str(RELAY_SOURCE), SANDBOX_RELAY]
         argv += ["--chdir", HOME, "--"]
         # The one task of the holder: tell the server the mounts are in place, then wait as the sandbox's uid.
-        script = "echo ready; exec sleep infinity"
-        if self._fresh_uid and _CLEAR_KEYRINGS and os.path.exists("/usr/bin/python3"):
-            script = f"/usr/bin/python3 -I -S -c '{_CLEAR_KEYRINGS}' && {script}"
-        argv += [*self._drop_privileges(), "/bin/sh", "-c", script]
+        argv += [*self._drop_privileges(), "/bin/sh", "-c", "echo ready; exec sleep infinity"]
         return argv
+
+    async def _clear_keyrings(self) -> None:
+        """Empty the keyrings a newly claimed uid may have kept from its last sandbox: a process of that uid's own,
+        in the sandbox's cgroups but on the host (no capabilities, nothing of any sandbox's), started as soon as
+        the uid is claimed and waited for once the holder is up (`_keyrings_cleared`), before anything runs in the
+        sandbox."""
+        if not (self._keyrings_to_clear and _CLEAR_KEYRINGS and os.path.exists("/usr/bin/python3")):
+            return
+        clear = [*self._drop_privileges(), "/usr/bin/python3", "-I", "-S", "-c", _CLEAR_KEYRINGS]
+        with open(self.private_dir / "jail.log", "ab") as log:
+            self._clearing = await asyncio.create_subprocess_exec(
+                *self._join_cgroups(clear),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+                env={"PATH": SYSTEM_PATH},
+                cwd="/",
+                start_new_session=True,
+            )
+
+    async def _keyrings_cleared(self) -> bool:
+        """Whether the keyrings were emptied (True when there was nothing to do); TimeoutError after START_TIMEOUT."""
+        clearing, self._clearing = self._clearing, None
+        if clearing is None:
+            return True
+        try:
+            cleared = await asyncio.wait_for(clearing.wait(), START_TIMEOUT) == 0
+        except BaseException:
+            self._clearing = clearing  # killed by _stop_processes
+            raise
+        self._keyrings_to_clear = not cleared
+        return cleared
 
     def _drop_privileges(self) -> list[str]:
         assert self.identity is not None and self.caps.tools["setpriv"] is not None
@@ -327,6 +366,7 @@ class Jail:
             info = await asyncio.wait_for(asyncio.to_thread(_read_all, info_read), START_TIMEOUT)
             assert self._holder.stdout is not None
             ready = await asyncio.wait_for(self._holder.stdout.readline(), START_TIMEOUT)
+            cleared = await self._keyrings_cleared()
         except (OSError, TimeoutError) as exc:
             await self._stop_processes()
             raise JailError(f"the sandbox's namespaces did not start: {exc}") from None
@@ -334,10 +374,11 @@ class Jail:
             os.close(info_read)
             if info_write >= 0:
                 os.close(info_write)
-        if not info or ready.strip() != b"ready":
+        if not info or ready.strip() != b"ready" or not cleared:
             await self._stop_processes()
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise JailError("the sandbox's namespaces did not start: " + (" / ".join(tail) or "bwrap failed"))
+            what = "bwrap failed" if cleared else "the keyrings of its uid could not be emptied"
+            raise JailError("the sandbox's namespaces did not start: " + (" / ".join(tail) or what))
         self._namespaces = json.loads(info)
         self._holder_pid = int(self._namespaces["child-pid"])
         self._attach_root()
@@ -374,19 +415,29 @@ class Jail:
             raise JailError(f"sandbox {self.sandbox_id}'s namespaces do not have its tree as their root")
         self.tree.attach(fd)
 
+    async def start_network(self) -> None:
+        """The network that `start(with_network=False)` left for later. Nothing of the sandbox's own runs before
+        it is up: the create that started the sandbox is answered after this."""
+        async with self._lock:
+            if self._network_pending and self.running:
+                await self._start_network()
+
     async def _start_network(self) -> None:
-        """slirp4netns for the internet, and unreachable routes for the host and the networks around it."""
+        """Unreachable routes for the host and the networks around it, then slirp4netns for the internet. In that
+        order: the sandbox's kernel may already run (`start_network`), and there is no moment when its code could
+        reach the host through slirp before the routes are there."""
+        self._network_pending = False
         slirp, nsenter, ip = self.caps.tools["slirp4netns"], self.caps.tools["nsenter"], self.caps.tools["ip"]
         assert slirp is not None and nsenter is not None and ip is not None
         env = {"PATH": SYSTEM_PATH}
         try:
-            self._slirp, self._slirp_exit_fd = await network.start_slirp(
-                slirp, self._holder_pid, self.private_dir / "jail.log", env
-            )
             blocked = await asyncio.to_thread(
                 network.blocked_networks, allow_private=self.options.allow_private_networks, ip=ip
             )
             await network.block(nsenter, ip, self._holder_pid, blocked)
+            self._slirp, self._slirp_exit_fd = await network.start_slirp(
+                slirp, self._holder_pid, self.private_dir / "jail.log", env
+            )
         except (OSError, TimeoutError) as exc:
             await self._stop_processes()
             raise JailError(f"the sandbox's network did not start: {exc}") from None
@@ -417,7 +468,7 @@ class Jail:
     async def _stop_processes(self) -> None:
         if self.cgroups is not None:
             await self.cgroups.kill_all()
-        for process in (self._holder, self._slirp):
+        for process in (self._holder, self._slirp, self._clearing):
             if process is not None and process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
@@ -425,8 +476,9 @@ class Jail:
         if self._slirp_exit_fd is not None:
             os.close(self._slirp_exit_fd)
             self._slirp_exit_fd = None
-        self._holder = self._slirp = None
+        self._holder = self._slirp = self._clearing = None
         self._holder_pid = 0
+        self._network_pending = False
         self._unpin_namespaces()
         self.tree.attach(None)
 

@@ -2,7 +2,7 @@
 
 slirp4netns makes the sandbox's connections from the host's own network stack, so without more a sandbox could
 reach every service of the host (its non-loopback addresses: `--disable-host-loopback` only covers 127.0.0.1) and
-of the networks around it. Before any sandbox code runs, the server (root, in the sandbox's network namespace,
+of the networks around it. Before slirp4netns is attached, the server (root, in the sandbox's network namespace,
 where sandbox code has no CAP_NET_ADMIN to undo it) adds `unreachable` routes for the host's own addresses, its
 attached subnets, loopback, link-local (the cloud metadata address among them), multicast and reserved ranges and,
 unless `allow_private_networks`, the private ranges; a connection there fails at once with "No route to host".

@@ -28,6 +28,9 @@ from .jail import Jail, JailError, JailOptions
 from .layout import HOME
 from .tree import SandboxTree
 
+#: The data dir's directory of disk images formatted ahead (root-only, beside the sandboxes' own directories).
+SPARE_DISKS = "disk-spares"
+
 NONE_NOTE = (
     "kernels and commands run on the host as the server's user; only the file APIs are confined to the "
     "sandbox's directory"
@@ -105,6 +108,7 @@ class SandboxIsolation:
                 runtime=tuple(runtime),
                 seeds=((str(settings.cache_dir), f"{HOME}/.cache/scalebox"),),  # matplotlib's font cache
                 buckets=tuple(buckets),
+                spare_disks=settings.data_path / SPARE_DISKS,
             )
             self.jail = Jail(
                 caps,
@@ -149,16 +153,23 @@ class SandboxIsolation:
             self.jail.cgroups.set_limits(limits)
 
     def set_background(self, background: bool) -> None:
-        """CPU only when sandboxes in use leave some (while the sandbox waits in the warm pool), or as much as any."""
+        """CPU only when sandboxes in use leave some (while the sandbox starts or waits in the warm pool), or as
+        much as any; may be called before `start`."""
         if self.jail is not None and self.jail.cgroups is not None:
             self.jail.cgroups.set_background(background)
 
-    async def start(self) -> None:
+    async def start(self, *, with_network: bool = True) -> None:
+        """Start the sandbox's namespaces; `with_network=False` leaves its network to `start_network`."""
         self.kernel_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.kernel_dir, 0o700)
         if self.jail is not None:
-            await self.jail.start()
+            await self.jail.start(with_network=with_network)
             self._oom_seen = self.jail.oom_kills()
+
+    async def start_network(self) -> None:
+        """The network that `start(with_network=False)` left for later (nothing when it is up, or there is none)."""
+        if self.jail is not None:
+            await self.jail.start_network()
 
     async def stop(self) -> None:
         self.close_ports()

@@ -284,16 +284,19 @@ class Jail:
         if not (self._keyrings_to_clear and _CLEAR_KEYRINGS and os.path.exists("/usr/bin/python3")):
             return
         clear = [*self._drop_privileges(), "/usr/bin/python3", "-I", "-S", "-c", _CLEAR_KEYRINGS]
-        with open(self.private_dir / "jail.log", "ab") as log:
-            self._clearing = await asyncio.create_subprocess_exec(
-                *self._join_cgroups(clear),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log,
-                env={"PATH": SYSTEM_PATH},
-                cwd="/",
-                start_new_session=True,
-            )
+        try:
+            with open(self.private_dir / "jail.log", "ab") as log:
+                self._clearing = await asyncio.create_subprocess_exec(
+                    *self._join_cgroups(clear),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=log,
+                    env={"PATH": SYSTEM_PATH},
+                    cwd="/",
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            raise JailError(f"the keyrings of sandbox {self.sandbox_id}'s uid could not be emptied: {exc}") from None
 
     async def _keyrings_cleared(self) -> bool:
         """Whether the keyrings were emptied (True when there was nothing to do); TimeoutError after START_TIMEOUT."""

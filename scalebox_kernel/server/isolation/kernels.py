@@ -100,10 +100,12 @@ class JailedKernelManager(AsyncKernelManager):
             argv = [relay_python(), SANDBOX_RELAY, sandbox_file, "--", *argv]
         env = dict(kw.pop("env", None) or {})
         env.pop("JPY_PARENT_PID", None)  # its parent is outside the sandbox's PID namespace
-        host_argv, host_env = self.jail.wrap(argv, env=env, cwd=self.sandbox_cwd)
-        kw.update(env=host_env, cwd=str(self.jail.root))
         tree = self.jail.tree
         await tree.run(self._remove_stale_sockets)  # else a dead kernel's socket could be linked first
+        # Wrapped just before the launch, with nothing awaited between: the argv names the jail's held namespace
+        # fds, which a stop meanwhile would close.
+        host_argv, host_env = self.jail.wrap(argv, env=env, cwd=self.sandbox_cwd)
+        kw.update(env=host_env, cwd=str(self.jail.root))
         await super()._async_launch_kernel(host_argv, **kw)
         await self._link_sockets()
 
